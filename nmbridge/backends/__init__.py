@@ -1,0 +1,157 @@
+"""Port backends: every backend has the same shape.
+
+A backend is a small object registered here under its prefix (``mem``, ``afpacket``,
+``netmap``). It can say why it is unavailable on this machine, check a port name without
+opening anything, and open a port, returning a :class:`nmbridge.port.Port` whose C struct
+fastfwd drives.  Backends that keep their rings in user memory (``user_memory = True``)
+open every port of a bridge in one shared :class:`nmbridge.port.Region`, so forwarding
+between them is the zero-copy swap.  Adding a backend means adding a module and one line in
+``_BACKEND_MODULES``; fastfwd and the app do not change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nmbridge.errors import PortError
+from nmbridge.port import Port, Region
+
+# prefix -> module (imported on first use, so a missing optional dependency of one backend
+# never breaks the others)
+_BACKEND_MODULES = {
+    "mem": "nmbridge.backends.mem_backend",
+    "afpacket": "nmbridge.backends.afpacket_backend",
+    "netmap": "nmbridge.backends.netmap_backend",
+}
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """A parsed port string: ``afpacket:eth1`` -> backend "afpacket", name "eth1"."""
+
+    backend: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}:{self.name}"
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """What every port of a bridge is opened with."""
+
+    rings: int = 1  # ring pairs of a user-memory port
+    slots: int = 1024  # slots per ring of a user-memory port
+    buf_size: int = 2048  # buffer size of the user-memory region
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """The shape of a backend module's ``BACKEND`` object."""
+
+    name: str
+    user_memory: bool
+
+    def unavailable(self) -> str | None:
+        """None when the backend can run here, else the reason, in words."""
+
+    def check_name(self, name: str) -> None:
+        """Raise ValueError(reason) when `name` is not a valid port name for this backend."""
+
+    def interface(self, name: str) -> str | None:
+        """The kernel interface behind the port (for link set-up), or None."""
+
+    def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
+        """Open the port; raise PortError naming the port and the reason."""
+
+
+def backend(prefix: str) -> Backend:
+    try:
+        module = _BACKEND_MODULES[prefix]
+    except KeyError:
+        raise ValueError(f"unknown backend {prefix!r} (known: {', '.join(sorted(_BACKEND_MODULES))})") from None
+    return importlib.import_module(module).BACKEND  # type: ignore[no-any-return]
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKEND_MODULES)
+
+
+def resolve_default(default: str) -> str:
+    """``auto`` means netmap where /dev/netmap exists, afpacket elsewhere."""
+    if default == "auto":
+        return "netmap" if os.path.exists("/dev/netmap") else "afpacket"
+    return default
+
+
+def parse_spec(text: str, default_backend: str = "auto") -> PortSpec:
+    """Split a port string into backend and name; raise ValueError(reason) if malformed.
+
+    ``eth1`` uses the default backend; ``valeX:port`` belongs to the netmap backend.
+    """
+    if not text or text != text.strip():
+        raise ValueError("a port must be a non-empty string without surrounding spaces")
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix.startswith("vale"):
+        spec = PortSpec("netmap", text)
+    elif sep and prefix in _BACKEND_MODULES:
+        spec = PortSpec(prefix, rest)
+    elif sep and prefix.isidentifier():
+        raise ValueError(f"unknown backend {prefix!r} (known: {', '.join(backend_names())}, vale*)")
+    else:
+        spec = PortSpec(resolve_default(default_backend), text)
+    if not spec.name:
+        raise ValueError(f"{text!r} names no interface after {spec.backend!r}")
+    backend(spec.backend).check_name(spec.name)
+    return spec
+
+
+class PortSet:
+    """Opens the ports of a bridge all-or-nothing and closes them together.
+
+    User-memory ports share one Region sized for all of them.
+    """
+
+    def __init__(self, options: OpenOptions | None = None) -> None:
+        self.options = options or OpenOptions()
+        self.region: Region | None = None
+        self.ports: list[Port] = []
+
+    def open(self, specs: Sequence[PortSpec]) -> list[Port]:
+        backends = [backend(s.backend) for s in specs]
+        n_user = sum(1 for b in backends if b.user_memory)
+        if n_user and self.region is None:
+            o = self.options
+            self.region = Region(ports=n_user, rings=o.rings, slots=o.slots, buf_size=o.buf_size,
+                                 spare_ports=n_user)
+        opened: list[Port] = []
+        try:
+            for spec, b in zip(specs, backends, strict=True):
+                reason = b.unavailable()
+                if reason:
+                    raise PortError(f"{spec}: {reason}")
+                opened.append(b.open(spec.name, self.options, self.region if b.user_memory else None))
+        except BaseException:
+            close_all(opened)
+            raise
+        self.ports.extend(opened)
+        return opened
+
+    def close(self) -> None:
+        close_all(self.ports)
+        self.ports = []
+
+    def __enter__(self) -> PortSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def close_all(ports: Iterable[Port]) -> None:
+    for p in reversed(list(ports)):
+        p.close()

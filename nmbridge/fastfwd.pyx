@@ -1,0 +1,523 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""fastfwd -- the only hot code: move frames between two ports' netmap rings.
+
+Per direction and batch: for each RX ring with frames and TX ring with room, take
+``min(rx avail, tx room, burst)`` slots; per frame run the filter (if any) on its first slot,
+then either swap ``buf_idx`` between the RX and TX slot and set ``NS_BUF_CHANGED`` on both
+(ports in one memory region: zero-copy) or copy the bytes.  ``NS_MOREFRAG`` chains move whole
+or not at all.  Then txsync the destination and rxsync the source; when nothing could move,
+poll() the way netmap's bridge does: POLLIN on a source with nothing to read, POLLOUT on a
+destination that was full.  The loop runs without the GIL and checks its stop flag (and an
+eventfd that wakes poll) once per batch.
+"""
+
+from cpython.pythread cimport PyThread_get_thread_ident
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, strerror
+
+from nmbridge.netmap cimport (NETMAP_MAX_FRAGS, NS_BUF_CHANGED, NS_MOREFRAG, netmap_ring,
+                              netmap_slot, nmb_buf, nmb_ring_empty, nmb_ring_space, nmb_rxring,
+                              nmb_txring)
+from nmbridge.port cimport Port, nmb_port
+
+from nmbridge.errors import PortError
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum:
+        POLLIN
+        POLLOUT
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+cdef extern from "<unistd.h>" nogil:
+    long read(int fd, void *buf, size_t n)
+    long write(int fd, const void *buf, size_t n)
+    int close(int fd)
+
+cdef extern from "nmb_filter.h" nogil:
+    enum:
+        NMB_DROP
+        NMB_PASS
+    struct nmb_filter:
+        int (*run)(nmb_filter *self, const uint8_t *frame, uint32_t len) noexcept nogil
+
+cdef extern from *:
+    """
+    #define NMB_LOAD_PTR(p) __atomic_load_n(&(p), __ATOMIC_ACQUIRE)
+    #define NMB_STORE_PTR(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELEASE)
+    #define NMB_LOAD_INT(p) __atomic_load_n(&(p), __ATOMIC_RELAXED)
+    #define NMB_STORE_INT(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELAXED)
+    #define NMB_LIKELY(x) __builtin_expect(!!(x), 1)
+    #define NMB_UNLIKELY(x) __builtin_expect(!!(x), 0)
+    """
+    nmb_filter *NMB_LOAD_PTR(nmb_filter *p) noexcept nogil
+    void NMB_STORE_PTR(nmb_filter *p, nmb_filter *v) noexcept nogil
+    int NMB_LOAD_INT(int p) noexcept nogil
+    void NMB_STORE_INT(int p, int v) noexcept nogil
+    bint NMB_LIKELY(bint x) noexcept nogil
+    bint NMB_UNLIKELY(bint x) noexcept nogil
+
+
+cdef struct dir_stats:
+    uint64_t frames        # frames forwarded
+    uint64_t bytes         # bytes forwarded
+    uint64_t batches       # batches that moved at least one slot
+    uint64_t tx_full       # batches that stopped with frames waiting and every TX ring full
+    uint64_t oversize      # frames dropped: a slot's len exceeds the buffer size
+    uint64_t broken_chain  # frames dropped: an NS_MOREFRAG chain that can never be moved
+    uint64_t filtered      # frames dropped by the filter
+
+
+cdef struct fwd_dir:
+    nmb_port *src
+    nmb_port *dst
+    bint enabled
+    bint zerocopy
+    uint32_t burst
+    nmb_filter *filter
+    dir_stats st
+
+
+cdef struct fwd_state:
+    fwd_dir d[2]
+    int stop
+    int stop_fd
+    int poll_timeout_ms
+    uint64_t epoch         # loop iterations; a filter swap waits for it to move
+    uint64_t polls
+    uint64_t max_frames    # stop after this many frames (0: run until stopped)
+    char error[256]
+
+
+# ---------------------------------------------------------------------------------------
+# the hot path
+
+cdef inline uint32_t min3(uint32_t a, uint32_t b, uint32_t c) noexcept nogil:
+    if b < a:
+        a = b
+    return c if c < a else a
+
+
+cdef inline uint32_t avail(uint32_t from_, uint32_t tail, uint32_t n) noexcept nogil:
+    """Slots from `from_` up to `tail` (exclusive) in a ring of n slots."""
+    return tail - from_ if tail >= from_ else tail + n - from_
+
+
+cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
+                         uint32_t *pj, uint32_t *pk, int *blocked) noexcept nogil:
+    """Move (or drop) the NS_MOREFRAG chain starting at RX slot *pj to TX slot *pk. Returns
+    RX slots consumed; 0 with *blocked = 1 (no TX room yet) or 2 (chain not complete yet)."""
+    cdef uint32_t j = pj[0], e = pj[0], t = pk[0], n = 0, i, tmp, total = 0
+    cdef uint32_t rx_av = avail(j, rx.tail, rx.num_slots)
+    cdef bint oversize = False, complete = False
+    cdef netmap_slot *rs
+    cdef netmap_slot *ts
+    while n < rx_av and n <= NETMAP_MAX_FRAGS:
+        rs = &rx.slot[e]
+        n += 1
+        total += rs.len
+        if rs.len > rx.nr_buf_size or rs.len > tx.nr_buf_size:
+            oversize = True
+        e = 0 if e + 1 == rx.num_slots else e + 1
+        if not (rs.flags & NS_MOREFRAG):
+            complete = True
+            break
+    if not complete and n < rx.num_slots - 1 and n <= NETMAP_MAX_FRAGS:
+        blocked[0] = 2                  # the rest of the chain has not arrived yet
+        return 0
+    if not complete or n > NETMAP_MAX_FRAGS or n > tx.num_slots - 1:
+        d.st.broken_chain += 1          # longer than any ring or NETMAP_MAX_FRAGS allows
+        pj[0] = e
+        return n
+    if oversize:
+        d.st.oversize += 1
+        pj[0] = e
+        return n
+    if n > avail(t, tx.tail, tx.num_slots):
+        blocked[0] = 1
+        return 0
+    rs = &rx.slot[j]
+    if filt != NULL and filt.run(filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx), rs.len) == NMB_DROP:
+        d.st.filtered += 1
+        pj[0] = e
+        return n
+    for i in range(n):
+        rs = &rx.slot[j]
+        ts = &tx.slot[t]
+        if d.zerocopy:
+            tmp = ts.buf_idx
+            ts.buf_idx = rs.buf_idx
+            rs.buf_idx = tmp
+            rs.flags = NS_BUF_CHANGED
+            ts.flags = NS_BUF_CHANGED | (NS_MOREFRAG if i + 1 < n else 0)
+        else:
+            memcpy(nmb_buf(tx, ts.buf_idx), nmb_buf(rx, rs.buf_idx), rs.len)
+            ts.flags = NS_MOREFRAG if i + 1 < n else 0
+        ts.len = rs.len
+        j = 0 if j + 1 == rx.num_slots else j + 1
+        t = 0 if t + 1 == tx.num_slots else t + 1
+    d.st.frames += 1
+    d.st.bytes += total
+    pj[0] = j
+    pk[0] = t
+    return n
+
+
+cdef uint32_t move_ring(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
+                        uint32_t limit, int *blocked) noexcept nogil:
+    """Move up to about `limit` RX slots of one ring pair (a chain may finish past it).
+    Returns RX slots consumed; sets *blocked when TX is full or a chain must wait."""
+    cdef uint32_t j = rx.head, k = tx.head, done = 0, m, i, tmp, len_, got, rx_av, tx_av
+    cdef uint32_t rx_size = rx.nr_buf_size, tx_size = tx.nr_buf_size
+    cdef uint32_t rx_n = rx.num_slots, tx_n = tx.num_slots
+    cdef uint64_t frames = 0, nbytes = 0
+    cdef bint zc = d.zerocopy
+    cdef netmap_slot *rs
+    cdef netmap_slot *ts
+    while done < limit:
+        rx_av = avail(j, rx.tail, rx_n)
+        if rx_av == 0:
+            break
+        tx_av = avail(k, tx.tail, tx_n)
+        if tx_av == 0:
+            blocked[0] = 1              # frames wait, this TX ring is full
+            break
+        m = min3(rx_av, tx_av, limit - done)
+        i = 0
+        while i < m:
+            rs = &rx.slot[j]
+            if NMB_UNLIKELY(rs.flags & NS_MOREFRAG):
+                break
+            len_ = rs.len
+            if NMB_UNLIKELY(len_ > rx_size or len_ > tx_size):
+                d.st.oversize += 1
+            elif filt != NULL and filt.run(filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx),
+                                           len_) == NMB_DROP:
+                d.st.filtered += 1
+            else:
+                ts = &tx.slot[k]
+                if zc:
+                    tmp = ts.buf_idx
+                    ts.buf_idx = rs.buf_idx
+                    rs.buf_idx = tmp
+                    rs.flags = NS_BUF_CHANGED
+                    ts.flags = NS_BUF_CHANGED
+                else:
+                    memcpy(nmb_buf(tx, ts.buf_idx), nmb_buf(rx, rs.buf_idx), len_)
+                    ts.flags = 0
+                ts.len = <uint16_t>len_
+                k = 0 if k + 1 == tx_n else k + 1
+                frames += 1
+                nbytes += len_
+            j = 0 if j + 1 == rx_n else j + 1
+            i += 1
+        done += i
+        if i < m:                       # a chain starts at slot j
+            got = move_chain(d, filt, rx, tx, &j, &k, blocked)
+            if got == 0:
+                break
+            done += got
+    rx.head = rx.cur = j
+    tx.head = tx.cur = k
+    d.st.frames += frames
+    d.st.bytes += nbytes
+    return done
+
+
+cdef uint32_t move_dir(fwd_dir *d) noexcept nogil:
+    """One batch of one direction: up to `burst` RX slots over all ring pairs."""
+    cdef nmb_port *src = d.src
+    cdef nmb_port *dst = d.dst
+    cdef uint32_t si = src.rx_first, di = dst.tx_first, done = 0, got
+    cdef netmap_ring *rx
+    cdef int blocked
+    cdef nmb_filter *filt = NMB_LOAD_PTR(d.filter)
+    while si < src.rx_last and di < dst.tx_last and done < d.burst:
+        rx = nmb_rxring(src.nifp, si)
+        if nmb_ring_empty(rx):
+            si += 1
+            continue
+        blocked = 0
+        got = move_ring(d, filt, rx, nmb_txring(dst.nifp, di), d.burst - done, &blocked)
+        done += got
+        if blocked == 1:
+            di += 1                     # this TX ring is full: try the next one
+        elif blocked == 2:
+            si += 1                     # an unfinished chain: the rest of it comes later
+    if done:
+        d.st.batches += 1
+    if di >= dst.tx_last:
+        d.st.tx_full += 1               # frames wait and every TX ring is full
+    return done
+
+
+cdef bint rx_pending(nmb_port *p) noexcept nogil:
+    cdef uint32_t i
+    for i in range(p.rx_first, p.rx_last):
+        if not nmb_ring_empty(nmb_rxring(p.nifp, i)):
+            return True
+    return False
+
+
+cdef int port_failed(fwd_state *f, nmb_port *p, const char *what, int rc) noexcept nogil:
+    cdef const char *msg = strerror(-rc)
+    if p.error[0]:
+        msg = &p.error[0]
+    cdef size_t i = 0, n
+    # "<what>: <msg>" without snprintf's format-truncation noise
+    n = 0
+    while what[n] and i < sizeof(f.error) - 1:
+        f.error[i] = what[n]
+        i += 1
+        n += 1
+    if i < sizeof(f.error) - 3:
+        f.error[i] = b':'
+        f.error[i + 1] = b' '
+        i += 2
+    n = 0
+    while msg[n] and i < sizeof(f.error) - 1:
+        f.error[i] = msg[n]
+        i += 1
+        n += 1
+    f.error[i] = 0
+    return -1
+
+
+cdef int sync_dir(fwd_state *f, fwd_dir *d) noexcept nogil:
+    """txsync the destination (push out, reclaim), rxsync the source (release, refill)."""
+    cdef int rc = d.dst.txsync(d.dst)
+    if rc < 0:
+        return port_failed(f, d.dst, b"txsync", rc)
+    rc = d.src.rxsync(d.src)
+    if rc < 0:
+        return port_failed(f, d.src, b"rxsync", rc)
+    return 0
+
+
+cdef int sync_all(fwd_state *f) noexcept nogil:
+    if f.d[0].enabled and sync_dir(f, &f.d[0]) < 0:
+        return -1
+    if f.d[1].enabled and sync_dir(f, &f.d[1]) < 0:
+        return -1
+    return 0
+
+
+cdef int wait(fwd_state *f) noexcept nogil:
+    """Nothing could move: poll() for what each direction needs (bridge.c's discipline)."""
+    cdef pollfd fds[3]
+    cdef nmb_port *a = f.d[0].src
+    cdef nmb_port *b = f.d[0].dst
+    cdef int rc
+    cdef uint64_t v
+    fds[0].fd = a.fd
+    fds[1].fd = b.fd
+    fds[2].fd = f.stop_fd
+    fds[0].events = fds[1].events = fds[0].revents = fds[1].revents = fds[2].revents = 0
+    fds[2].events = POLLIN
+    if f.d[0].enabled:
+        if rx_pending(a):
+            fds[1].events |= POLLOUT
+        else:
+            fds[0].events |= POLLIN
+    if f.d[1].enabled:
+        if rx_pending(b):
+            fds[0].events |= POLLOUT
+        else:
+            fds[1].events |= POLLIN
+    f.polls += 1
+    rc = poll(fds, 3, f.poll_timeout_ms)
+    if rc < 0 and errno != EINTR:
+        rc = -errno
+        return port_failed(f, a, b"poll", rc)
+    if fds[2].revents & POLLIN:
+        read(f.stop_fd, &v, sizeof(v))
+    # the kernel's poll() has synced its rings; user-memory ports sync now
+    if not a.poll_syncs or not b.poll_syncs:
+        return sync_all(f)
+    return 0
+
+
+cdef int run_loop(fwd_state *f) noexcept nogil:
+    cdef uint32_t moved
+    while not NMB_LOAD_INT(f.stop):
+        f.epoch += 1
+        moved = 0
+        if f.d[0].enabled:
+            moved += move_dir(&f.d[0])
+        if f.d[1].enabled:
+            moved += move_dir(&f.d[1])
+        if moved:
+            if sync_all(f) < 0:
+                return -1
+            if f.max_frames and f.d[0].st.frames + f.d[1].st.frames >= f.max_frames:
+                break
+        elif wait(f) < 0:
+            return -1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# the Python face
+
+_DIRECTIONS = ("a_to_b", "b_to_a")
+_STAT_KEYS = ("frames", "bytes", "batches", "tx_full", "oversize", "broken_chain", "filtered")
+
+
+cdef dict stats_dict(dir_stats *s):
+    return {"frames": s.frames, "bytes": s.bytes, "batches": s.batches, "tx_full": s.tx_full,
+            "oversize": s.oversize, "broken_chain": s.broken_chain, "filtered": s.filtered}
+
+
+cdef class Forwarder:
+    """Forward frames between ports `a` and `b`: ``direction`` is "both", "a-to-b" or "b-to-a".
+
+    :meth:`run` blocks (without the GIL) until :meth:`stop`; call it from a thread.
+    :meth:`step` does one batch and one sync, for tests.  :meth:`stats` may be read at any time.
+    """
+
+    cdef fwd_state st
+    cdef readonly Port a
+    cdef readonly Port b
+    cdef readonly str direction
+    cdef readonly bint zerocopy
+    cdef readonly uint32_t burst
+    cdef object _filters
+    cdef bint _running
+
+    def __cinit__(self):
+        self.st.stop_fd = -1
+
+    def __init__(self, Port a not None, Port b not None, *, int burst=256, str direction="both",
+                 int poll_timeout_ms=1000):
+        if a.c == NULL or b.c == NULL:
+            raise PortError("cannot forward between closed ports")
+        if a is b:
+            raise ValueError("a pair needs two different ports")
+        if not 1 <= burst <= 8192:
+            raise ValueError(f"burst {burst} outside [1, 8192]")
+        if direction not in ("both", "a-to-b", "b-to-a"):
+            raise ValueError(f"direction must be both, a-to-b or b-to-a, not {direction!r}")
+        if poll_timeout_ms < 1:
+            raise ValueError("poll_timeout_ms must be >= 1")
+        self.a, self.b = a, b
+        self.direction = direction
+        self.burst = burst
+        self.zerocopy = a.c.mem_key == b.c.mem_key
+        self._filters = [None, None]
+        self.st.d[0].src, self.st.d[0].dst = a.c, b.c
+        self.st.d[1].src, self.st.d[1].dst = b.c, a.c
+        self.st.d[0].enabled = direction in ("both", "a-to-b")
+        self.st.d[1].enabled = direction in ("both", "b-to-a")
+        for i in range(2):
+            self.st.d[i].zerocopy = self.zerocopy
+            self.st.d[i].burst = burst
+            self.st.d[i].filter = NULL
+        self.st.poll_timeout_ms = poll_timeout_ms
+        self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.st.stop_fd < 0:
+            raise OSError(errno, strerror(errno).decode())
+
+    def __dealloc__(self):
+        if self.st.stop_fd >= 0:
+            close(self.st.stop_fd)
+
+    def _alive(self):
+        if self.a.c == NULL or self.b.c == NULL:
+            raise PortError(f"{self.a.spec} <-> {self.b.spec}: a port was closed")
+
+    def run(self, *, max_frames: int = 0) -> None:
+        """Forward until stop() (or until `max_frames` frames moved). Raises PortError."""
+        self._alive()
+        if self._running:
+            raise RuntimeError("this forwarder is already running")
+        self._running = True
+        self.st.max_frames = max_frames
+        NMB_STORE_INT(self.st.stop, 0)
+        self.st.error[0] = 0
+        cdef int rc
+        try:
+            # the first batch needs frames: sync once before looping
+            with nogil:
+                rc = sync_all(&self.st)
+                if rc == 0:
+                    rc = run_loop(&self.st)
+        finally:
+            self._running = False
+        if rc != 0:
+            raise PortError(f"{self.a.spec} <-> {self.b.spec}: "
+                            f"{self.st.error.decode(errors='replace')}")
+
+    def stop(self) -> None:
+        """Ask the loop to return at the next batch boundary (safe from any thread)."""
+        cdef uint64_t one = 1
+        NMB_STORE_INT(self.st.stop, 1)
+        write(self.st.stop_fd, &one, sizeof(one))
+
+    def step(self) -> int:
+        """One batch in each enabled direction, then one sync of every port; returns slots moved."""
+        self._alive()
+        if self._running:
+            raise RuntimeError("step() while run() is forwarding")
+        cdef uint32_t moved = 0
+        if self.st.d[0].enabled:
+            moved += move_dir(&self.st.d[0])
+        if self.st.d[1].enabled:
+            moved += move_dir(&self.st.d[1])
+        if sync_all(&self.st) < 0:
+            raise PortError(f"{self.a.spec} <-> {self.b.spec}: "
+                            f"{self.st.error.decode(errors='replace')}")
+        return moved
+
+    def stats(self) -> dict:
+        """Counters per direction (only the enabled ones), plus loop totals."""
+        out = {}
+        for i in range(2):
+            if self.st.d[i].enabled:
+                out[_DIRECTIONS[i]] = stats_dict(&self.st.d[i].st)
+        return out
+
+    @property
+    def polls(self) -> int:
+        return self.st.polls
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def set_filter(self, str direction, filt) -> None:
+        """Install a compiled filter (an object with ``address``, the C ``struct nmb_filter *``)
+        for "a_to_b" or "b_to_a", or None for no filter. The loop picks it up between batches;
+        this returns once the old filter can no longer be in use."""
+        cdef int i = _DIRECTIONS.index(direction)
+        cdef size_t addr = 0 if filt is None else filt.address
+        cdef uint64_t seen
+        cdef object old = self._filters[i]
+        self._filters[i] = filt
+        NMB_STORE_PTR(self.st.d[i].filter, <nmb_filter *>addr)
+        if self._running and old is not None:
+            import time
+            seen = self.st.epoch
+            deadline = time.monotonic() + 5.0
+            # two epochs on: the batch that might have held the old pointer has ended
+            while self._running and self.st.epoch < seen + 2 and time.monotonic() < deadline:
+                self.stop_wake()
+                time.sleep(0.0005)
+
+    def stop_wake(self) -> None:
+        """Wake a loop sleeping in poll() without stopping it."""
+        cdef uint64_t one = 1
+        write(self.st.stop_fd, &one, sizeof(one))
+
+    def filter(self, str direction):
+        return self._filters[_DIRECTIONS.index(direction)]

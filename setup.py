@@ -1,0 +1,36 @@
+"""Build the Cython/C extensions. Metadata lives in pyproject.toml."""
+
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+INC = ["nmbridge/include"]
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function", "-Wno-format-truncation"]
+
+
+def ext(name: str, pyx: str, *csrc: str) -> Extension:
+    return Extension(name, [pyx, *(f"nmbridge/csrc/{c}" for c in csrc)],
+                     include_dirs=INC, extra_compile_args=CFLAGS)
+
+
+# One extension per module; C sources that several need (umem.c) are compiled into each,
+# since extension modules cannot link against each other's C symbols.
+EXTENSIONS = [
+    ext("nmbridge.port", "nmbridge/port.pyx", "umem.c"),
+    ext("nmbridge.fastfwd", "nmbridge/fastfwd.pyx"),
+    ext("nmbridge.backends.mem", "nmbridge/backends/mem.pyx", "umem.c", "memport.c"),
+    ext("nmbridge.backends.afpacket", "nmbridge/backends/afpacket.pyx", "umem.c", "afpacket.c"),
+    ext("nmbridge.backends.netmap", "nmbridge/backends/netmap.pyx", "nmport.c"),
+    ext("nmbridge.filters.engine", "nmbridge/filters/engine.pyx", "filter.c", "bpf.c"),
+]
+# a backend or engine still being written is simply not built yet
+EXTENSIONS = [e for e in EXTENSIONS if all(Path(s).exists() for s in e.sources)]
+
+setup(
+    ext_modules=cythonize(
+        EXTENSIONS,
+        include_path=["."],
+        compiler_directives={"language_level": "3", "embedsignature": True},
+    ),
+)
