@@ -86,6 +86,7 @@ cdef struct fwd_dir:
     bint zerocopy
     uint32_t burst
     nmb_filter *filter
+    uint64_t skipping      # bit r: RX ring r is dropping the rest of a broken chain
     dir_stats st
 
 
@@ -115,7 +116,7 @@ cdef inline uint32_t avail(uint32_t from_, uint32_t tail, uint32_t n) noexcept n
 
 
 cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
-                         uint32_t *pj, uint32_t *pk, int *blocked) noexcept nogil:
+                         uint32_t *pj, uint32_t *pk, int *blocked, uint64_t ring_bit) noexcept nogil:
     """Move (or drop) the NS_MOREFRAG chain starting at RX slot *pj to TX slot *pk. Returns
     RX slots consumed; 0 with *blocked = 1 (no TX room yet) or 2 (chain not complete yet)."""
     cdef uint32_t j = pj[0], e = pj[0], t = pk[0], n = 0, i, tmp, total = 0
@@ -138,6 +139,8 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
         return 0
     if not complete or n > NETMAP_MAX_FRAGS or n > tx.num_slots - 1:
         d.st.broken_chain += 1          # longer than any ring or NETMAP_MAX_FRAGS allows
+        if not complete:
+            d.skipping |= ring_bit      # its remaining slots are dropped as they arrive
         pj[0] = e
         return n
     if oversize:
@@ -174,8 +177,23 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
     return n
 
 
+cdef uint32_t skip_rest(fwd_dir *d, netmap_ring *rx, uint64_t ring_bit) noexcept nogil:
+    """Drop what is left of a broken chain: slots up to and including its last one."""
+    cdef uint32_t j = rx.head, n = 0
+    cdef uint16_t fl
+    while j != rx.tail:
+        fl = rx.slot[j].flags
+        j = 0 if j + 1 == rx.num_slots else j + 1
+        n += 1
+        if not (fl & NS_MOREFRAG):
+            d.skipping &= ~ring_bit
+            break
+    rx.head = rx.cur = j
+    return n
+
+
 cdef uint32_t move_ring(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
-                        uint32_t limit, int *blocked) noexcept nogil:
+                        uint32_t limit, int *blocked, uint64_t ring_bit) noexcept nogil:
     """Move up to about `limit` RX slots of one ring pair (a chain may finish past it).
     Returns RX slots consumed; sets *blocked when TX is full or a chain must wait."""
     cdef uint32_t j = rx.head, k = tx.head, done = 0, m, i, tmp, len_, got, rx_av, tx_av
@@ -185,6 +203,11 @@ cdef uint32_t move_ring(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ri
     cdef bint zc = d.zerocopy
     cdef netmap_slot *rs
     cdef netmap_slot *ts
+    if NMB_UNLIKELY(d.skipping & ring_bit):
+        done = skip_rest(d, rx, ring_bit)
+        j = rx.head
+        if d.skipping & ring_bit:
+            return done
     while done < limit:
         rx_av = avail(j, rx.tail, rx_n)
         if rx_av == 0:
@@ -224,7 +247,7 @@ cdef uint32_t move_ring(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ri
             i += 1
         done += i
         if i < m:                       # a chain starts at slot j
-            got = move_chain(d, filt, rx, tx, &j, &k, blocked)
+            got = move_chain(d, filt, rx, tx, &j, &k, blocked, ring_bit)
             if got == 0:
                 break
             done += got
@@ -249,7 +272,8 @@ cdef uint32_t move_dir(fwd_dir *d) noexcept nogil:
             si += 1
             continue
         blocked = 0
-        got = move_ring(d, filt, rx, nmb_txring(dst.nifp, di), d.burst - done, &blocked)
+        got = move_ring(d, filt, rx, nmb_txring(dst.nifp, di), d.burst - done, &blocked,
+                        1ULL << ((si - src.rx_first) & 63))
         done += got
         if blocked == 1:
             di += 1                     # this TX ring is full: try the next one

@@ -120,6 +120,7 @@ class PortSet:
         self.options = options or OpenOptions()
         self.region: Region | None = None
         self.ports: list[Port] = []
+        self.failed: PortSpec | None = None  # the spec whose opening failed, for the caller's message
 
     def open(self, specs: Sequence[PortSpec]) -> list[Port]:
         backends = [backend(s.backend) for s in specs]
@@ -129,6 +130,7 @@ class PortSet:
             self.region = Region(ports=n_user, rings=o.rings, slots=o.slots, buf_size=o.buf_size,
                                  spare_ports=n_user)
         opened: list[Port] = []
+        self.failed = None
         try:
             for spec, b in zip(specs, backends, strict=True):
                 reason = b.unavailable()
@@ -136,6 +138,7 @@ class PortSet:
                     raise PortError(f"{spec}: {reason}")
                 opened.append(b.open(spec.name, self.options, self.region if b.user_memory else None))
         except BaseException:
+            self.failed = specs[len(opened)]
             close_all(opened)
             raise
         self.ports.extend(opened)

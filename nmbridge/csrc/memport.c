@@ -24,6 +24,7 @@ struct memport {
     pthread_mutex_t lock;
     struct bytebuf inq, outq;
     size_t inq_records;
+    int chain_ring; /* RX ring a chain is being delivered to, or -1 */
     struct nmb_memport_stats st;
 };
 
@@ -78,15 +79,21 @@ static int mem_rxsync(struct nmb_port *p)
     mp->st.rxsyncs++;
     if (queue)
         pthread_mutex_lock(&mp->lock);
+    /* take back what the user released: [hwcur, head) of every ring */
     for (uint32_t i = 0; i < nifp->ni_rx_rings; i++) {
         struct netmap_ring *ring = nmb_rxring(nifp, i);
-        struct nmb_kring *kr = &mp->rx_kr[i];
-        if (mp->strict && kring_ok(mp, ring, kr, "rx", i)) {
+        if (mp->strict && kring_ok(mp, ring, &mp->rx_kr[i], "rx", i)) {
             if (queue)
                 pthread_mutex_unlock(&mp->lock);
             return -EINVAL;
         }
-        kr->hwcur = ring->head; /* the user released [hwcur, head) */
+        mp->rx_kr[i].hwcur = ring->head;
+    }
+    /* deliver: ring by ring, as a NIC does; a chain in progress stays in its ring */
+    uint32_t first = mp->chain_ring >= 0 ? (uint32_t)mp->chain_ring : 0;
+    for (uint32_t i = first; i < nifp->ni_rx_rings; i++) {
+        struct netmap_ring *ring = nmb_rxring(nifp, i);
+        struct nmb_kring *kr = &mp->rx_kr[i];
         uint32_t n = ring->num_slots;
         while (nmb_ring_next(ring, kr->hwtail) != kr->hwcur) {
             struct netmap_slot *slot = &ring->slot[kr->hwtail];
@@ -102,6 +109,7 @@ static int mem_rxsync(struct nmb_port *p)
                 slot->flags = rec.flags & ~NS_BUF_CHANGED;
                 mp->inq.start += sizeof(rec) + rec.datalen;
                 mp->inq_records--;
+                mp->chain_ring = (rec.flags & NS_MOREFRAG) ? (int)i : -1;
             } else {
                 break;
             }
@@ -110,6 +118,8 @@ static int mem_rxsync(struct nmb_port *p)
             kr->hwtail = kr->hwtail + 1 == n ? 0 : kr->hwtail + 1;
         }
         ring->tail = kr->hwtail;
+        if (mp->chain_ring >= 0)
+            break;
     }
     if (queue) {
         if (mp->inq.start == mp->inq.len) {
@@ -217,6 +227,7 @@ struct nmb_port *nmb_memport_open(nmb_umem *m, const char *name, uint32_t nrings
     mp->tx_mode = tx_mode;
     mp->source_len = source_len;
     mp->strict = strict;
+    mp->chain_ring = -1;
     pthread_mutex_init(&mp->lock, NULL);
     if (rx_mode == NMB_MEM_RX_SOURCE) {
         uint64_t one = 1;

@@ -1,0 +1,203 @@
+"""fastfwd on mem: ports: byte-for-byte forwarding, copy mode, chains, bad slots, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fwdutil import drain, frame, pair
+
+from nmbridge.backends.mem import MemPort
+from nmbridge.errors import PortError
+from nmbridge.fastfwd import Forwarder
+from nmbridge.netmap_consts import NS_BUF_CHANGED, NS_MOREFRAG
+from nmbridge.port import Region
+
+
+@pytest.mark.parametrize("zerocopy", [True, False])
+def test_both_directions_byte_for_byte(zerocopy: bool) -> None:
+    a, b = pair(zerocopy=zerocopy)
+    fwd = Forwarder(a, b, burst=16)
+    assert fwd.zerocopy is zerocopy
+    left = [frame(i, 60 + i * 7) for i in range(150)]
+    right = [frame(1000 + i, 1514 - i) for i in range(90)]
+    a.inject_many(left)
+    b.inject_many(right)
+    drain(fwd, a, b)
+    assert b.collect() == left
+    assert a.collect() == right
+    st = fwd.stats()
+    assert st["a_to_b"]["frames"] == 150 and st["b_to_a"]["frames"] == 90
+    assert st["a_to_b"]["bytes"] == sum(map(len, left))
+    assert st["a_to_b"]["batches"] >= 150 // 16
+    a.check()
+
+
+def test_zero_copy_swaps_buffers_and_marks_both_slots() -> None:
+    a, b = pair(slots=8)
+    fwd = Forwarder(a, b, direction="a-to-b")
+    a.inject(frame(1))
+    a.rxsync()
+    rx_before = a.buffer_indices()[8:]  # RX ring of a
+    tx_before = b.buffer_indices()[:8]  # TX ring of b
+    fwd.step()
+    slots = b.collect_slots()
+    assert [s[0] for s in slots] == [frame(1)]
+    rx_after = a.buffer_indices()[8:]
+    tx_after = b.buffer_indices()[:8]
+    assert rx_after[0] == tx_before[0] and tx_after[0] == rx_before[0]  # swapped, not copied
+    assert sorted(rx_before + tx_before) == sorted(rx_after + tx_after)
+
+
+def test_copy_mode_keeps_each_pool_to_itself() -> None:
+    a, b = pair(slots=8, zerocopy=False)
+    before_a, before_b = sorted(a.buffer_indices()), sorted(b.buffer_indices())
+    fwd = Forwarder(a, b)
+    a.inject_many([frame(i) for i in range(20)])
+    drain(fwd, a, b)
+    assert b.collect() == [frame(i) for i in range(20)]
+    assert sorted(a.buffer_indices()) == before_a and sorted(b.buffer_indices()) == before_b
+
+
+def test_directions_can_be_one_way() -> None:
+    a, b = pair()
+    fwd = Forwarder(a, b, direction="b-to-a")
+    a.inject(frame(1))
+    b.inject(frame(2))
+    for _ in range(5):
+        fwd.step()
+    assert a.collect() == [frame(2)]
+    assert b.collect() == []
+    assert list(fwd.stats()) == ["b_to_a"]
+
+
+def test_morefrag_chains_move_whole() -> None:
+    a, b = pair(slots=16, buf_size=256)
+    big = [frame(i, 256 * 3 + 10) for i in range(5)]  # 4 slots each
+    a.inject_many(big)
+    fwd = Forwarder(a, b, burst=3)  # burst smaller than a chain: a chain still moves whole
+    drain(fwd, a, b)
+    slots = b.collect_slots()
+    assert [f for f, _, _ in slots[:4]] == [big[0][i * 256:(i + 1) * 256] for i in range(4)]
+    assert [bool(fl & NS_MOREFRAG) for _, fl, _ in slots[:4]] == [True, True, True, False]
+    assert fwd.stats()["a_to_b"]["frames"] == 5
+
+
+def test_a_chain_waits_for_its_tail() -> None:
+    a, b = pair(slots=16, buf_size=256)
+    fwd = Forwarder(a, b, direction="a-to-b")
+    a.inject_slot(b"x" * 256, flags=NS_MOREFRAG)
+    for _ in range(4):
+        fwd.step()
+    assert b.collect_slots() == []  # half a frame never leaves
+    a.inject_slot(b"y" * 10)
+    drain(fwd, a, b)
+    assert b.collect() == [b"x" * 256 + b"y" * 10]
+
+
+def test_a_chain_longer_than_the_tx_ring_is_dropped_as_broken() -> None:
+    region = Region(ports=2, rings=1, slots=16, buf_size=64)
+    a = MemPort(region, "a", slots=16, strict=True)
+    b = MemPort(region, "b", slots=8, strict=True)
+    fwd = Forwarder(a, b, direction="a-to-b")
+    a.inject(frame(7, 64 * 7 + 1))  # 8 slots: an 8-slot TX ring holds at most 7
+    a.inject(frame(8))
+    drain(fwd, a, b)
+    st = fwd.stats()["a_to_b"]
+    assert st["broken_chain"] == 1 and st["frames"] == 1
+    assert b.collect() == [frame(8)]
+
+
+def test_a_chain_that_fills_the_rx_ring_unfinished_is_broken() -> None:
+    a, b = pair(slots=4, buf_size=64)
+    fwd = Forwarder(a, b, direction="a-to-b")
+    for _ in range(3):  # an RX ring of 4 slots holds 3: all MOREFRAG, no end
+        a.inject_slot(b"z" * 64, flags=NS_MOREFRAG)
+    a.inject_slot(b"z" * 64, flags=NS_MOREFRAG)  # more of it arrives later...
+    a.inject_slot(b"end")  # ...up to its last slot: all of it is dropped
+    a.inject(frame(9))
+    drain(fwd, a, b)
+    st = fwd.stats()["a_to_b"]
+    assert st["broken_chain"] == 1
+    assert b.collect() == [frame(9)]
+
+
+def test_oversize_slot_is_counted_and_not_forwarded() -> None:
+    a, b = pair(buf_size=128)
+    fwd = Forwarder(a, b, direction="a-to-b")
+    a.inject_slot(frame(1, 100), length=129)  # a NIC claiming more than the buffer holds
+    a.inject(frame(2))
+    drain(fwd, a, b)
+    assert b.collect() == [frame(2)]
+    assert fwd.stats()["a_to_b"]["oversize"] == 1
+
+
+def test_full_tx_stalls_and_loses_nothing() -> None:
+    a, b = pair(slots=8)
+    fwd = Forwarder(a, b, direction="a-to-b", burst=64)
+    frames = [frame(i) for i in range(40)]
+    a.inject_many(frames)
+    got: list[bytes] = []
+    # b's TX is reclaimed only at txsync, so each step moves at most 7: TX fills every time
+    for _ in range(100):
+        fwd.step()
+        got += b.collect()
+    assert got == frames
+
+
+def test_forwarded_slots_carry_buf_changed_to_the_kernel() -> None:
+    a, b = pair(slots=8)
+    fwd = Forwarder(a, b, direction="a-to-b")
+    a.inject(frame(1))
+    a.rxsync()
+    fwd.step()  # the mem "kernel" reports and clears NS_BUF_CHANGED at txsync
+    (data, flags, _), = b.collect_slots()
+    assert data == frame(1) and not flags & NS_BUF_CHANGED
+
+
+def test_run_in_a_thread_stops_at_once() -> None:
+    a, b = pair(slots=64, strict=False)
+    fwd = Forwarder(a, b, poll_timeout_ms=60_000)  # stop() must not wait for the timeout
+    t = threading.Thread(target=fwd.run)
+    t.start()
+    frames = [frame(i) for i in range(500)]
+    a.inject_many(frames)
+    got: list[bytes] = []
+    for _ in range(10_000):
+        got += b.collect()
+        if len(got) == len(frames):
+            break
+        threading.Event().wait(0.001)
+    fwd.stop()
+    t.join(timeout=5)
+    assert not t.is_alive()
+    assert got == frames
+    assert fwd.polls >= 1
+
+
+def test_run_reports_a_ring_violation_as_port_error() -> None:
+    a, b = pair(slots=8)
+    fwd = Forwarder(a, b, direction="a-to-b")
+    # a corrupt ring (two slots with one buffer) is caught by strict mode at the next sync
+    import ctypes
+    import struct
+    (nifp,) = struct.unpack("<Q", ctypes.string_at(a.address, 8))
+    (tx0,) = struct.unpack("<q", ctypes.string_at(nifp + 56, 8))
+    dup = struct.unpack("<I", ctypes.string_at(nifp + tx0 + 256, 4))[0]
+    ctypes.memmove(nifp + tx0 + 256 + 16, struct.pack("<I", dup), 4)
+    a.inject(frame(1))
+    with pytest.raises(PortError, match=r"mem:a <-> mem:b: (rx|tx)sync: .*a tx ring 0 slot 1: buf_idx \d+ is also in a tx ring 0 slot 0"):
+        fwd.run()
+
+
+def test_constructor_checks() -> None:
+    a, b = pair()
+    with pytest.raises(ValueError, match="burst"):
+        Forwarder(a, b, burst=0)
+    with pytest.raises(ValueError, match="direction"):
+        Forwarder(a, b, direction="sideways")
+    with pytest.raises(ValueError, match="two different ports"):
+        Forwarder(a, a)
+    b.close()
+    with pytest.raises(PortError, match="closed"):
+        Forwarder(a, b)
