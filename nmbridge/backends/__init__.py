@@ -73,7 +73,8 @@ def backend(prefix: str) -> Backend:
     try:
         module = _BACKEND_MODULES[prefix]
     except KeyError:
-        raise ValueError(f"unknown backend {prefix!r} (known: {', '.join(sorted(_BACKEND_MODULES))})") from None
+        known = ", ".join(sorted(_BACKEND_MODULES))
+        raise ValueError(f"unknown backend {prefix!r} (known: {known})") from None
     return importlib.import_module(module).BACKEND  # type: ignore[no-any-return]
 
 

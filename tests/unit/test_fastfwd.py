@@ -186,7 +186,8 @@ def test_run_reports_a_ring_violation_as_port_error() -> None:
     dup = struct.unpack("<I", ctypes.string_at(nifp + tx0 + 256, 4))[0]
     ctypes.memmove(nifp + tx0 + 256 + 16, struct.pack("<I", dup), 4)
     a.inject(frame(1))
-    with pytest.raises(PortError, match=r"mem:a <-> mem:b: (rx|tx)sync: .*a tx ring 0 slot 1: buf_idx \d+ is also in a tx ring 0 slot 0"):
+    dup_msg = r"mem:a <-> mem:b: (rx|tx)sync: .*a tx ring 0 slot 1: buf_idx \d+ is also in a tx ring 0 slot 0"
+    with pytest.raises(PortError, match=dup_msg):
         fwd.run()
 
 

@@ -128,7 +128,7 @@ def test_region_accounting_and_reuse_after_close() -> None:
 def test_region_refuses_what_does_not_fit() -> None:
     region = Region(ports=1, rings=1, slots=32)
     first = MemPort(region, "x", slots=32)
-    with pytest.raises(PortError, match="mem:y: .*not enough free buffers"):
+    with pytest.raises(PortError, match=r"mem:y: .*not enough free buffers"):
         MemPort(region, "y", slots=32)
     first.close()
     MemPort(region, "y", slots=32).close()  # its buffers came back
