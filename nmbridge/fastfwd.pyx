@@ -192,17 +192,58 @@ cdef uint32_t skip_rest(fwd_dir *d, netmap_ring *rx, uint64_t ring_bit) noexcept
     return n
 
 
+cdef inline uint32_t window(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
+                            uint32_t *pj, uint32_t *pk, uint32_t m, const bint zc,
+                            const bint filtering, uint64_t *frames, uint64_t *nbytes) noexcept nogil:
+    """Single-slot frames of a window of m slots that both rings own; stops at a chain.
+    Returns slots consumed. The bint modes are constants at each call site."""
+    cdef uint32_t j = pj[0], k = pk[0], i = 0, tmp, len_, dropped = 0
+    cdef uint32_t max_len = rx.nr_buf_size if rx.nr_buf_size < tx.nr_buf_size else tx.nr_buf_size
+    cdef uint32_t rx_n = rx.num_slots, tx_n = tx.num_slots
+    cdef netmap_slot *rs
+    cdef netmap_slot *ts
+    while i < m:
+        rs = &rx.slot[j]
+        len_ = rs.len
+        # one well-predicted branch for both rare cases: a chain starts, or a bad len
+        if NMB_UNLIKELY((rs.flags & NS_MOREFRAG) | (len_ > max_len)):
+            if rs.flags & NS_MOREFRAG:
+                break
+            d.st.oversize += 1
+            dropped += 1
+        elif filtering and filt.run(filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx), len_) == NMB_DROP:
+            d.st.filtered += 1
+            dropped += 1
+        else:
+            ts = &tx.slot[k]
+            if zc:
+                tmp = ts.buf_idx
+                ts.buf_idx = rs.buf_idx
+                rs.buf_idx = tmp
+                rs.flags = NS_BUF_CHANGED
+                ts.flags = NS_BUF_CHANGED
+            else:
+                memcpy(nmb_buf(tx, ts.buf_idx), nmb_buf(rx, rs.buf_idx), len_)
+                ts.flags = 0
+            ts.len = <uint16_t>len_
+            k = 0 if k + 1 == tx_n else k + 1
+            nbytes[0] += len_
+        j = 0 if j + 1 == rx_n else j + 1
+        i += 1
+    frames[0] += i - dropped
+    pj[0] = j
+    pk[0] = k
+    return i
+
+
 cdef uint32_t move_ring(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
                         uint32_t limit, int *blocked, uint64_t ring_bit) noexcept nogil:
     """Move up to about `limit` RX slots of one ring pair (a chain may finish past it).
     Returns RX slots consumed; sets *blocked when TX is full or a chain must wait."""
-    cdef uint32_t j = rx.head, k = tx.head, done = 0, m, i, tmp, len_, got, rx_av, tx_av
-    cdef uint32_t rx_size = rx.nr_buf_size, tx_size = tx.nr_buf_size
+    cdef uint32_t j = rx.head, k = tx.head, done = 0, m, i, got, rx_av, tx_av
     cdef uint32_t rx_n = rx.num_slots, tx_n = tx.num_slots
     cdef uint64_t frames = 0, nbytes = 0
     cdef bint zc = d.zerocopy
-    cdef netmap_slot *rs
-    cdef netmap_slot *ts
     if NMB_UNLIKELY(d.skipping & ring_bit):
         done = skip_rest(d, rx, ring_bit)
         j = rx.head
@@ -217,34 +258,16 @@ cdef uint32_t move_ring(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ri
             blocked[0] = 1              # frames wait, this TX ring is full
             break
         m = min3(rx_av, tx_av, limit - done)
-        i = 0
-        while i < m:
-            rs = &rx.slot[j]
-            if NMB_UNLIKELY(rs.flags & NS_MOREFRAG):
-                break
-            len_ = rs.len
-            if NMB_UNLIKELY(len_ > rx_size or len_ > tx_size):
-                d.st.oversize += 1
-            elif filt != NULL and filt.run(filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx),
-                                           len_) == NMB_DROP:
-                d.st.filtered += 1
+        # four copies of one window loop, each with its mode fixed at compile time
+        if zc:
+            if filt == NULL:
+                i = window(d, NULL, rx, tx, &j, &k, m, True, False, &frames, &nbytes)
             else:
-                ts = &tx.slot[k]
-                if zc:
-                    tmp = ts.buf_idx
-                    ts.buf_idx = rs.buf_idx
-                    rs.buf_idx = tmp
-                    rs.flags = NS_BUF_CHANGED
-                    ts.flags = NS_BUF_CHANGED
-                else:
-                    memcpy(nmb_buf(tx, ts.buf_idx), nmb_buf(rx, rs.buf_idx), len_)
-                    ts.flags = 0
-                ts.len = <uint16_t>len_
-                k = 0 if k + 1 == tx_n else k + 1
-                frames += 1
-                nbytes += len_
-            j = 0 if j + 1 == rx_n else j + 1
-            i += 1
+                i = window(d, filt, rx, tx, &j, &k, m, True, True, &frames, &nbytes)
+        elif filt == NULL:
+            i = window(d, NULL, rx, tx, &j, &k, m, False, False, &frames, &nbytes)
+        else:
+            i = window(d, filt, rx, tx, &j, &k, m, False, True, &frames, &nbytes)
         done += i
         if i < m:                       # a chain starts at slot j
             got = move_chain(d, filt, rx, tx, &j, &k, blocked, ring_bit)
@@ -423,7 +446,9 @@ cdef class Forwarder:
         self.st.stop_fd = -1
 
     def __init__(self, Port a not None, Port b not None, *, int burst=256, str direction="both",
-                 int poll_timeout_ms=1000):
+                 int poll_timeout_ms=1000, zerocopy=None):
+        """`zerocopy`: None swaps buffers when both ports share a memory region (else copies),
+        False forces copying (benchmarks), True insists on swapping (ValueError if impossible)."""
         if a.c == NULL or b.c == NULL:
             raise PortError("cannot forward between closed ports")
         if a is b:
@@ -437,7 +462,10 @@ cdef class Forwarder:
         self.a, self.b = a, b
         self.direction = direction
         self.burst = burst
-        self.zerocopy = a.c.mem_key == b.c.mem_key
+        if zerocopy and a.c.mem_key != b.c.mem_key:
+            raise ValueError(f"{a.spec} and {b.spec} live in different memory regions: "
+                             "zero-copy forwarding is impossible between them")
+        self.zerocopy = a.c.mem_key == b.c.mem_key and zerocopy is not False
         self._filters = [None, None]
         self.st.d[0].src, self.st.d[0].dst = a.c, b.c
         self.st.d[1].src, self.st.d[1].dst = b.c, a.c
