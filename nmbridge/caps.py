@@ -1,0 +1,35 @@
+"""Which Linux capabilities this process has, and a plain error when one it needs is missing."""
+
+from __future__ import annotations
+
+import os
+
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW"}
+
+
+def effective(status_path: str = "/proc/self/status") -> int:
+    """The effective capability mask (CapEff) of this process."""
+    with open(status_path) as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def missing(needed: list[int], status_path: str = "/proc/self/status") -> list[str]:
+    """Names of the capabilities in `needed` this process does not have."""
+    have = effective(status_path)
+    return [NAMES.get(c, f"capability {c}") for c in needed if not have & (1 << c)]
+
+
+def require(needed: list[int], why: str) -> str | None:
+    """None when all are present, else a one-line reason naming what is missing and how to get it."""
+    if os.geteuid() == 0 and not missing(needed):
+        return None
+    lacking = missing(needed)
+    if not lacking:
+        return None
+    return (f"{why} needs {' and '.join(lacking)}: run as root, or give the service "
+            f"AmbientCapabilities={' '.join(lacking)} (see etc/systemd/nmbridge.service)")

@@ -1,0 +1,76 @@
+"""Prometheus metrics: a collector that reads a counter snapshot at scrape time.
+
+Nothing is updated per packet or per interval: each scrape asks the app for a fresh
+snapshot of the C counters (see nmbridge.stats) and turns it into metric families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from nmbridge.errors import ConfigError
+from nmbridge.stats import Snapshot
+from nmbridge.stats import drops as drop_counts
+
+
+class BridgeCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        frames = CounterMetricFamily("nmbridge_frames", "Frames forwarded", labels=["pair", "direction"])
+        nbytes = CounterMetricFamily("nmbridge_bytes", "Bytes forwarded", labels=["pair", "direction"])
+        batches = CounterMetricFamily("nmbridge_batches", "Batches that moved frames",
+                                      labels=["pair", "direction"])
+        drops = CounterMetricFamily("nmbridge_drops", "Frames not forwarded, by reason",
+                                    labels=["pair", "direction", "reason"])
+        hits = CounterMetricFamily("nmbridge_filter_rule_hits", "Frames decided by each filter rule",
+                                   labels=["pair", "direction", "filter", "rule"])
+        zc = GaugeMetricFamily("nmbridge_zerocopy", "1 when the pair swaps buffers, 0 when it copies",
+                               labels=["pair"])
+        link = GaugeMetricFamily("nmbridge_link_up", "1 when the port's link is up", labels=["port"])
+        for p in snap["pairs"]:
+            zc.add_metric([p["pair"]], 1.0 if p["zerocopy"] else 0.0)
+            for d, s in p["directions"].items():
+                labels = [p["pair"], d]
+                frames.add_metric(labels, float(s.get("frames", 0)))
+                nbytes.add_metric(labels, float(s.get("bytes", 0)))
+                batches.add_metric(labels, float(s.get("batches", 0)))
+                for reason, n in drop_counts(s).items():
+                    drops.add_metric([*labels, reason], float(n))
+                filt = s.get("filter")
+                if filt:
+                    for rule, n in s.get("rule_hits", {}).items():
+                        hits.add_metric([*labels, filt, rule], float(n))
+        for port, up in snap["links"].items():
+            link.add_metric([port], 1.0 if up else 0.0)
+        yield from (frames, nbytes, batches, drops, hits, zc, link)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9108"`` / ``"[::1]:9108"`` -> (host, port); ValueError with the reason."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"{text!r} names no address")
+    return host, int(port)
+
+
+def serve(listen: str, snapshot: Callable[[], Snapshot]) -> tuple[Any, CollectorRegistry]:
+    """Start the HTTP endpoint in a daemon thread; returns (server, registry)."""
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as e:
+        raise ConfigError(f"metrics.listen = {listen!r}: {e}") from None
+    registry = CollectorRegistry()
+    registry.register(BridgeCollector(snapshot))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, registry
