@@ -1,0 +1,160 @@
+"""The ``nmbridge`` command.
+
+Each subcommand is one :class:`Command` in ``COMMANDS``: a name, a one-line help, a function
+that adds its arguments and a handler returning the exit status.  A new subcommand is one
+more entry (``filter test`` and the like add their own sub-parsers in ``add_arguments`` and
+``set_defaults(handler=...)`` per leaf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from nmbridge import __version__, config, logs
+from nmbridge.backends import resolve_default
+from nmbridge.errors import ConfigError, NmbridgeError
+
+EX_OK, EX_ERROR, EX_USAGE, EX_CONFIG, EX_INTERRUPTED = 0, 1, 2, 78, 130
+
+EPILOG = """\
+examples:
+  nmbridge check -c /etc/nmbridge/bridge.toml     validate a config, print its pairs and backends
+  nmbridge run -c /etc/nmbridge/bridge.toml       bridge until SIGINT or SIGTERM
+  nmbridge --log-format console run -c etc/mem.toml
+                                                  try it without a NIC (an endless mem: source)
+  nmbridge run -c bridge.toml | jq 'select(.event == "stats")'
+
+exit status: 0 ok, 1 error, 2 bad usage, 78 configuration error, 130 interrupted
+"""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+    epilog: str | None = None
+
+
+# --- run ---------------------------------------------------------------------------------
+
+
+def add_config_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, metavar="FILE", help="the bridge's TOML configuration")
+
+
+def configure_logs(args: argparse.Namespace, cfg: config.Config | None = None) -> None:
+    """--log-format/--log-level win over the file's [log], which wins over the defaults."""
+    logs.configure(args.log_format or (cfg.log.format if cfg else "auto"),
+                   args.log_level or (cfg.log.level if cfg else "info"))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from nmbridge.app import Bridge  # the forwarding machinery, only where it is used
+
+    cfg = config.load(args.config)
+    configure_logs(args, cfg)
+    Bridge(cfg).run()
+    return EX_OK
+
+
+# --- check -------------------------------------------------------------------------------
+
+
+def summary(cfg: config.Config) -> str:
+    """What `check` prints: one line for the bridge, one per pair, one per filter."""
+    b = cfg.bridge
+    backend = b.backend if b.backend != "auto" else f"auto ({resolve_default('auto')} on this machine)"
+    stats = f"stats every {b.stats_interval:g} s" if b.stats_interval else "no stats events"
+    lines = [
+        f"{cfg.path}: ok",
+        f"bridge {b.name}: default backend {backend}, burst {b.burst}, poll timeout {b.poll_timeout_ms} ms, "
+        f"{stats}, user-memory rings of {b.ring_slots} slots x {b.buf_size} bytes",
+    ]
+    arrows = {"both": "<->", "a-to-b": "->", "b-to-a": "<-"}
+    for p in cfg.pairs:
+        filters = ", ".join(f"{d.replace('_', '-')}: {name}" for d, name in p.filters.items()) or "none"
+        lines.append(f"pair {p.name}: {p.a} {arrows[p.direction]} {p.b}; filters: {filters}; "
+                     f"link set-up {'on' if p.link_setup else 'off'}")
+    for f in cfg.filters.values():
+        n = len(f.rules)
+        lines.append(f"filter {f.name}: {n} rule{'s' if n != 1 else ''}, default {f.default}")
+    return "\n".join(lines)
+
+
+def check_command(args: argparse.Namespace) -> int:
+    print(summary(config.load(args.config)))
+    return EX_OK
+
+
+# --- version -----------------------------------------------------------------------------
+
+
+def version_command(args: argparse.Namespace) -> int:
+    print(f"nmbridge {__version__}")
+    return EX_OK
+
+
+COMMANDS: list[Command] = [
+    Command("run", "bridge the pairs of a config until SIGINT/SIGTERM", add_config_argument, run_command,
+            epilog="Opens every port (all or nothing), forwards each pair in its own thread and logs\n"
+                   "JSON lines to stdout (key=value on a terminal). SIGINT or SIGTERM stops every pair\n"
+                   "at a batch boundary, closes the ports, logs the final counters and exits 0."),
+    Command("check", "validate a config and print its pairs, backends and filters (opens nothing)",
+            add_config_argument, check_command),
+    Command("version", "print the version", lambda p: None, version_command),
+]
+
+
+# --- the parser and main -----------------------------------------------------------------
+
+
+def add_log_options(p: argparse.ArgumentParser, default: object) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-format", choices=logs.FORMATS, default=default,
+                   help="json lines, console key=value, or auto: console on a terminal "
+                        "(default: [log].format)")
+    g.add_argument("--log-level", choices=logs.LEVELS, default=default,
+                   help="the lowest level logged (default: [log].level, else info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nmbridge", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="A software L2 bridge over netmap rings: forwards frames between pairs of\n"
+                    "ports (netmap:, afpacket:, mem:), filtered, zero-copy where ports share memory.")
+    add_log_options(parser, None)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.help[:1].upper() + c.help[1:] + ".",
+                           epilog=c.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_arguments(p)
+        add_log_options(p, argparse.SUPPRESS)  # after the command too; the main parser's value stays
+        p.set_defaults(handler=c.handler)
+    return parser
+
+
+def fail(message: str) -> None:
+    """An error for a person: one line on stderr."""
+    print(f"nmbridge: {' '.join(message.split())}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configure_logs(args)
+        status: int = args.handler(args)
+        return status
+    except ConfigError as e:
+        fail(str(e))
+        return EX_CONFIG
+    except NmbridgeError as e:
+        fail(str(e))
+        return EX_ERROR
+    except KeyboardInterrupt:
+        fail("interrupted")
+        return EX_INTERRUPTED

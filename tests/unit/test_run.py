@@ -1,0 +1,208 @@
+"""``nmbridge run``: forwarding on mem: ports, clean stops, and every way a run fails."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nmbridge import app, config, filters, logs
+from nmbridge.app import Bridge
+from nmbridge.backends import mem_backend
+from nmbridge.errors import NmbridgeError, PortError
+from nmbridge.fastfwd import Forwarder
+from nmbridge.port import Port
+
+ROOT = Path(__file__).resolve().parents[2]
+DEADLINE = 30.0  # seconds; generous for a loaded CI machine, never slept
+
+
+def mem_config(extra: str = "", pairs: int = 1, **bridge: object) -> config.Config:
+    head = "[bridge]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in bridge.items())
+    body = "".join(f'[[pair]]\nname = "p{i}"\nports = ["mem:src{i}?rx=source&tx=sink", '
+                   f'"mem:dst{i}?rx=none&tx=sink"]\ndirection = "a-to-b"\n' for i in range(pairs))
+    return config.loads(head + body + extra, "test.toml")
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Logs as JSON lines in a buffer; the root logger is put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out = io.StringIO()
+    logs.configure("json", "info", out)
+    yield out
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def events(out: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def stop_when(bridge: Bridge, out: io.StringIO, event: str) -> threading.Thread:
+    """Stop `bridge` (as a signal would) once `event` has been logged."""
+    def watch() -> None:
+        deadline = time.monotonic() + DEADLINE
+        while event not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        bridge.events.put(("signal", "TEST"))
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+# --- the real thing: a subprocess stopped by a signal ----------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_mem_forwards_and_stops_cleanly_on_a_signal(sig: signal.Signals) -> None:
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "nmbridge", "run", "-c", str(ROOT / "etc" / "mem.toml")]
+    with subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=pythonpath),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        got: queue.SimpleQueue[str] = queue.SimpleQueue()
+        reader = threading.Thread(target=lambda: [got.put(line) for line in proc.stdout or ()], daemon=True)
+        reader.start()
+        lines: list[str] = []
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while not any('"forwarding"' in line for line in lines):
+                lines.append(got.get(timeout=max(0.0, deadline - time.monotonic())))
+            proc.send_signal(sig)
+            proc.wait(timeout=DEADLINE)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=DEADLINE)
+        stderr = proc.stderr.read() if proc.stderr else ""
+    while not got.empty():
+        lines.append(got.get())
+    assert proc.returncode == 0, stderr
+    assert stderr == ""
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    names = [r["event"] for r in records]
+    assert names[:4] == ["starting", "port_opened", "port_opened", "forwarding"]
+    assert names[-2:] == ["stopping", "stopped"]
+    assert all({"timestamp", "level", "event"} <= r.keys() for r in records)
+    assert records[0]["config"].endswith("mem.toml") and records[0]["backends"] == ["mem"]
+    assert records[1]["port"] == "mem:gen?rx=source&tx=sink" and records[1]["pair"] == "mem"
+    assert records[1]["rx_slots"] == 1024 and records[1]["buf_size"] == 2048 and records[1]["region"]
+    assert records[3]["zero_copy"] is True
+    assert records[-2]["signal"] == sig.name
+    counters = records[-1]["counters"]["mem"]
+    assert set(counters) == {"a_to_b"}
+    assert counters["a_to_b"]["frames"] > 0
+    assert counters["a_to_b"]["bytes"] == 60 * counters["a_to_b"]["frames"]
+
+
+# --- in process ------------------------------------------------------------------------
+
+
+def test_every_pair_forwards_and_every_port_is_closed_after(log_lines: io.StringIO) -> None:
+    bridge = Bridge(mem_config(pairs=2, stats_interval=0.05))
+    stop_when(bridge, log_lines, '"stats"')
+    bridge.run()
+    names = [e["event"] for e in events(log_lines)]
+    assert names.count("port_opened") == 4 and names.count("forwarding") == 2
+    assert "stats" in names
+    stats = next(e for e in events(log_lines) if e["event"] == "stats")
+    assert stats["pair"] in ("p0", "p1") and "frames" in stats["a_to_b"]
+    stopped = events(log_lines)[-1]
+    assert stopped["event"] == "stopped" and set(stopped["counters"]) == {"p0", "p1"}
+    assert all(p.a.closed and p.b.closed for p in bridge.pairs)
+    assert all(p.thread is not None and not p.thread.is_alive() for p in bridge.pairs)
+
+
+def test_stop_before_the_loop_starts_is_not_lost(log_lines: io.StringIO) -> None:
+    bridge = Bridge(mem_config())
+    bridge.events.put(("signal", "TEST"))  # already there when run() starts
+    bridge.run()
+    assert events(log_lines)[-1]["event"] == "stopped"
+
+
+def test_a_port_that_fails_to_open_names_pair_and_port_and_leaves_nothing_open(
+        log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[Port] = []
+    real_open = mem_backend.BACKEND.open
+
+    def recording_open(*args: Any) -> Port:
+        port = real_open(*args)
+        opened.append(port)
+        return port
+    monkeypatch.setattr(mem_backend.BACKEND, "open", recording_open)
+    # frames of 4000 bytes do not fit 2048-byte buffers: the last port refuses to open
+    cfg = mem_config('[[pair]]\nname = "bad"\nports = ["mem:x", "mem:y?rx=source&frame_len=4000"]\n')
+    with pytest.raises(PortError) as e:
+        Bridge(cfg).run()
+    assert str(e.value).startswith("pair bad: port mem:y?rx=source&frame_len=4000: ")
+    assert "frame_len 4000" in str(e.value)
+    assert len(opened) == 3 and all(p.closed for p in opened)
+    assert [x["event"] for x in events(log_lines)] == ["starting"]
+
+
+def test_a_port_of_a_missing_backend_names_pair_and_port(log_lines: io.StringIO) -> None:
+    """afpacket: without its module (or without the interface, or root) fails the same way."""
+    cfg = config.loads('[[pair]]\nname = "lan"\nports = ["afpacket:nmbtest0", "afpacket:nmbtest1"]\n', "t")
+    with pytest.raises(PortError, match=r"^pair lan: port afpacket:nmbtest0: "):
+        Bridge(cfg).run()
+
+
+class FailingForwarder(Forwarder):
+    def run(self, *, max_frames: int = 0) -> None:
+        raise PortError(f"{self.a.spec}: txsync: link went away")
+
+
+def test_a_failing_pair_stops_the_whole_bridge(log_lines: io.StringIO,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = mem_config()
+    monkeypatch.setattr(app, "Forwarder", FailingForwarder)
+    with pytest.raises(PortError, match=r"^pair p0: mem:src0: txsync: link went away$"):
+        Bridge(cfg).run()
+    by_name = {e["event"]: e for e in events(log_lines)}
+    assert by_name["pair_failed"]["pair"] == "p0" and by_name["pair_failed"]["level"] == "error"
+    assert by_name["stopping"]["failed_pair"] == "p0"
+    assert "stopped" in by_name
+
+
+class FakeFilter:
+    address = 0  # no C program: the loop forwards everything
+
+    def __init__(self, f: filters.FilterConfig) -> None:
+        self.config = f
+
+
+def test_filters_are_compiled_once_and_installed_per_direction(
+        log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filters, "compile_filter", FakeFilter, raising=False)
+    cfg = config.loads('[filter.f]\n[[pair]]\nports = ["mem:a", "mem:b"]\nfilter = "f"\n', "t")
+    bridge = Bridge(cfg)
+    bridge.open_ports()
+    try:
+        bridge.install_filters()
+        fwd = bridge.pairs[0].fwd
+        assert isinstance(fwd.filter("a_to_b"), FakeFilter) and fwd.filter("a_to_b") is fwd.filter("b_to_a")
+        assert fwd.filter("a_to_b").config is cfg.filters["f"]
+    finally:
+        bridge.close()
+
+
+def test_a_filter_without_a_compiler_refuses_to_run(
+        log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(filters, "compile_filter", raising=False)
+    cfg = config.loads('[filter.f]\n[[pair]]\nname = "x"\nports = ["mem:a", "mem:b"]\nfilter = "f"\n', "t")
+    with pytest.raises(NmbridgeError, match=r'^pair x: filter "f" cannot run'):
+        Bridge(cfg).run()
