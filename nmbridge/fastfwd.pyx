@@ -489,14 +489,14 @@ cdef class Forwarder:
             raise PortError(f"{self.a.spec} <-> {self.b.spec}: a port was closed")
 
     def run(self, *, max_frames: int = 0) -> None:
-        """Forward until stop() (or until `max_frames` frames moved). Raises PortError."""
+        """Forward until stop() (or until `max_frames` frames moved). Raises PortError.
+        After stop() -- even one called before run() started -- run() returns at once."""
         self._alive()
         if self._running:
             raise RuntimeError("this forwarder is already running")
         self._running = True
         self.st.max_frames = max_frames
-        NMB_STORE_INT(self.st.stop, 0)
-        self.st.error[0] = 0
+        self.st.error[0] = 0           # stop() is sticky: one that came before run() counts
         cdef int rc
         try:
             # the first batch needs frames: sync once before looping
