@@ -1,0 +1,32 @@
+"""Type stub for the afpacket Cython extension (nmbridge/backends/afpacket.pyx)."""
+
+from nmbridge.port import Port, Region
+
+DEFAULT_BLOCK_SIZE: int
+DEFAULT_BLOCKS: int
+DEFAULT_BLOCK_TIMEOUT_MS: int
+DEFAULT_SNDBUF: int
+
+class AfPacketPort(Port):
+    """An afpacket: port on interface `ifname` (in the calling thread's network namespace)."""
+
+    ifname: str
+    def __init__(
+        self,
+        region: Region,
+        ifname: str,
+        *,
+        slots: int = 1024,
+        block_size: int = ...,
+        blocks: int = ...,
+        block_timeout_ms: int = ...,
+        promisc: bool = True,
+        qdisc_bypass: bool = True,
+        sndbuf: int = ...,
+    ) -> None: ...
+    @property
+    def ifindex(self) -> int: ...
+    def counters(self) -> dict[str, int]: ...
+    def check(self) -> None: ...
+    def rxsync(self) -> None: ...
+    def txsync(self) -> None: ...

@@ -1,0 +1,530 @@
+/* afpacket.c -- the afpacket: backend (see nmb_afpacket.h). */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "nmb_afpacket.h"
+
+#ifndef PACKET_IGNORE_OUTGOING
+#define PACKET_IGNORE_OUTGOING 23
+#endif
+
+struct afport {
+    struct nmb_port port;
+    nmb_umem *mem;
+    int ifindex;
+    struct nmb_kring tx_kr, rx_kr;
+    /* RX: the TPACKET_V3 ring */
+    char *map;
+    size_t map_len;
+    uint32_t block_size, block_count;
+    uint32_t cur_blk;                 /* next block to take from the kernel */
+    struct tpacket_block_desc *blk;   /* block being consumed, or NULL */
+    char *pkt;                        /* next frame header in blk */
+    uint32_t left;                    /* frames left in blk */
+    /* TX */
+    struct mmsghdr *msgs;
+    struct iovec *iov;
+    uint32_t *msg_slots, *msg_len;
+    struct nmb_afpacket_stats st;
+    pthread_mutex_t stats_lock;       /* kernel drop counter: read-and-clear, so one reader */
+    uint64_t kernel_drops;
+};
+
+static int fail(struct afport *ap, int rc, const char *msg)
+{
+    snprintf(ap->port.error, NMB_PORT_ERRLEN, "afpacket:%s: %s", ap->port.nifp->ni_name, msg);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * RX */
+
+/* Frames the kernel's stack built (veth peers, local senders) may carry CHECKSUM_PARTIAL: the
+ * L4 checksum field only holds the pseudo-header sum and the device was to finish it.  A
+ * frame we send on does not keep that metadata, so finish the checksum here (TCP and UDP over
+ * IPv4 and IPv6 without extension headers).  Returns 1 when it wrote a checksum. */
+static uint64_t sum16(uint64_t sum, const uint8_t *p, uint32_t len)
+{
+    while (len > 1) {
+        sum += (uint32_t)(p[0] << 8 | p[1]);
+        p += 2;
+        len -= 2;
+    }
+    if (len)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+static int finish_l4_csum(uint8_t *f, uint32_t len)
+{
+    uint32_t off = 12;
+    uint16_t et;
+    uint64_t sum = 0;
+    uint32_t l4, l4len, proto;
+    if (len < 14)
+        return 0;
+    et = (uint16_t)(f[12] << 8 | f[13]);
+    while ((et == ETH_P_8021Q || et == ETH_P_8021AD) && off + 6 <= len) { /* inner tags */
+        off += 4;
+        et = (uint16_t)(f[off] << 8 | f[off + 1]);
+    }
+    off += 2;
+    uint8_t *ip = f + off;
+    if (et == ETH_P_IP && off + 20 <= len) {
+        uint32_t ihl = (ip[0] & 15u) * 4, tot = (uint32_t)(ip[2] << 8 | ip[3]);
+        if (ihl < 20 || tot < ihl || off + tot > len)
+            return 0;
+        proto = ip[9];
+        l4 = off + ihl;
+        l4len = tot - ihl;
+        sum = sum16(sum, ip + 12, 8);
+    } else if (et == ETH_P_IPV6 && off + 40 <= len) {
+        l4len = (uint32_t)(ip[4] << 8 | ip[5]);
+        proto = ip[6];
+        l4 = off + 40;
+        if (l4 + l4len > len)
+            return 0;
+        sum = sum16(sum, ip + 8, 32);
+    } else {
+        return 0;
+    }
+    uint32_t csum_at;
+    if (proto == IPPROTO_TCP && l4len >= 20)
+        csum_at = l4 + 16;
+    else if (proto == IPPROTO_UDP && l4len >= 8)
+        csum_at = l4 + 6;
+    else
+        return 0;
+    sum += proto + l4len;
+    f[csum_at] = f[csum_at + 1] = 0;
+    sum = sum16(sum, f + l4, l4len);
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    uint16_t c = (uint16_t)~sum;
+    if (c == 0 && proto == IPPROTO_UDP)
+        c = 0xffff;
+    f[csum_at] = (uint8_t)(c >> 8);
+    f[csum_at + 1] = (uint8_t)c;
+    return 1;
+}
+
+struct seg {
+    const char *p;
+    uint32_t len;
+};
+
+/* Copy the segments into RX slots from *hwtail on: one slot, or an NS_MOREFRAG chain. */
+static void fill_slots(struct netmap_ring *ring, uint32_t *hwtail, const struct seg *sg, int nsg)
+{
+    uint32_t bs = ring->nr_buf_size, t = *hwtail, used = 0;
+    struct netmap_slot *slot = &ring->slot[t];
+    char *dst = nmb_buf(ring, slot->buf_idx);
+    for (int i = 0; i < nsg; i++) {
+        const char *p = sg[i].p;
+        uint32_t l = sg[i].len;
+        while (l) {
+            if (used == bs) {
+                slot->len = (uint16_t)used;
+                slot->flags = NS_MOREFRAG;
+                t = nmb_ring_next(ring, t);
+                slot = &ring->slot[t];
+                dst = nmb_buf(ring, slot->buf_idx);
+                used = 0;
+            }
+            uint32_t c = l < bs - used ? l : bs - used;
+            memcpy(dst + used, p, c);
+            used += c;
+            p += c;
+            l -= c;
+        }
+    }
+    slot->len = (uint16_t)used;
+    slot->flags = 0;
+    *hwtail = nmb_ring_next(ring, t);
+}
+
+static void block_done(struct afport *ap)
+{
+    __atomic_store_n(&ap->blk->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+    ap->blk = NULL;
+    ap->cur_blk = ap->cur_blk + 1 == ap->block_count ? 0 : ap->cur_blk + 1;
+    ap->st.blocks++;
+}
+
+/* The kernel flags a link going down as a socket error, which makes poll() return at once
+ * until someone reads it: read it when idle, and count it. */
+static void clear_socket_error(struct afport *ap)
+{
+    int e = 0;
+    socklen_t l = sizeof(e);
+    if (getsockopt(ap->port.fd, SOL_SOCKET, SO_ERROR, &e, &l) == 0 && e != 0)
+        ap->st.link_errors++;
+}
+
+static int afp_rxsync(struct nmb_port *p)
+{
+    struct afport *ap = (struct afport *)p;
+    struct netmap_ring *ring = nmb_rxring(p->nifp, 0);
+    struct nmb_kring *kr = &ap->rx_kr;
+    char err[NMB_PORT_ERRLEN - 32];
+    ap->st.rxsyncs++;
+    if (nmb_kring_check(ring, kr, "rx ring 0", err, sizeof(err)))
+        return fail(ap, -EINVAL, err);
+    kr->hwcur = ring->head; /* the user released [hwcur, head) */
+    uint32_t n = ring->num_slots, bs = ring->nr_buf_size;
+    uint32_t room = (kr->hwcur + n - 1 - kr->hwtail) % n; /* slots the "NIC" may fill */
+    int idle = 1;
+    while (room > 0) {
+        if (!ap->blk) {
+            struct tpacket_block_desc *b =
+                (struct tpacket_block_desc *)(ap->map + (size_t)ap->cur_blk * ap->block_size);
+            if (!(__atomic_load_n(&b->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+                break;
+            ap->blk = b;
+            ap->pkt = (char *)b + b->hdr.bh1.offset_to_first_pkt;
+            ap->left = b->hdr.bh1.num_pkts;
+        }
+        idle = 0;
+        while (ap->left) {
+            struct tpacket3_hdr *h = (struct tpacket3_hdr *)ap->pkt;
+            uint32_t snap = h->tp_snaplen;
+            char *data = (char *)h + h->tp_mac;
+            if (snap < h->tp_len || snap == 0) {
+                ap->st.rx_truncated++;
+            } else {
+                int vlan = (h->tp_status & TP_STATUS_VLAN_VALID) && snap >= 12;
+                uint32_t total = snap + (vlan ? 4 : 0);
+                uint32_t need = (total + bs - 1) / bs;
+                if (need > NETMAP_MAX_FRAGS || need > n - 1 || total > 0xffff * NETMAP_MAX_FRAGS) {
+                    ap->st.rx_oversize++;
+                } else if (need > room) {
+                    goto out; /* wait for room; resume at this frame */
+                } else {
+                    struct seg sg[3];
+                    uint8_t tag[4];
+                    int nsg = 0;
+                    if ((h->tp_status & TP_STATUS_CSUMNOTREADY) && finish_l4_csum((uint8_t *)data, snap))
+                        ap->st.rx_csum_fixed++;
+                    if (vlan) {
+                        uint16_t tpid = (h->tp_status & TP_STATUS_VLAN_TPID_VALID) && h->hv1.tp_vlan_tpid
+                                            ? h->hv1.tp_vlan_tpid
+                                            : ETH_P_8021Q;
+                        uint16_t tci = (uint16_t)h->hv1.tp_vlan_tci;
+                        tag[0] = (uint8_t)(tpid >> 8);
+                        tag[1] = (uint8_t)tpid;
+                        tag[2] = (uint8_t)(tci >> 8);
+                        tag[3] = (uint8_t)tci;
+                        sg[0] = (struct seg){data, 12};
+                        sg[1] = (struct seg){(const char *)tag, 4};
+                        sg[2] = (struct seg){data + 12, snap - 12};
+                        nsg = 3;
+                        ap->st.rx_vlan_restored++;
+                    } else {
+                        sg[0] = (struct seg){data, snap};
+                        nsg = 1;
+                    }
+                    fill_slots(ring, &kr->hwtail, sg, nsg);
+                    room -= need;
+                    ap->st.rx_frames++;
+                    ap->st.rx_bytes += total;
+                }
+            }
+            ap->pkt += h->tp_next_offset;
+            ap->left--;
+        }
+        block_done(ap);
+    }
+out:
+    ring->tail = kr->hwtail;
+    if (idle && room > 0)
+        clear_socket_error(ap);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * TX */
+
+static inline uint32_t advance(struct afport *ap, struct netmap_ring *ring, uint32_t s, uint32_t nslots)
+{
+    for (uint32_t i = 0; i < nslots; i++) {
+        ring->slot[s].flags &= ~NS_BUF_CHANGED; /* the "kernel" has taken the new buffer */
+        s = nmb_ring_next(ring, s);
+    }
+    (void)ap;
+    return s;
+}
+
+static int afp_txsync(struct nmb_port *p)
+{
+    struct afport *ap = (struct afport *)p;
+    struct netmap_ring *ring = nmb_txring(p->nifp, 0);
+    struct nmb_kring *kr = &ap->tx_kr;
+    char err[NMB_PORT_ERRLEN - 32];
+    ap->st.txsyncs++;
+    if (nmb_kring_check(ring, kr, "tx ring 0", err, sizeof(err)))
+        return fail(ap, -EINVAL, err);
+    uint32_t head = ring->head, n = ring->num_slots, bs = ring->nr_buf_size;
+    uint32_t s = kr->hwcur;
+    while (s != head) {
+        /* gather up to a batch of whole frames */
+        uint32_t nmsg = 0, niov = 0, scan = s;
+        int bad_first = 0;
+        while (scan != head && nmsg < NMB_AFP_TX_BATCH) {
+            uint32_t start = scan, nsl = 0, flen = 0;
+            int complete = 0, bad = 0;
+            for (;;) {
+                struct netmap_slot *slot = &ring->slot[scan];
+                if (slot->len > bs)
+                    bad = 1;
+                ap->iov[niov + nsl].iov_base = nmb_buf(ring, slot->buf_idx);
+                ap->iov[niov + nsl].iov_len = slot->len;
+                nsl++;
+                flen += slot->len;
+                scan = nmb_ring_next(ring, scan);
+                if (!(slot->flags & NS_MOREFRAG)) {
+                    complete = 1;
+                    break;
+                }
+                if (scan == head)
+                    break;
+            }
+            if (!complete) { /* the user has not finished this chain yet */
+                scan = start;
+                break;
+            }
+            if (bad) {
+                if (nmsg == 0) { /* a slot longer than its buffer: drop the frame */
+                    ap->st.tx_errors++;
+                    s = advance(ap, ring, s, nsl);
+                    bad_first = 1;
+                }
+                scan = start;
+                break;
+            }
+            memset(&ap->msgs[nmsg].msg_hdr, 0, sizeof(ap->msgs[nmsg].msg_hdr));
+            ap->msgs[nmsg].msg_hdr.msg_iov = &ap->iov[niov];
+            ap->msgs[nmsg].msg_hdr.msg_iovlen = nsl;
+            ap->msg_slots[nmsg] = nsl;
+            ap->msg_len[nmsg] = flen;
+            niov += nsl;
+            nmsg++;
+        }
+        if (nmsg == 0) {
+            if (bad_first)
+                continue;
+            break; /* only an unfinished chain is left */
+        }
+        uint32_t sent = 0;
+        while (sent < nmsg) {
+            ap->st.tx_calls++;
+            int r = sendmmsg(p->fd, &ap->msgs[sent], nmsg - sent, MSG_DONTWAIT);
+            if (r > 0) {
+                for (uint32_t k = sent; k < sent + (uint32_t)r; k++) {
+                    s = advance(ap, ring, s, ap->msg_slots[k]);
+                    ap->st.tx_bytes += ap->msg_len[k];
+                }
+                ap->st.tx_frames += (uint32_t)r;
+                sent += (uint32_t)r;
+                continue;
+            }
+            int e = r < 0 ? errno : EAGAIN;
+            if (e == EINTR)
+                continue;
+            if (e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) {
+                ap->st.tx_again++;
+                goto done; /* keep the rest for the next txsync */
+            }
+            if (e == ENETDOWN || e == ENXIO || e == ENODEV) {
+                /* the link is down or gone: drop what we have, resume when it is back */
+                for (uint32_t k = sent; k < nmsg; k++)
+                    s = advance(ap, ring, s, ap->msg_slots[k]);
+                ap->st.tx_link_down += nmsg - sent;
+                sent = nmsg;
+            } else {
+                /* the kernel refused this frame (e.g. EMSGSIZE): drop it, send the rest */
+                s = advance(ap, ring, s, ap->msg_slots[sent]);
+                ap->st.tx_errors++;
+                sent++;
+            }
+        }
+    }
+done:
+    kr->hwcur = s;
+    kr->hwtail = s == 0 ? n - 1 : s - 1;
+    ring->tail = kr->hwtail;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * open / close */
+
+static void afp_free(struct afport *ap)
+{
+    if (ap->map && ap->map != MAP_FAILED)
+        munmap(ap->map, ap->map_len);
+    if (ap->port.fd >= 0)
+        close(ap->port.fd);
+    if (ap->port.nifp)
+        nmb_umem_if_destroy(ap->mem, ap->port.nifp);
+    free(ap->msgs);
+    free(ap->iov);
+    free(ap->msg_slots);
+    free(ap->msg_len);
+    pthread_mutex_destroy(&ap->stats_lock);
+    free(ap);
+}
+
+#define OPEN_FAIL(...)                          \
+    do {                                        \
+        snprintf(err, errlen, __VA_ARGS__);     \
+        afp_free(ap);                           \
+        return NULL;                            \
+    } while (0)
+
+struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct nmb_afpacket_opts *o,
+                                   char *err, size_t errlen)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    if (!ifname[0] || strlen(ifname) >= IFNAMSIZ) {
+        snprintf(err, errlen, "an interface name has 1 to %d bytes", IFNAMSIZ - 1);
+        return NULL;
+    }
+    if (o->slots < 2 || o->block_count < 2 || o->block_size < (uint32_t)page ||
+        o->block_size % (uint32_t)page != 0 || o->block_timeout_ms < 1) {
+        snprintf(err, errlen, "bad ring options: slots %u, %u blocks of %u bytes (a multiple of %ld), "
+                 "block timeout %u ms", o->slots, o->block_count, o->block_size, page, o->block_timeout_ms);
+        return NULL;
+    }
+    struct afport *ap = calloc(1, sizeof(*ap));
+    if (!ap) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    pthread_mutex_init(&ap->stats_lock, NULL);
+    ap->mem = m;
+    ap->port.fd = -1;
+    ap->ifindex = (int)if_nametoindex(ifname);
+    if (ap->ifindex == 0)
+        OPEN_FAIL("%s", errno == ENODEV || errno == ENXIO ? "no such interface" : strerror(errno));
+    /* protocol 0: nothing is queued before the ring exists; bind() below starts reception */
+    ap->port.fd = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (ap->port.fd < 0) {
+        if (errno == EPERM || errno == EACCES)
+            OPEN_FAIL("an AF_PACKET socket needs CAP_NET_RAW (run as root)");
+        OPEN_FAIL("socket(AF_PACKET): %s", strerror(errno));
+    }
+    int fd = ap->port.fd, one = 1, v3 = TPACKET_V3;
+    if (setsockopt(fd, SOL_PACKET, PACKET_VERSION, &v3, sizeof(v3)))
+        OPEN_FAIL("PACKET_VERSION TPACKET_V3: %s", strerror(errno));
+    struct tpacket_req3 req;
+    memset(&req, 0, sizeof(req));
+    req.tp_block_size = o->block_size;
+    req.tp_block_nr = o->block_count;
+    req.tp_frame_size = 2048; /* V3 packs frames of any size; this only satisfies the checks */
+    req.tp_frame_nr = (o->block_size / req.tp_frame_size) * o->block_count;
+    req.tp_retire_blk_tov = o->block_timeout_ms;
+    if (setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)))
+        OPEN_FAIL("PACKET_RX_RING (%u blocks of %u bytes): %s", o->block_count, o->block_size, strerror(errno));
+    ap->block_size = o->block_size;
+    ap->block_count = o->block_count;
+    ap->map_len = (size_t)o->block_size * o->block_count;
+    ap->map = mmap(NULL, ap->map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (ap->map == MAP_FAILED) {
+        ap->map = NULL;
+        OPEN_FAIL("mmap of the RX ring: %s", strerror(errno));
+    }
+    if (setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof(one)))
+        OPEN_FAIL("PACKET_IGNORE_OUTGOING (needs Linux >= 4.20): %s", strerror(errno));
+    if (o->qdisc_bypass && setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one)))
+        OPEN_FAIL("PACKET_QDISC_BYPASS: %s", strerror(errno));
+    if (o->sndbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &o->sndbuf, sizeof(o->sndbuf)) &&
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &o->sndbuf, sizeof(o->sndbuf)))
+        OPEN_FAIL("SO_SNDBUF %d: %s", o->sndbuf, strerror(errno));
+    struct sockaddr_ll sll;
+    memset(&sll, 0, sizeof(sll));
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(ETH_P_ALL);
+    sll.sll_ifindex = ap->ifindex;
+    if (bind(fd, (struct sockaddr *)&sll, sizeof(sll))) {
+        if (errno == ENODEV || errno == ENXIO)
+            OPEN_FAIL("no such interface");
+        OPEN_FAIL("bind: %s", strerror(errno));
+    }
+    if (o->promisc) {
+        struct packet_mreq mr;
+        memset(&mr, 0, sizeof(mr));
+        mr.mr_ifindex = ap->ifindex;
+        mr.mr_type = PACKET_MR_PROMISC;
+        if (setsockopt(fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof(mr)))
+            OPEN_FAIL("promiscuous mode (PACKET_MR_PROMISC): %s", strerror(errno));
+    }
+    ap->port.nifp = nmb_umem_if_create(m, ifname, 1, 1, o->slots, o->slots);
+    if (!ap->port.nifp)
+        OPEN_FAIL("cannot lay out rings of %u slots in the memory region: %s", o->slots,
+                  errno == ENOBUFS ? "not enough free buffers" : strerror(errno));
+    ap->msgs = calloc(NMB_AFP_TX_BATCH, sizeof(*ap->msgs));
+    ap->iov = calloc(o->slots, sizeof(*ap->iov));
+    ap->msg_slots = calloc(NMB_AFP_TX_BATCH, sizeof(uint32_t));
+    ap->msg_len = calloc(NMB_AFP_TX_BATCH, sizeof(uint32_t));
+    if (!ap->msgs || !ap->iov || !ap->msg_slots || !ap->msg_len)
+        OPEN_FAIL("out of memory");
+    ap->tx_kr.hwcur = 0;
+    ap->tx_kr.hwtail = o->slots - 1;
+    ap->rx_kr.hwcur = ap->rx_kr.hwtail = 0;
+    ap->port.tx_first = ap->port.rx_first = 0;
+    ap->port.tx_last = ap->port.rx_last = 1;
+    ap->port.poll_syncs = 0;
+    ap->port.mem_key = (uint64_t)(uintptr_t)m;
+    ap->port.rxsync = afp_rxsync;
+    ap->port.txsync = afp_txsync;
+    ap->port.priv = ap;
+    return &ap->port;
+}
+
+void nmb_afpacket_close(struct nmb_port *p)
+{
+    if (p)
+        afp_free((struct afport *)p);
+}
+
+void nmb_afpacket_get_stats(struct nmb_port *p, struct nmb_afpacket_stats *out)
+{
+    struct afport *ap = (struct afport *)p;
+    struct tpacket_stats_v3 ks;
+    socklen_t l = sizeof(ks);
+    pthread_mutex_lock(&ap->stats_lock);
+    if (getsockopt(p->fd, SOL_PACKET, PACKET_STATISTICS, &ks, &l) == 0)
+        ap->kernel_drops += ks.tp_drops;
+    *out = ap->st;
+    out->rx_kernel_drops = ap->kernel_drops;
+    pthread_mutex_unlock(&ap->stats_lock);
+}
+
+int nmb_afpacket_ifindex(struct nmb_port *p)
+{
+    return ((struct afport *)p)->ifindex;
+}
+
+int nmb_afpacket_check(struct nmb_port *p)
+{
+    struct afport *ap = (struct afport *)p;
+    char err[NMB_PORT_ERRLEN - 32];
+    if (nmb_kring_check(nmb_txring(p->nifp, 0), &ap->tx_kr, "tx ring 0", err, sizeof(err)) ||
+        nmb_kring_check(nmb_rxring(p->nifp, 0), &ap->rx_kr, "rx ring 0", err, sizeof(err))) {
+        fail(ap, -1, err);
+        return -1;
+    }
+    return 0;
+}

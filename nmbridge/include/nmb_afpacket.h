@@ -1,0 +1,66 @@
+/*
+ * nmb_afpacket.h -- afpacket: ports: netmap-format rings in user memory whose "NIC" is an
+ * AF_PACKET socket bound to a Linux interface, driven by nmbridge at sync time.
+ *
+ * RX: a TPACKET_V3 mmap ring (blocks of frames written by the kernel).  rxsync copies frames
+ * from ready blocks into the free RX slots' buffers, puts back the outer VLAN tag the kernel
+ * moved into metadata, and returns fully consumed blocks to the kernel.  A frame larger than
+ * one buffer becomes an NS_MOREFRAG chain (waiting for enough free slots); one longer than
+ * NETMAP_MAX_FRAGS buffers or than the ring can ever hold is counted and dropped (rx_oversize),
+ * and one the ring truncated (snaplen < len) is counted and dropped (rx_truncated).
+ * TX: sendmmsg() of the slots in [hwcur, head), one message per frame (chains gathered with
+ * iovecs), one system call per batch of up to NMB_AFP_TX_BATCH frames, PACKET_QDISC_BYPASS on.
+ * Link down (ENETDOWN, ENXIO, ENODEV) drops and counts; EAGAIN/ENOBUFS keeps the frames for the
+ * next txsync.  The socket ignores its own outgoing frames (PACKET_IGNORE_OUTGOING) and, by
+ * default, puts the interface in promiscuous mode for as long as it is open
+ * (PACKET_MR_PROMISC: per socket, the kernel undoes it on close).
+ */
+#ifndef NMB_AFPACKET_H
+#define NMB_AFPACKET_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "nmb_port.h"
+#include "nmb_umem.h"
+
+#define NMB_AFP_TX_BATCH 512
+
+struct nmb_afpacket_opts {
+    uint32_t slots;            /* slots of the one TX and the one RX ring */
+    uint32_t block_size;       /* TPACKET_V3 block size, a multiple of the page size */
+    uint32_t block_count;      /* blocks in the RX ring */
+    uint32_t block_timeout_ms; /* the kernel hands over a partly filled block after this */
+    int promisc;               /* PACKET_MR_PROMISC while open */
+    int qdisc_bypass;          /* PACKET_QDISC_BYPASS */
+    int sndbuf;                /* SO_SNDBUF(FORCE) in bytes; 0 = the system default */
+};
+
+struct nmb_afpacket_stats {
+    uint64_t rx_frames, rx_bytes;   /* delivered into the RX ring (bytes with the VLAN tag) */
+    uint64_t rx_kernel_drops;       /* PACKET_STATISTICS tp_drops: the mmap ring was full */
+    uint64_t rx_truncated;          /* dropped: the block could not hold the whole frame */
+    uint64_t rx_oversize;           /* dropped: more buffers than a chain may have */
+    uint64_t rx_vlan_restored;      /* frames whose VLAN tag was put back */
+    uint64_t rx_csum_fixed;         /* CHECKSUM_PARTIAL frames whose L4 checksum we finished */
+    uint64_t tx_frames, tx_bytes;   /* handed to the kernel */
+    uint64_t tx_errors;             /* dropped: the kernel refused the frame (e.g. > MTU) */
+    uint64_t tx_link_down;          /* dropped: the link was down or gone */
+    uint64_t tx_again;              /* sendmmsg said EAGAIN/ENOBUFS: frames kept for later */
+    uint64_t link_errors;           /* socket errors reported by the kernel (link down events) */
+    uint64_t rxsyncs, txsyncs, tx_calls;
+    uint64_t blocks;                /* RX blocks consumed */
+};
+
+/* Open a port on interface `ifname` in region `m` (the calling thread's network namespace).
+ * NULL with a one-line reason in err (without the "afpacket:IFNAME: " prefix). */
+struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct nmb_afpacket_opts *o,
+                                   char *err, size_t errlen);
+void nmb_afpacket_close(struct nmb_port *p);
+/* Counters; safe from another thread while the port forwards (reads the kernel's drop
+ * counter, which it accumulates, under a lock of its own). */
+void nmb_afpacket_get_stats(struct nmb_port *p, struct nmb_afpacket_stats *out);
+int nmb_afpacket_ifindex(struct nmb_port *p);
+/* The kernel's prologue checks on both rings (for tests). 0 or -1 with p->error set. */
+int nmb_afpacket_check(struct nmb_port *p);
+
+#endif /* NMB_AFPACKET_H */
