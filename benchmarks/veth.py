@@ -29,11 +29,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nmbridge import netns
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
-
-import netns  # noqa: E402
 
 # The nmbridge side: runs inside the bridge namespace until SIGTERM, then prints JSON.
 CHILD = r"""

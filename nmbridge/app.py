@@ -26,6 +26,7 @@ from nmbridge.backends import OpenOptions, PortSet, PortSpec, backend
 from nmbridge.config import Config, PairConfig
 from nmbridge.errors import NmbridgeError, PortError
 from nmbridge.fastfwd import Forwarder
+from nmbridge.links import LinkManager, LinkWatcher, config_links
 from nmbridge.logs import get_logger
 from nmbridge.port import Port
 
@@ -48,8 +49,11 @@ class Bridge:
     """Every pair of one Config, forwarding.  ``run()`` does it all; the steps are public for
     the hooks of later features (link set-up, filters, reload, stats)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, link_setup: bool = True) -> None:
         self.config = config
+        self.link_setup = link_setup  # False: --no-link-setup, interfaces only looked up and checked
+        self.links: LinkManager | None = None
+        self.watcher: LinkWatcher | None = None
         self.log = get_logger(bridge=config.bridge.name)
         b = config.bridge
         self.portset = PortSet(OpenOptions(slots=b.ring_slots, buf_size=b.buf_size))
@@ -60,11 +64,26 @@ class Bridge:
     # --- the steps ----------------------------------------------------------------------
 
     def set_up_links(self) -> None:
-        """Bring links up, promiscuous, offloads off where ``link_setup`` (the links issue);
-        ``restore_links`` undoes it.  Nothing yet."""
+        """Look up and check every interface; bring it up, promiscuous, offloads off where
+        ``link_setup``; watch link events.  ``restore_links`` undoes it."""
+        pairs = config_links(self.config, link_setup=self.link_setup)
+        self.links = LinkManager(self.config.bridge.buf_size)
+        self.links.setup(pairs)  # LinkError, with nothing left changed
+        ports = {pl.ifname: pl.port for p in pairs for pl in p.ports if pl.ifname}
+        if ports:
+            try:
+                self.watcher = LinkWatcher(ports).start()
+            except BaseException:
+                self.links.restore()
+                raise
 
     def restore_links(self) -> None:
-        """Give every interface back its original state (the links issue).  Nothing yet."""
+        """Give every interface back its original state: exactly what set-up changed."""
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if self.links is not None:
+            self.links.restore()  # idempotent, never raises
 
     def open_ports(self) -> None:
         """Open every port of every pair in one PortSet, all or nothing."""

@@ -53,12 +53,19 @@ def configure_logs(args: argparse.Namespace, cfg: config.Config | None = None) -
                    args.log_level or (cfg.log.level if cfg else "info"))
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_argument(p)
+    p.add_argument("--no-link-setup", action="store_true",
+                   help="leave the interfaces as they are (only look them up and check them): for "
+                        "operators who manage links themselves")
+
+
 def run_command(args: argparse.Namespace) -> int:
     from nmbridge.app import Bridge  # the forwarding machinery, only where it is used
 
     cfg = config.load(args.config)
     configure_logs(args, cfg)
-    Bridge(cfg).run()
+    Bridge(cfg, link_setup=not args.no_link_setup).run()
     return EX_OK
 
 
@@ -91,6 +98,64 @@ def check_command(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# --- doctor ------------------------------------------------------------------------------
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    from nmbridge.doctor import run_doctor
+
+    return run_doctor(config.load(args.config), sys.stdout, link_setup=not args.no_link_setup)
+
+
+def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_argument(p)
+    p.add_argument("--no-link-setup", action="store_true",
+                   help="check as `run --no-link-setup` would run: down, promiscuous off and offloads "
+                        "on are problems, not notes")
+
+
+# --- filter test -------------------------------------------------------------------------
+
+
+def add_filter_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(title="filter commands", metavar="SUBCOMMAND", dest="filter_command",
+                           required=True)
+    t = sub.add_parser("test", help="run a capture file through the configured filters offline",
+                       description="Run each frame of a pcap file through the filters of the config "
+                                   "(the fast path's own code) and print its verdict and the rule that "
+                                   "decided, then per-rule totals.")
+    add_config_argument(t)
+    t.add_argument("--pcap", required=True, metavar="CAPTURE", help="a pcap file (Ethernet)")
+    t.add_argument("--pair", metavar="P", help="only this pair (default: every pair with a filter)")
+    t.add_argument("--direction", choices=("a-to-b", "b-to-a"), help="only this direction")
+    t.add_argument("--json", action="store_true", help="one JSON document instead of text")
+
+
+def filter_command(args: argparse.Namespace) -> int:
+    from nmbridge.filters.offline import filter_test
+
+    return filter_test(config.load(args.config), args.pcap, args.pair, args.direction, args.json,
+                       sys.stdout)
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frames", type=int, default=10000, metavar="N",
+                   help="frames in the left-to-right burst (default: 10000)")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the lab up afterwards (the bridge stopped) and print how to use and remove it")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON summary on stdout (the step-by-step progress goes to stderr)")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from nmbridge.demo import run_demo
+
+    return run_demo(args.frames, keep=args.keep, as_json=args.json)
+
+
 # --- version -----------------------------------------------------------------------------
 
 
@@ -100,12 +165,24 @@ def version_command(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Command] = [
-    Command("run", "bridge the pairs of a config until SIGINT/SIGTERM", add_config_argument, run_command,
+    Command("run", "bridge the pairs of a config until SIGINT/SIGTERM", add_run_arguments, run_command,
             epilog="Opens every port (all or nothing), forwards each pair in its own thread and logs\n"
                    "JSON lines to stdout (key=value on a terminal). SIGINT or SIGTERM stops every pair\n"
                    "at a batch boundary, closes the ports, logs the final counters and exits 0."),
     Command("check", "validate a config and print its pairs, backends and filters (opens nothing)",
             add_config_argument, check_command),
+    Command("doctor", "check each interface of each port and print what to fix (changes nothing)",
+            add_doctor_arguments, doctor_command,
+            epilog="Exit status 0 when nothing needs fixing, 1 otherwise. What `run` sets itself\n"
+                   "(up, promiscuous, offloads; unless link_setup = false) is printed as a note."),
+    Command("filter", "try filters: `filter test -c FILE --pcap CAPTURE` runs a capture through them",
+            add_filter_arguments, filter_command),
+    Command("demo", "build a throw-away network-namespace lab, bridge it and send real traffic (root)",
+            add_demo_arguments, demo_command,
+            epilog="left ns (10.77.0.1) --veth-- bridge ns: `nmbridge run`, two afpacket: ports --veth--\n"
+                   "right ns (10.77.0.2). Pings both ways, sends a burst left to right, stops the bridge,\n"
+                   "prints its counters and removes everything (also on Ctrl-C). Exit status 0 when every\n"
+                   "ping was answered and every frame arrived, 1 otherwise."),
     Command("version", "print the version", lambda p: None, version_command),
 ]
 

@@ -1,6 +1,6 @@
 """Fixtures for end-to-end tests in network namespaces (root only).
 
-``lab``: a fresh left -- bridge -- right lab per test (see netns.py).
+``lab``: a fresh left -- bridge -- right lab per test (see nmbridge/netns.py).
 ``start_bridge``: opens two afpacket: ports inside the lab's bridge namespace (one shared
 region, as the app does) and runs a Forwarder over them in a thread; stopped and closed at
 teardown, and the test fails if the forwarder thread raised or stopped by itself.
@@ -18,9 +18,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import netns
 from rawio import RunningBridge, wait_for
 
+from nmbridge import netns
 from nmbridge.backends import OpenOptions, PortSet, parse_spec
 
 

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import netns
 import pytest
 
+from nmbridge import netns
 from nmbridge.backends import PortSet
 
 ETH_P_ALL = 0x0003

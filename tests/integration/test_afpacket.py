@@ -13,13 +13,13 @@ import struct
 import time
 from collections.abc import Callable
 
-import netns
 import pytest
-from netns import Lab, in_netns, netns_socket
 from rawio import TEST_ETHERTYPE, Collector, RawPort, RunningBridge, wait_for
 
+from nmbridge import netns
 from nmbridge.backends import OpenOptions, PortSet, backend, parse_spec
 from nmbridge.errors import PortError
+from nmbridge.netns import Lab, in_netns, netns_socket
 from nmbridge.port import Region
 
 StartBridge = Callable[..., RunningBridge]
@@ -74,39 +74,7 @@ def macs(lab: Lab) -> tuple[bytes, bytes]:
 
 def ping(lab: Lab, ns: str, dst: str, count: int = 3, timeout: float = 3.0) -> int:
     """ICMP echo through the kernel stack of `ns` (ARP included); returns replies received."""
-    s = netns_socket(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    s.settimeout(timeout)
-    ident = random.randrange(1 << 16)
-    got = 0
-    try:
-        for seq in range(count):
-            payload = secrets.token_bytes(32)
-            hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-            csum = _inet_csum(hdr + payload)
-            s.sendto(struct.pack("!BBHHH", 8, 0, csum, ident, seq) + payload, (dst, 0))
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                try:
-                    pkt = s.recv(2048)
-                except TimeoutError:
-                    break
-                ihl = (pkt[0] & 15) * 4
-                typ, _, _, rid, rseq = struct.unpack_from("!BBHHH", pkt, ihl)
-                if typ == 0 and rid == ident and rseq == seq and pkt[ihl + 8:] == payload:
-                    got += 1
-                    break
-    finally:
-        s.close()
-    return got
-
-
-def _inet_csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    return sum(rtt is not None for rtt in netns.ping(ns, dst, count, timeout))
 
 
 def probe_until_through(src: RawPort, dst: RawPort, dst_mac: bytes, src_mac: bytes,

@@ -154,10 +154,11 @@ def test_a_port_that_fails_to_open_names_pair_and_port_and_leaves_nothing_open(
     assert [x["event"] for x in events(log_lines)] == ["starting"]
 
 
-def test_a_port_of_a_missing_backend_names_pair_and_port(log_lines: io.StringIO) -> None:
-    """afpacket: without its module (or without the interface, or root) fails the same way."""
+def test_a_missing_interface_names_pair_and_port(log_lines: io.StringIO) -> None:
+    """A missing interface is found by the link look-up, before any port opens or any link
+    changes, and the error names the pair and the port."""
     cfg = config.loads('[[pair]]\nname = "lan"\nports = ["afpacket:nmbtest0", "afpacket:nmbtest1"]\n', "t")
-    with pytest.raises(PortError, match=r"^pair lan: port afpacket:nmbtest0: "):
+    with pytest.raises(NmbridgeError, match=r"^pair lan: port afpacket:nmbtest0: .*no such interface"):
         Bridge(cfg).run()
 
 

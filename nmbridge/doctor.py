@@ -1,0 +1,160 @@
+"""``nmbridge doctor -c FILE``: check every interface of every port, change nothing.
+
+For each port: the backend is available here; for each interface behind a port: it exists,
+is up, is promiscuous, has no frame-merging/splitting offloads on, its MTU fits the buffer
+size and matches the other side of its pair; for ``netmap:`` ports, whether netmap will run
+the interface natively or through its emulated adapter (a heuristic, see
+:func:`netmap_mode`).  Each problem is printed with the command that fixes it.
+
+Exit status: 0 when nothing needs fixing, 1 otherwise.  Things ``nmbridge run`` sets itself
+(link set-up on) are printed as notes and do not fail the check.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Protocol, TextIO
+
+from nmbridge.backends import PortSpec, backend
+from nmbridge.links import CHAINING_BACKENDS, Finding, LinkState, check_mtu, check_state, lookup_links
+
+# Drivers that netmap ships native support for (its LINUX/ patches and in-tree adapters).
+# A heuristic: native mode also needs the netmap-patched module to be the one loaded, which
+# :func:`netmap_mode` checks through /sys/module/netmap/holders where it can.
+NETMAP_NATIVE_DRIVERS = frozenset({
+    "e1000", "e1000e", "igb", "ixgbe", "ixgbevf", "i40e", "ice", "iavf", "virtio_net", "veth",
+    "vmxnet3", "r8169", "forcedeth", "mlx5_core", "cxgb4",
+})
+
+
+class _Bridge(Protocol):
+    @property
+    def buf_size(self) -> int: ...
+
+
+class _Pair(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def ports(self) -> Sequence[PortSpec]: ...
+
+
+class DoctorConfig(Protocol):
+    """What doctor needs of a Config (nmbridge.config.Config has it)."""
+
+    @property
+    def bridge(self) -> _Bridge: ...
+
+    @property
+    def pairs(self) -> Sequence[_Pair]: ...
+
+
+def netmap_mode(ifname: str, driver: str | None, sys_root: str = "/sys") -> Finding:
+    """How netmap would open ``ifname``: native or emulated (best effort; says so)."""
+    mod = os.path.join(sys_root, "module", "netmap")
+    if not os.path.isdir(mod):
+        return Finding(ifname, "note", "netmap module not loaded: cannot tell native from emulated mode")
+    admode = _read(os.path.join(mod, "parameters", "admode"))
+    if admode == "2":
+        return Finding(ifname, "note", "netmap admode=2 forces the emulated adapter for every interface "
+                                       "(slower; hides VLAN tags; loses frames under load)")
+    drv = (driver or "").replace("-", "_")
+    if drv and os.path.exists(os.path.join(mod, "holders", drv)):
+        return Finding(ifname, "note", f"netmap native mode (driver {driver} is netmap's patched module)")
+    if drv in NETMAP_NATIVE_DRIVERS:
+        return Finding(ifname, "note", (
+            f"netmap probably emulated: driver {driver} has native netmap support "
+            "but the loaded module does not use netmap (load netmap's build of it)"))
+    return Finding(ifname, "note", f"netmap emulated mode: no native netmap support known for driver "
+                                   f"{driver or 'unknown'} (heuristic; slower, hides VLAN tags)")
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _backend_problem(spec: PortSpec) -> str | None:
+    try:
+        return backend(spec.backend).unavailable()
+    except Exception as e:  # a backend module that cannot even load
+        return f"cannot load the {spec.backend} backend: {e}"
+
+
+def _interface(spec: PortSpec) -> str | None:
+    try:
+        return backend(spec.backend).interface(spec.name)
+    except Exception:
+        return None
+
+
+def collect_findings(config: DoctorConfig, link_setup: Sequence[bool] | None = None,
+                     netns: str | None = None) -> list[tuple[str, list[Finding]]]:
+    """Findings per pair (pair heading, findings).  ``link_setup[i]``: pair i has link set-up on."""
+    buf_size = config.bridge.buf_size
+    pairs = list(config.pairs)
+    flags = list(link_setup) if link_setup is not None else [_pair_link_setup(config, p) for p in pairs]
+    names = {i for p in pairs for s in p.ports if (i := _interface(s))}
+    states: dict[str, LinkState | None] = lookup_links(sorted(names), netns) if names else {}
+    seen: set[str] = set()
+    out: list[tuple[str, list[Finding]]] = []
+    for pair, setup in zip(pairs, flags, strict=True):
+        heading = f"pair {pair.name}: " + " <-> ".join(str(s) for s in pair.ports)
+        found: list[Finding] = []
+        sides: list[tuple[str, int]] = []
+        for spec in pair.ports:
+            reason = _backend_problem(spec)
+            if reason:
+                found.append(Finding(str(spec), "error", f"backend unavailable: {reason}"))
+            ifname = _interface(spec)
+            if ifname is None:
+                continue
+            st = states.get(ifname)
+            if st is None:
+                found.append(Finding(ifname, "error", f"no such interface (port {spec})",
+                                     "ip -br link  # list the interfaces and correct the port name"))
+                continue
+            sides.append((ifname, st.mtu))
+            if ifname not in seen:
+                seen.add(ifname)
+                found += check_state(st, setup)
+            if spec.backend == "netmap":
+                found.append(netmap_mode(ifname, st.driver))
+        if sides:
+            chains = all(s.backend in CHAINING_BACKENDS for s in pair.ports)
+            found += check_mtu(sides[0], sides[1] if len(sides) > 1 else None, buf_size, chains)
+        out.append((heading, found))
+    return out
+
+
+def _pair_link_setup(config: DoctorConfig, pair: _Pair) -> bool:
+    # the config gives each pair the bridge's link_setup unless the pair sets its own
+    return bool(getattr(pair, "link_setup", True))
+
+
+def run_doctor(config: DoctorConfig, out: TextIO, link_setup: bool = True, netns: str | None = None) -> int:
+    """Print what is wrong with each interface and how to fix it; 0 if nothing needs fixing.
+
+    ``link_setup=False`` checks as ``run --no-link-setup`` would run: then down, promisc off
+    and offloads on are problems, not notes.
+    """
+    pairs = list(config.pairs)
+    flags = [link_setup and _pair_link_setup(config, p) for p in pairs]
+    problems = 0
+    for heading, found in collect_findings(config, flags, netns):
+        print(heading, file=out)
+        for f in found:
+            problems += f.severity != "note"
+            print("  " + f.line().replace("\n", "\n  "), file=out)
+        if not any(f.severity != "note" for f in found):
+            print("  ok", file=out)
+    if problems:
+        print(f"{problems} problem{'s' if problems != 1 else ''} to fix", file=out)
+        return 1
+    print("all interfaces ready", file=out)
+    return 0

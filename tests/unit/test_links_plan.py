@@ -1,0 +1,207 @@
+"""Link set-up decisions as pure functions: what to change, what to restore, MTU checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nmbridge.links import (
+    OFFLOADS,
+    Feature,
+    LinkState,
+    RestorePlan,
+    changes_made,
+    check_mtu,
+    check_state,
+    frame_limit,
+    link_is_up,
+    plan_restore,
+    plan_setup,
+)
+
+GRO, TSO, RXVLAN = "rx-gro", "tx-tcp-segmentation", "rx-vlan-hw-parse"
+
+
+def state(name: str = "eth1", *, up: bool = False, promisc: bool = False, mtu: int = 1500,
+          **features: tuple[bool, bool]) -> LinkState:
+    feats = {k.replace("_", "-"): Feature(*v) for k, v in features.items()}
+    return LinkState(name, 7, admin_up=up, promisc=promisc, mtu=mtu, features=feats)
+
+
+def with_features(s: LinkState, **active: bool) -> LinkState:
+    feats = dict(s.features)
+    for k, v in active.items():
+        name = k.replace("_", "-")
+        feats[name] = Feature(v, feats[name].changeable)
+    return dataclasses.replace(s, features=feats)
+
+
+def apply(s: LinkState, plan: RestorePlan) -> LinkState:
+    """What the kernel would hold after restore carried out `plan` on `s`."""
+    feats = {n: Feature(plan.features.get(n, f.active), f.changeable) for n, f in s.features.items()}
+    return dataclasses.replace(
+        s, features=feats,
+        admin_up=s.admin_up if plan.admin_up is None else plan.admin_up,
+        promisc=s.promisc if plan.promisc is None else plan.promisc)
+
+
+# ---------------------------------------------------------------- what set-up changes
+
+def test_plan_turns_on_what_is_off_and_off_the_changeable_offloads() -> None:
+    s = state(rx_gro=(True, True), tx_tcp_segmentation=(True, True), rx_vlan_hw_parse=(True, False),
+              rx_lro=(False, True), tx_checksum_ip_generic=(True, True))
+    plan = plan_setup(s)
+    assert plan.bring_up and plan.promisc_on
+    assert set(plan.offloads_off) == {GRO, TSO}
+    assert plan.fixed_on == (RXVLAN,)  # on but fixed: reported, not touched
+    # checksum offload is not one nmbridge manages
+    assert "tx-checksum-ip-generic" not in plan.offloads_off
+
+
+def test_plan_is_empty_for_a_ready_interface() -> None:
+    s = state(up=True, promisc=True, rx_gro=(False, True), tx_tcp_segmentation=(False, True))
+    assert plan_setup(s).empty
+
+
+def test_every_managed_offload_has_an_ethtool_keyword_and_unique_feature() -> None:
+    assert len({o.feature for o in OFFLOADS}) == len(OFFLOADS)
+    assert {"rx-gro", "rx-lro", "tx-generic-segmentation", "tx-tcp-segmentation",
+            "rx-vlan-hw-parse"} <= {o.feature for o in OFFLOADS}
+    assert all(o.keyword and " " not in o.keyword for o in OFFLOADS)
+
+
+# ---------------------------------------------------------------- what restore puts back
+
+def test_record_holds_only_what_changed_with_original_values() -> None:
+    before = state(up=False, promisc=True, rx_gro=(True, True), tx_tcp_segmentation=(False, True))
+    after = with_features(dataclasses.replace(before, admin_up=True), rx_gro=False)
+    rec = changes_made(before, after)
+    assert rec.admin_up is False and rec.set_admin_up is True
+    assert rec.promisc is None  # was already promisc: restore leaves it on
+    assert dict(rec.features) == {GRO: True}
+    plan = plan_restore(rec, after)
+    assert plan.admin_up is False and plan.promisc is None and dict(plan.features) == {GRO: True}
+    assert apply(after, plan) == before
+
+
+def test_nothing_changed_means_nothing_to_restore() -> None:
+    s = state(up=True, promisc=True, rx_gro=(False, True))
+    rec = changes_made(s, s)
+    assert rec.empty
+    assert plan_restore(rec, s).empty
+
+
+def test_restore_is_a_no_op_once_done() -> None:
+    before = state(rx_gro=(True, True))
+    after = with_features(dataclasses.replace(before, admin_up=True, promisc=True), rx_gro=False)
+    rec = changes_made(before, after)
+    restored = apply(after, plan_restore(rec, after))
+    assert restored == before
+    assert plan_restore(rec, restored).empty
+
+
+def test_restore_leaves_fields_someone_else_changed_since() -> None:
+    before = state(rx_gro=(True, True), tx_tcp_segmentation=(True, True))
+    after = with_features(dataclasses.replace(before, admin_up=True, promisc=True),
+                          rx_gro=False, tx_tcp_segmentation=False)
+    rec = changes_made(before, after)
+    # meanwhile an operator turned promisc off and GRO back on by hand
+    now = with_features(dataclasses.replace(after, promisc=False), rx_gro=True)
+    plan = plan_restore(rec, now)
+    assert plan.promisc is None and GRO not in plan.features  # already at their original value
+    assert plan.features == {TSO: True} and plan.admin_up is False
+
+
+def test_kernel_knock_on_changes_are_recorded_too() -> None:
+    # switching GRO off also switched off rx-gro-list (a feature nmbridge does not manage)
+    before = state(rx_gro=(True, True), rx_gro_list=(True, True))
+    after = with_features(before, rx_gro=False, rx_gro_list=False)
+    rec = changes_made(before, after)
+    assert dict(rec.features) == {GRO: True, "rx-gro-list": True}
+
+
+flag = st.booleans()
+feature_names = [o.feature for o in OFFLOADS] + ["rx-gro-list", "tx-checksum-ip-generic"]
+
+
+@st.composite
+def before_after(draw: st.DrawFn) -> tuple[LinkState, LinkState]:
+    feats = {n: Feature(draw(flag), draw(flag)) for n in draw(st.sets(st.sampled_from(feature_names)))}
+    before = LinkState("eth1", 3, draw(flag), draw(flag), 1500, features=feats)
+    after = LinkState("eth1", 3, draw(flag), draw(flag), 1500,
+                      features={n: Feature(draw(flag), f.changeable) for n, f in feats.items()})
+    return before, after
+
+
+@given(before_after())
+def test_restore_of_any_change_gives_back_the_original(pair: tuple[LinkState, LinkState]) -> None:
+    before, after = pair
+    rec = changes_made(before, after)
+    plan = plan_restore(rec, after)
+    assert apply(after, plan) == before
+    # and touches nothing that did not change
+    assert set(plan.features) == {n for n in before.features
+                                  if before.features[n].active != after.features[n].active}
+
+
+# ---------------------------------------------------------------- MTU checks
+
+def test_mtu_that_fits_the_buffer_with_a_vlan_tag_is_fine() -> None:
+    assert frame_limit(1500) == 1518
+    assert check_mtu(("eth1", 1500), ("eth2", 1500), buf_size=2048) == []
+    assert check_mtu(("eth1", 2030), ("eth2", 2030), buf_size=2048) == []
+
+
+def test_mtu_too_large_for_the_buffer_is_an_error_unless_chains_are_allowed() -> None:
+    found = check_mtu(("eth1", 9000), ("eth2", 9000), buf_size=2048)
+    assert [(f.ifname, f.severity) for f in found] == [("eth1", "error"), ("eth2", "error")]
+    assert "9018" in found[0].problem and "2048" in found[0].problem
+    assert found[0].fix == "ip link set dev eth1 mtu 2030"
+    chained = check_mtu(("eth1", 9000), ("eth2", 9000), buf_size=2048, allow_chains=True)
+    assert [(f.ifname, f.severity) for f in chained] == [("eth1", "note"), ("eth2", "note")]
+    assert [f.ifname for f in check_mtu(("eth1", 2031), None, buf_size=2048)] == ["eth1"]
+
+
+def test_mtu_mismatch_warns_on_the_smaller_side() -> None:
+    found = check_mtu(("eth1", 1500), ("eth2", 1400), buf_size=2048)
+    assert len(found) == 1
+    f = found[0]
+    assert f.severity == "warning" and f.ifname == "eth2"
+    assert "1400" in f.problem and "eth1" in f.problem
+    assert f.fix == "ip link set dev eth2 mtu 1500"
+
+
+# ---------------------------------------------------------------- doctor findings
+
+def test_state_findings_give_the_exact_fix_commands() -> None:
+    s = state("veth7", rx_gro=(True, True), tx_generic_segmentation=(True, True),
+              tx_tcp_segmentation=(True, True), tx_tcp6_segmentation=(True, True),
+              rx_vlan_hw_parse=(True, True))
+    found = check_state(s, link_setup=False)
+    fixes = [f.fix for f in found]
+    assert "ip link set dev veth7 up" in fixes
+    assert "ip link set dev veth7 promisc on" in fixes
+    assert "ethtool -K veth7 gro off gso off tso off rxvlan off" in fixes
+    assert all(f.severity == "warning" for f in found)
+    # without tso, the IPv6 one is named on its own
+    s2 = state("veth7", up=True, promisc=True, tx_tcp6_segmentation=(True, True))
+    assert [f.fix for f in check_state(s2, link_setup=False)] == ["ethtool -K veth7 tx-tcp6-segmentation off"]
+
+
+def test_state_findings_are_notes_when_run_sets_the_link_up_itself() -> None:
+    s = state("veth7", rx_gro=(True, True))
+    found = check_state(s, link_setup=True)
+    assert found and all(f.severity == "note" for f in found)
+
+
+def test_a_ready_interface_has_no_findings() -> None:
+    s = state("veth7", up=True, promisc=True, rx_gro=(False, True), rx_vlan_hw_parse=(False, True))
+    assert check_state(s, link_setup=False) == []
+
+
+def test_operational_state() -> None:
+    assert link_is_up(0x1 | 0x10000, "UP")
+    assert not link_is_up(0x1, "LOWERLAYERDOWN")
+    assert not link_is_up(0x10000, "DOWN")
