@@ -7,15 +7,18 @@ from nmbridge.fastfwd import Forwarder
 from nmbridge.port import Region
 
 
-def pair(*, slots: int = 64, rings: int = 1, buf_size: int = 2048, zerocopy: bool = True,
-         strict: bool = True) -> tuple[MemPort, MemPort]:
+def pair(*, slots: int = 64, slots_b: int | None = None, rings: int = 1, buf_size: int = 2048,
+         zerocopy: bool = True, strict: bool = True) -> tuple[MemPort, MemPort]:
+    """mem: ports a and b (b with `slots_b` slots if given): one region, or one each."""
+    sb = slots if slots_b is None else slots_b
+    big = max(slots, sb)
     if zerocopy:
-        ra = rb = Region(ports=2, rings=rings, slots=slots, buf_size=buf_size)
+        ra = rb = Region(ports=2, rings=rings, slots=big, buf_size=buf_size)
     else:
-        ra = Region(ports=1, rings=rings, slots=slots, buf_size=buf_size)
-        rb = Region(ports=1, rings=rings, slots=slots, buf_size=buf_size)
+        ra = Region(ports=1, rings=rings, slots=big, buf_size=buf_size)
+        rb = Region(ports=1, rings=rings, slots=big, buf_size=buf_size)
     a = MemPort(ra, "a", rings=rings, slots=slots, strict=strict)
-    b = MemPort(rb, "b", rings=rings, slots=slots, strict=strict)
+    b = MemPort(rb, "b", rings=rings, slots=sb, strict=strict)
     return a, b
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fwdutil import frame
+from fwdutil import frame, pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nmbridge.backends.mem import MemPort
 from nmbridge.fastfwd import Forwarder
 from nmbridge.netmap_consts import NETMAP_MAX_FRAGS
-from nmbridge.port import Region
 
 BUF = 64
 
@@ -47,14 +45,7 @@ def slots_of(length: int) -> int:
 )
 def test_no_buffer_lost_or_duplicated(slots_a: int, slots_b: int, rings: int, burst: int,
                                       zerocopy: bool, program: list[tuple[str, object]]) -> None:
-    big = max(slots_a, slots_b)
-    if zerocopy:
-        ra = rb = Region(ports=2, rings=rings, slots=big, buf_size=BUF)
-    else:
-        ra = Region(ports=1, rings=rings, slots=big, buf_size=BUF)
-        rb = Region(ports=1, rings=rings, slots=big, buf_size=BUF)
-    a = MemPort(ra, "a", rings=rings, slots=slots_a, strict=True)
-    b = MemPort(rb, "b", rings=rings, slots=slots_b, strict=True)
+    a, b = pair(slots=slots_a, slots_b=slots_b, rings=rings, buf_size=BUF, zerocopy=zerocopy)
     bufs_before = Counter(a.buffer_indices() + b.buffer_indices())
     before_a, before_b = sorted(a.buffer_indices()), sorted(b.buffer_indices())
     fwd = Forwarder(a, b, burst=burst, direction="a-to-b")
@@ -90,8 +81,8 @@ def test_no_buffer_lost_or_duplicated(slots_a: int, slots_b: int, rings: int, bu
     else:
         for p, before in ((a, before_a), (b, before_b)):
             assert sorted(p.buffer_indices()) == before
-    ra.check()
-    rb.check()
+    a.check()
+    b.check()
 
     # the frames: a frame whose chain no ring can hold is broken, everything else arrives
     limit = min(slots_a - 1, slots_b - 1, NETMAP_MAX_FRAGS)
