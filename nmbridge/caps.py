@@ -33,3 +33,16 @@ def require(needed: list[int], why: str) -> str | None:
         return None
     return (f"{why} needs {' and '.join(lacking)}: run as root, or give the service "
             f"AmbientCapabilities={' '.join(lacking)} (see etc/systemd/nmbridge.service)")
+
+
+def require_for(needs: list[tuple[int, str]], who: str) -> str | None:
+    """Like :func:`require`, with what needs each capability: None when nothing is missing,
+    else e.g. ``nmbridge run needs CAP_NET_RAW (afpacket: ports): run as root, or ...``."""
+    lacking = set(missing([c for c, _ in needs]))
+    if not lacking:
+        return None
+    named = [(NAMES.get(c, f"capability {c}"), why) for c, why in needs]
+    named = [(n, why) for n, why in named if n in lacking]
+    return (f"{who} needs {' and '.join(f'{n} ({why})' for n, why in named)}: run as root, or give "
+            f"the service AmbientCapabilities={' '.join(n for n, _ in named)} "
+            f"(see etc/systemd/nmbridge.service)")

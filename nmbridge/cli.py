@@ -9,12 +9,17 @@ more entry (``filter test`` and the like add their own sub-parsers in ``add_argu
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TextIO
 
 from nmbridge import __version__, config, logs
 from nmbridge.backends import resolve_default
+from nmbridge.control import ControlError
 from nmbridge.errors import ConfigError, NmbridgeError
 
 EX_OK, EX_ERROR, EX_USAGE, EX_CONFIG, EX_INTERRUPTED = 0, 1, 2, 78, 130
@@ -26,6 +31,8 @@ examples:
   nmbridge --log-format console run -c etc/mem.toml
                                                   try it without a NIC (an endless mem: source)
   nmbridge run -c bridge.toml | jq 'select(.event == "stats")'
+  nmbridge stats --watch                          live counters and rates of the running bridge
+  nmbridge reload                                 re-read its config (as SIGHUP does); errors shown
 
 exit status: 0 ok, 1 error, 2 bad usage, 78 configuration error, 130 interrupted
 """
@@ -58,15 +65,146 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-link-setup", action="store_true",
                    help="leave the interfaces as they are (only look them up and check them): for "
                         "operators who manage links themselves")
+    p.add_argument("--control", metavar="PATH", default=None,
+                   help='the control socket (default: [control] socket, else '
+                        f'{config.DEFAULT_CONTROL_SOCKET}; "" for none)')
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from nmbridge.app import Bridge  # the forwarding machinery, only where it is used
+    from nmbridge.app import Bridge, check_capabilities  # the forwarding machinery, only where used
 
     cfg = config.load(args.config)
+    control = args.control
+    if control:
+        control = os.path.abspath(control)
+    check_capabilities(cfg, link_setup=not args.no_link_setup)  # before touching anything
     configure_logs(args, cfg)
-    Bridge(cfg, link_setup=not args.no_link_setup).run()
+    Bridge(cfg, link_setup=not args.no_link_setup, control_path=control,
+           log_level_fixed=bool(getattr(args, "log_level", None))).run()
     return EX_OK
+
+
+# --- stats, ports, reload: clients of the control socket ---------------------------------
+
+
+def add_control_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", metavar="PATH",
+                   default=os.environ.get("NMBRIDGE_CONTROL", config.DEFAULT_CONTROL_SOCKET),
+                   help="the running bridge's control socket (default: $NMBRIDGE_CONTROL, else "
+                        f"{config.DEFAULT_CONTROL_SOCKET})")
+
+
+def add_stats_arguments(p: argparse.ArgumentParser) -> None:
+    add_control_argument(p)
+    p.add_argument("--json", action="store_true", help="one JSON object (per refresh with --watch)")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+
+
+def _si(value: float, unit: str = "") -> str:
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}".rstrip()
+    return f"{value:.0f} {unit}".rstrip() if value == int(value) or value >= 100 else f"{value:.1f} {unit}"
+
+
+def table(rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+                     for r in rows)
+
+
+def stats_table(result: dict[str, Any]) -> str:
+    """The `nmbridge stats` table: one row per pair and direction."""
+    from nmbridge.stats import drops
+
+    rows = [["PAIR", "DIRECTION", "FRAMES", "FRAMES/S", "BITS/S", "DROPS", "DROPPED BY"]]
+    for p in result["snapshot"]["pairs"]:
+        for d, s in p["directions"].items():
+            r = result["rates"].get(p["pair"], {}).get(d, {})
+            why = drops(s)
+            rows.append([p["pair"], d.replace("_", "-"), str(s.get("frames", 0)),
+                         _si(r.get("frames_per_s", 0.0)), _si(r.get("bits_per_s", 0.0), "b/s"),
+                         str(sum(why.values())),
+                         ", ".join(f"{k} {n}" for k, n in why.items() if n) or "-"])
+    if len(rows) == 1:
+        return "no pairs are forwarding"
+    return table(rows, {2, 3, 4, 5})
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    from nmbridge.control import request
+    from nmbridge.stats import rates
+
+    out: TextIO = sys.stdout
+    if args.watch is not None and args.watch <= 0:
+        fail("--watch SECONDS must be more than 0")
+        return EX_USAGE
+    prev: Any = None
+    tty = out.isatty()
+    try:
+        while True:
+            result = request(args.control, "stats")
+            if prev is not None:  # rates over exactly the refresh interval
+                result["rates"] = rates(prev, result["snapshot"])
+                result["rate_seconds"] = round(result["snapshot"]["time"] - prev["time"], 3)
+            prev = result["snapshot"]
+            if args.json:
+                text = json.dumps(result, separators=(",", ":") if args.watch else None,
+                                  indent=None if args.watch else 2)
+            else:
+                text = stats_table(result)
+                if args.watch is not None:
+                    head = f"bridge {result['bridge']} at {time.strftime('%H:%M:%S')}, every {args.watch:g} s"
+                    text = f"{head}\n\n{text}\n"
+            if args.watch is not None and tty and not args.json:
+                out.write("\x1b[H\x1b[2J")  # home and clear, only on a terminal
+            out.write(text + "\n")
+            out.flush()
+            if args.watch is None:
+                return EX_OK
+            time.sleep(args.watch)
+    except KeyboardInterrupt:  # how a watch ends
+        return EX_OK
+
+
+def ports_command(args: argparse.Namespace) -> int:
+    from nmbridge.control import request
+
+    result = request(args.control, "ports")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EX_OK
+    rows = [["PAIR", "PORT", "BACKEND", "RINGS", "SLOTS", "BUF_SIZE", "ZERO-COPY", "LINK"]]
+    for p in result["ports"]:
+        link = p.get("link")
+        rows.append([p["pair"], p["port"], p["backend"], f"{p['rx_rings']}/{p['tx_rings']}",
+                     f"{p['rx_slots']}/{p['tx_slots']}", str(p["buf_size"]),
+                     "yes" if p["zerocopy"] else "no",
+                     "-" if link is None else f"{'up' if link['up'] else 'down'} ({link['operstate']})"])
+    print(table(rows, {3, 4, 5}) if len(rows) > 1 else "no ports are open")
+    return EX_OK
+
+
+def add_ports_arguments(p: argparse.ArgumentParser) -> None:
+    add_control_argument(p)
+    p.add_argument("--json", action="store_true", help="one JSON document")
+
+
+def reload_command(args: argparse.Namespace) -> int:
+    from nmbridge.control import request
+
+    r = request(args.control, "reload", timeout=150.0)
+    changes = [f"{what} {', '.join(r[what])}" for what in ("added", "removed", "restarted") if r[what]]
+    changes += [f"filters of {', '.join(r['filters'])}"] if r["filters"] else []
+    changes += [f"{k} = {v}" for k, v in r["settings"].items()]
+    print(f"reloaded: {'; '.join(changes) if changes else 'nothing changed'}")
+    if r["needs_restart"]:
+        print(f"needs a restart to change: {', '.join(r['needs_restart'])} (running values kept)")
+    for pair, error in r["failed"].items():
+        fail(f"pair {pair} did not start: {error}")
+    return EX_ERROR if r["failed"] else EX_OK
 
 
 # --- check -------------------------------------------------------------------------------
@@ -183,6 +321,18 @@ COMMANDS: list[Command] = [
                    "right ns (10.77.0.2). Pings both ways, sends a burst left to right, stops the bridge,\n"
                    "prints its counters and removes everything (also on Ctrl-C). Exit status 0 when every\n"
                    "ping was answered and every frame arrived, 1 otherwise."),
+    Command("stats", "show the running bridge's counters and rates (through its control socket)",
+            add_stats_arguments, stats_command,
+            epilog="A table per pair and direction: frames, frames/s, bits/s, drops by reason.\n"
+                   "--watch refreshes it (on a terminal in place) until Ctrl-C; --json prints the\n"
+                   "snapshot of the C counters, filter rule hits and link states as JSON."),
+    Command("ports", "show the running bridge's ports: rings, slots, buffers, zero-copy, link state",
+            add_ports_arguments, ports_command),
+    Command("reload", "make the running bridge re-read its config (as SIGHUP does) and say what changed",
+            add_control_argument, reload_command,
+            epilog="Filters are swapped between batches (no frame lost); pairs added, removed or\n"
+                   "changed are started or stopped alone. A config that does not load changes\n"
+                   "nothing: its error is printed and the exit status is 78."),
     Command("version", "print the version", lambda p: None, version_command),
 ]
 
@@ -229,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         fail(str(e))
         return EX_CONFIG
+    except ControlError as e:
+        fail(str(e))
+        return EX_CONFIG if e.config_error else EX_ERROR
     except NmbridgeError as e:
         fail(str(e))
         return EX_ERROR

@@ -14,7 +14,9 @@ names an operator sees in logs count from 1 (``pair1``, ``rule 1``).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +61,25 @@ class LogConfig:
     format: str = "auto"
 
 
+DEFAULT_CONTROL_SOCKET = "/run/nmbridge/control.sock"
+SOCKET_PATH_MAX = 107  # bytes of sun_path, without the terminating NUL
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # "HOST:PORT" of the Prometheus endpoint; None = off
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str | None = None  # None: the default path (best effort); "": no control socket
+
+    @property
+    def path(self) -> str:
+        """Where the control socket goes ("" = nowhere)."""
+        return DEFAULT_CONTROL_SOCKET if self.socket is None else self.socket
+
+
 @dataclass(frozen=True)
 class PairConfig:
     name: str
@@ -88,12 +109,16 @@ class Config:
     log: LogConfig
     pairs: tuple[PairConfig, ...]
     filters: Mapping[str, FilterConfig] = field(default_factory=dict)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def as_dict(self) -> dict[str, object]:
         """The configuration as TOML-shaped data: ``from_dict(c.as_dict())`` equals `c`."""
         return {
             "bridge": vars(self.bridge).copy(),
             "log": vars(self.log).copy(),
+            "metrics": {k: v for k, v in vars(self.metrics).items() if v is not None},
+            "control": {k: v for k, v in vars(self.control).items() if v is not None},
             "filter": {name: _filter_dict(f) for name, f in self.filters.items()},
             "pair": [_pair_dict(p) for p in self.pairs],
         }
@@ -122,8 +147,11 @@ def _pair_dict(p: PairConfig) -> dict[str, object]:
 # loading
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a configuration file; raise ConfigError."""
+def load(path: str | Path, bridge_overrides: Mapping[str, object] | None = None) -> Config:
+    """Read and validate a configuration file; raise ConfigError.
+
+    `bridge_overrides` replaces ``[bridge]`` keys after the file is checked (a reload keeps
+    the values that cannot change while running, and ports are then parsed with them)."""
     name = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -131,10 +159,10 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
-    return loads(text, name)
+    return loads(text, name, bridge_overrides)
 
 
-def loads(text: str, path: str = "<string>") -> Config:
+def loads(text: str, path: str = "<string>", bridge_overrides: Mapping[str, object] | None = None) -> Config:
     """Parse and validate TOML text; `path` names it in errors."""
     try:
         data = tomli.loads(text)
@@ -143,7 +171,37 @@ def loads(text: str, path: str = "<string>") -> Config:
         if line is None:  # tomli < 2.1: the position is only in the message
             raise ConfigError(f"{path}: {e}") from None
         raise ConfigError(f"{path}:{line}:{col}: {e.msg}") from None
-    return from_dict(data, path, text)
+    cfg = from_dict(data, path, text)
+    if bridge_overrides:
+        bridge = data.get("bridge", {})
+        data["bridge"] = {**(bridge if isinstance(bridge, Mapping) else {}), **bridge_overrides}
+        cfg = from_dict(data, path, text)
+    return cfg
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9108"`` / ``"[::1]:9108"`` / ``"localhost:9108"`` -> (host, port);
+    ValueError with the reason."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("must be HOST:PORT with a port from 0 (any free one) to 65535, "
+                         "e.g. \"127.0.0.1:9108\"")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not host:
+        raise ValueError("names no address: write 127.0.0.1:PORT (or 0.0.0.0:PORT for every address)")
+    if host != "localhost":
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address (or localhost)") from None
+        if addr.version == 6 and not bracketed:
+            raise ValueError("write an IPv6 address in brackets: [::1]:9108")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 def from_dict(data: Mapping[str, object], path: str = "<dict>", text: str | None = None) -> Config:
@@ -275,14 +333,38 @@ class _Loader:
     # --- the whole file -----------------------------------------------------------------
 
     def config(self, data: Mapping[str, object]) -> Config:
-        top = self.table("", data, ("bridge", "log", "filter", "pair"))
+        top = self.table("", data, ("bridge", "log", "metrics", "control", "filter", "pair"))
         bridge = self.bridge(top.sub("bridge", _BRIDGE_KEYS))
         log = self.log(top.sub("log", ("level", "format")))
+        metrics = self.metrics(top.sub("metrics", ("listen",)))
+        control = self.control(top.sub("control", ("socket",)))
         filters = self.filters(top.raw.get("filter", {}))
         pairs = self.pairs(top.raw.get("pair"), bridge, filters)
         for f in filters.values():
             self.check_filter(f)
-        return Config(self.path, bridge, log, pairs, filters)
+        return Config(self.path, bridge, log, pairs, filters, metrics, control)
+
+    def metrics(self, t: _Table) -> MetricsConfig:
+        listen = t.get_optional_str("listen")
+        if listen is not None:
+            try:
+                parse_listen(listen)
+            except ValueError as e:
+                raise self.error("metrics.listen", str(e), listen) from None
+        return MetricsConfig(listen=listen)
+
+    def control(self, t: _Table) -> ControlConfig:
+        sock = t.get_optional_str("socket")
+        if sock:
+            if not os.path.isabs(sock):
+                raise self.error("control.socket", "must be an absolute path (or \"\" for no control "
+                                 "socket)", sock)
+            if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
+                raise self.error("control.socket", f"longer than {SOCKET_PATH_MAX} bytes: a unix socket "
+                                 "path cannot be", sock)
+            if sock.endswith("/"):
+                raise self.error("control.socket", "names a directory: add the socket's file name", sock)
+        return ControlConfig(socket=sock)
 
     def bridge(self, t: _Table) -> BridgeConfig:
         d = BridgeConfig()

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from nmbridge.errors import NmbridgeError
+from nmbridge.errors import ConfigError, NmbridgeError
 
 DEFAULT_PATH = "/run/nmbridge/control.sock"
 MAX_LINE = 64 * 1024
@@ -27,7 +27,12 @@ Handler = Callable[[dict[str, Any]], Any]
 
 
 class ControlError(NmbridgeError):
-    """The control socket could not be reached or answered with an error."""
+    """The control socket could not be reached or answered with an error; `config_error`:
+    the error is the bridge's config file's (``nmbridge reload`` of a broken file)."""
+
+    def __init__(self, message: str, config_error: bool = False) -> None:
+        super().__init__(message)
+        self.config_error = config_error
 
 
 def check_directory(path: str) -> None:
@@ -75,6 +80,8 @@ class _Connection(socketserver.StreamRequestHandler):
             return {"ok": False, "error": f"unknown command {req['cmd']!r} (known: {known})"}
         try:
             return {"ok": True, "result": handler(req)}
+        except ConfigError as e:
+            return {"ok": False, "error": str(e), "kind": "config"}
         except NmbridgeError as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a handler bug must not kill the control thread
@@ -150,6 +157,8 @@ def request(path: str, cmd: str, timeout: float = 5.0, **args: Any) -> Any:
         reply = json.loads(buf)
     except ValueError:
         raise ControlError(f"{path}: malformed answer {buf[:80]!r}") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"{path}: malformed answer {buf[:80]!r}")
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "unknown error")))
+        raise ControlError(str(reply.get("error", "unknown error")), reply.get("kind") == "config")
     return reply.get("result")

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from nmbridge.errors import ConfigError
+from nmbridge.config import is_loopback, parse_listen
+from nmbridge.errors import ConfigError, NmbridgeError
 from nmbridge.stats import Snapshot
 from nmbridge.stats import drops as drop_counts
 
@@ -53,24 +54,34 @@ class BridgeCollector(Collector):
         yield from (frames, nbytes, batches, drops, hits, zc, link)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``"127.0.0.1:9108"`` / ``"[::1]:9108"`` -> (host, port); ValueError with the reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    host = host.strip("[]")
-    if not host:
-        raise ValueError(f"{text!r} names no address")
-    return host, int(port)
+class MetricsServer:
+    """The HTTP endpoint serving one collector, in a daemon thread; ``close()`` stops it."""
+
+    def __init__(self, listen: str, snapshot: Callable[[], Snapshot]) -> None:
+        try:
+            host, port = parse_listen(listen)
+        except ValueError as e:
+            raise ConfigError(f"metrics.listen = {listen!r}: {e}") from None
+        self.listen = listen
+        self.public = not is_loopback(host)
+        self.registry = CollectorRegistry()
+        self.registry.register(BridgeCollector(snapshot))
+        try:
+            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise NmbridgeError(f"metrics.listen = {listen!r}: cannot listen: {e.strerror or e}") from None
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5.0)
 
 
 def serve(listen: str, snapshot: Callable[[], Snapshot]) -> tuple[Any, CollectorRegistry]:
     """Start the HTTP endpoint in a daemon thread; returns (server, registry)."""
-    try:
-        host, port = parse_listen(listen)
-    except ValueError as e:
-        raise ConfigError(f"metrics.listen = {listen!r}: {e}") from None
-    registry = CollectorRegistry()
-    registry.register(BridgeCollector(snapshot))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server, registry
+    m = MetricsServer(listen, snapshot)
+    return m.server, m.registry

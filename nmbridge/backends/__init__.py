@@ -114,7 +114,9 @@ def parse_spec(text: str, default_backend: str = "auto") -> PortSpec:
 class PortSet:
     """Opens the ports of a bridge all-or-nothing and closes them together.
 
-    User-memory ports share one Region sized for all of them.
+    User-memory ports share one Region, sized by the first ``open()`` for twice its user-memory
+    ports: later ``open()`` calls (pairs a reload adds) use the same region while it has room,
+    and ``close_ports()`` gives a removed pair's room back.
     """
 
     def __init__(self, options: OpenOptions | None = None) -> None:
@@ -144,6 +146,13 @@ class PortSet:
             raise
         self.ports.extend(opened)
         return opened
+
+    def close_ports(self, ports: Iterable[Port]) -> None:
+        """Close some of the ports (a pair a reload removes); their room in the region, objects
+        and buffers, is free again for ports opened later."""
+        gone = list(ports)
+        close_all(gone)
+        self.ports = [p for p in self.ports if all(p is not g for g in gone)]
 
     def close(self) -> None:
         close_all(self.ports)

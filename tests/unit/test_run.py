@@ -186,17 +186,22 @@ class FakeFilter:
         self.config = f
 
 
-def test_filters_are_compiled_once_and_installed_per_direction(
+def test_filters_are_compiled_per_pair_and_direction(
         log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each forwarding direction gets its own compiled program: two threads never write the
+    same rule-hit counters."""
     monkeypatch.setattr(filters, "compile_filter", FakeFilter, raising=False)
-    cfg = config.loads('[filter.f]\n[[pair]]\nports = ["mem:a", "mem:b"]\nfilter = "f"\n', "t")
+    cfg = config.loads('[filter.f]\n[[pair]]\nports = ["mem:a", "mem:b"]\nfilter = "f"\n'
+                       '[[pair]]\nports = ["mem:c", "mem:d"]\nfilter_a_to_b = "f"\n', "t")
     bridge = Bridge(cfg)
     bridge.open_ports()
     try:
         bridge.install_filters()
-        fwd = bridge.pairs[0].fwd
-        assert isinstance(fwd.filter("a_to_b"), FakeFilter) and fwd.filter("a_to_b") is fwd.filter("b_to_a")
-        assert fwd.filter("a_to_b").config is cfg.filters["f"]
+        installed = [bridge.pairs[0].fwd.filter("a_to_b"), bridge.pairs[0].fwd.filter("b_to_a"),
+                     bridge.pairs[1].fwd.filter("a_to_b")]
+        assert all(isinstance(f, FakeFilter) and f.config is cfg.filters["f"] for f in installed)
+        assert len({id(f) for f in installed}) == 3
+        assert bridge.pairs[1].fwd.filter("b_to_a") is None
     finally:
         bridge.close()
 
