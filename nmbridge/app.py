@@ -525,12 +525,11 @@ class Bridge:
 
     def _join(self, pairs: list[_Pair]) -> None:
         deadline = time.monotonic() + JOIN_TIMEOUT
+        for p in pairs:  # stop() is sticky: a stop before run() has started still counts
+            p.fwd.stop()
         for p in pairs:
-            # stop() again until the thread ends: a stop() that lands before run() has
-            # started its loop is reset by run()
-            while p.thread is not None and p.thread.is_alive() and time.monotonic() < deadline:
-                p.fwd.stop()
-                p.thread.join(timeout=0.1)
+            if p.thread is not None:
+                p.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _status(self) -> str:
         n = len(self.pairs)
