@@ -12,7 +12,10 @@ the rate of each is the median over its rounds.  nmbridge runs as its own proces
 bridge namespace (two afpacket: ports in one region, one Forwarder thread), which reports its
 peak RSS (VmHWM) and CPU time.  Needs root.
 
-    python benchmarks/veth.py [--seconds 3] [--rounds 3] [--json]
+    python benchmarks/veth.py [--seconds 3] [--rounds 3] [--pin] [--options tx_ring=0] [--json]
+
+``--pin`` runs trafgen on CPU 0 (for both bridges) and nmbridge's process on CPU 1, so the
+scheduler's placement (and other load moving between CPUs) varies less between rounds.
 """
 
 from __future__ import annotations
@@ -29,19 +32,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nmbridge import netns
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+from nmbridge import netns  # noqa: E402
 
 # The nmbridge side: runs inside the bridge namespace until SIGTERM, then prints JSON.
 CHILD = r"""
 import json, resource, signal, sys, threading
 from nmbridge.backends import OpenOptions, PortSet, parse_spec
 from nmbridge.fastfwd import Forwarder
-left, right, burst, slots = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+left, right, burst, slots, opts = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 ps = PortSet(OpenOptions(slots=slots))
-a, b = ps.open([parse_spec("afpacket:" + left), parse_spec("afpacket:" + right)])
+a, b = ps.open([parse_spec("afpacket:" + left + opts), parse_spec("afpacket:" + right + opts)])
 fwd = Forwarder(a, b, burst=burst, poll_timeout_ms=100)
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -86,11 +91,39 @@ def snapshot(lb: netns.Lab) -> tuple[int, int, int, float]:
     return lb.rx_packets(lb.ns_right, lb.right_if), tx_packets(lb), softnet_drops(), time.monotonic()
 
 
-def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float) -> tuple[int, float, int, int]:
+def pinned(cpu: str | None, *argv: str) -> list[str]:
+    """`argv`, run on the CPUs `cpu` names (a taskset list) when pinning."""
+    return ["taskset", "-c", cpu, *argv] if cpu is not None else list(argv)
+
+
+def stop_group(p: subprocess.Popen[Any]) -> None:
+    """SIGINT to `p`'s process group, SIGKILL after 5 s; returns when no member is left."""
+    for sig, wait in ((signal.SIGINT, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if p.poll() is None:
+                time.sleep(0.02)
+                continue
+            try:
+                os.killpg(p.pid, 0)  # members other than the leader still running?
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+    p.wait()
+
+
+def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float,
+            cpu: str | None = None) -> tuple[int, float, int, int]:
     """Run trafgen in left; count frames arriving in right over `seconds` after `warmup`."""
-    gen = lb.popen(lb.ns_left, "trafgen", "-o", lb.left_if, "-i", conf, "--cpus", "1", "--no-sock-mem",
-                   "--notouch-irq", "--no-cpu-stats",
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # trafgen forks its sender: it gets a process group of its own, and the whole group is
+    # stopped -- a signal to the parent alone leaves the sender running into the next rounds
+    gen = lb.popen(lb.ns_left, *pinned(cpu, "trafgen"), "-o", lb.left_if, "-i", conf, "--cpus", "1",
+                   "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         time.sleep(warmup)
         if gen.poll() is not None:
@@ -99,12 +132,7 @@ def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float) -> tuple[in
         time.sleep(seconds)
         r1, g1, d1, t1 = snapshot(lb)
     finally:
-        gen.send_signal(signal.SIGINT)
-        try:
-            gen.wait(5)
-        except subprocess.TimeoutExpired:
-            gen.kill()
-            gen.wait()
+        stop_group(gen)
     return r1 - r0, t1 - t0, g1 - g0, d1 - d0
 
 
@@ -114,7 +142,7 @@ def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
         for ifname in (lb.bridge_left_if, lb.bridge_right_if):
             lb.ip(lb.ns_bridge, "link", "set", "dev", ifname, "master", "br0")
         lb.set_up(lb.ns_bridge, "br0")
-        frames, secs, gen, drops = measure(lb, conf, args.warmup, args.seconds)
+        frames, secs, gen, drops = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu)
     finally:
         lb.ip(lb.ns_bridge, "link", "del", "br0", check=False)
     return Round("linux", frames, secs, frames / secs, gen / secs, {"backlog_drops": drops})
@@ -122,9 +150,10 @@ def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
 
 def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    child = lb.popen(lb.ns_bridge, sys.executable, "-c", CHILD, lb.bridge_left_if, lb.bridge_right_if,
-                     str(args.burst), str(args.slots), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                     text=True, env=env)
+    opts = "?" + args.options if args.options else ""
+    child = lb.popen(lb.ns_bridge, *pinned(args.bridge_cpu, sys.executable), "-c", CHILD, lb.bridge_left_if,
+                     lb.bridge_right_if, str(args.burst), str(args.slots), opts,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert child.stdout is not None
         line = child.stdout.readline()
@@ -132,7 +161,7 @@ def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
             child.wait(5)
             err = child.stderr.read() if child.stderr else ""
             raise SystemExit(f"nmbridge did not start: {err.strip().splitlines()[-1:] or line}")
-        frames, secs, gen, drops = measure(lb, conf, args.warmup, args.seconds)
+        frames, secs, gen, drops = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu)
     finally:
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=20)
@@ -160,8 +189,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per bridge, alternating")
     ap.add_argument("--burst", type=int, default=256, help="nmbridge forwarder burst")
     ap.add_argument("--slots", type=int, default=1024, help="nmbridge ring slots")
+    ap.add_argument("--options", default="", help="afpacket port options, e.g. tx_ring=0&blocks=128")
+    ap.add_argument("--pin", action="store_true",
+                    help="trafgen on CPU 0 (for both bridges), nmbridge's process on CPU 1")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    args.gen_cpu, args.bridge_cpu = ("0", "1") if args.pin else (None, None)
     if os.geteuid() != 0:
         print("veth.py needs root (network namespaces, veth, AF_PACKET)", file=sys.stderr)
         return 1
@@ -185,6 +218,10 @@ def main() -> int:
         "frame_bytes": 60,
         "seconds": args.seconds,
         "rounds": args.rounds,
+        "pinned": args.pin,
+        "options": args.options,
+        "nmbridge_pps_all": sorted(r.rate_pps for r in nm),
+        "linux_bridge_pps_all": sorted(r.rate_pps for r in lx),
         "nmbridge_pps": nm_rate,
         "linux_bridge_pps": lx_rate,
         "ratio": nm_rate / lx_rate if lx_rate else None,
@@ -195,15 +232,20 @@ def main() -> int:
         print(json.dumps(summary, indent=2))
     else:
         last = nm[-1].extra
-        print(f"nmbridge (afpacket)  {nm_rate / 1e6:7.3f} Mpps")
-        print(f"Linux bridge         {lx_rate / 1e6:7.3f} Mpps")
+
+        def spread(rs: list[Round]) -> str:
+            lo, hi = min(r.rate_pps for r in rs), max(r.rate_pps for r in rs)
+            return f"(rounds {lo / 1e6:.3f} .. {hi / 1e6:.3f})"
+
+        print(f"nmbridge (afpacket)  {nm_rate / 1e6:7.3f} Mpps median {spread(nm)}")
+        print(f"Linux bridge         {lx_rate / 1e6:7.3f} Mpps median {spread(lx)}")
         print(f"ratio nmbridge/Linux {summary['ratio']:7.3f}")
         print(f"nmbridge peak RSS    {rss_kib / 1024:7.1f} MiB")
         cpu = last["cpu_user_s"] + last["cpu_sys_s"]
         lp, rp = last["left_port"], last["right_port"]
         print(f"last nmbridge round: cpu {last['cpu_user_s']:.2f}s user + {last['cpu_sys_s']:.2f}s sys "
               f"= {cpu:.2f}s; rx ring drops {lp['rx_kernel_drops']}, rx blocks {lp['blocks']}, "
-              f"sendmmsg calls {rp['tx_calls']} for {rp['tx_frames']} frames, "
+              f"tx calls {rp['tx_calls']} for {rp['tx_frames']} frames, "
               f"EAGAIN {rp['tx_again']}, polls {last['polls']}, context switches "
               f"{last['ctx_voluntary']} voluntary / {last['ctx_involuntary']} involuntary")
     return 0

@@ -23,6 +23,9 @@ class AfPacketPort(Port):
         promisc: bool = True,
         qdisc_bypass: bool = True,
         sndbuf: int = ...,
+        tx_ring: bool = True,
+        tx_frames: int = 0,
+        tx_vnet: bool = True,
     ) -> None: ...
     @property
     def ifindex(self) -> int: ...

@@ -3,8 +3,9 @@
 
 nmbridge plays the NIC in C at sync time (no GIL): rxsync copies frames from a TPACKET_V3
 mmap ring into free RX slots (frames larger than a buffer become NS_MOREFRAG chains; the
-outer VLAN tag the kernel moved into metadata is put back), txsync sends the TX slots the
-user filled with sendmmsg(), one system call per batch.  One TX and one RX ring per port.
+outer VLAN tag the kernel moved into metadata is put back), txsync copies the TX slots the
+user filled into a PACKET_TX_RING and kicks it with one send() (``tx_ring=False``: sendmmsg(),
+one system call per batch).  One TX and one RX ring per port.
 See ``nmbridge/include/nmb_afpacket.h`` for the rules.
 """
 
@@ -25,6 +26,9 @@ cdef extern from "nmb_afpacket.h" nogil:
         int promisc
         int qdisc_bypass
         int sndbuf
+        int tx_ring
+        uint32_t tx_frames
+        int tx_vnet
 
     struct nmb_afpacket_stats:
         uint64_t rx_frames, rx_bytes, rx_kernel_drops, rx_truncated, rx_oversize
@@ -55,13 +59,14 @@ cdef class AfPacketPort(Port):
     def __init__(self, Region region not None, str ifname, *, int slots=1024,
                  int block_size=DEFAULT_BLOCK_SIZE, int blocks=DEFAULT_BLOCKS,
                  int block_timeout_ms=DEFAULT_BLOCK_TIMEOUT_MS, bint promisc=True,
-                 bint qdisc_bypass=True, int sndbuf=DEFAULT_SNDBUF):
+                 bint qdisc_bypass=True, int sndbuf=DEFAULT_SNDBUF, bint tx_ring=True,
+                 int tx_frames=0, bint tx_vnet=True):
         cdef char err[256]
         cdef nmb_afpacket_opts o
         cdef bytes name = ifname.encode()
-        if slots < 2 or block_size < 1 or blocks < 2 or block_timeout_ms < 1 or sndbuf < 0:
+        if slots < 2 or block_size < 1 or blocks < 2 or block_timeout_ms < 1 or sndbuf < 0 or tx_frames < 0:
             raise PortError(f"afpacket:{ifname}: slots >= 2, block_size > 0, blocks >= 2, "
-                            f"block_timeout_ms >= 1 and sndbuf >= 0 are needed")
+                            f"block_timeout_ms >= 1, sndbuf >= 0 and tx_frames >= 0 are needed")
         o.slots = slots
         o.block_size = block_size
         o.block_count = blocks
@@ -69,6 +74,9 @@ cdef class AfPacketPort(Port):
         o.promisc = promisc
         o.qdisc_bypass = qdisc_bypass
         o.sndbuf = sndbuf
+        o.tx_ring = tx_ring
+        o.tx_frames = tx_frames
+        o.tx_vnet = tx_vnet
         self.c = nmb_afpacket_open(region.c, name, &o, err, sizeof(err))
         if self.c == NULL:
             raise PortError(f"afpacket:{ifname}: {err.decode(errors='replace')}")

@@ -5,7 +5,11 @@ options after ``?``: ``blocks=N`` and ``block_size=BYTES`` (the TPACKET_V3 RX ri
 64 blocks of 64 KiB), ``block_timeout_ms=N`` (how long the kernel keeps a partly filled block,
 default 2), ``promisc=0|1`` (default 1: the socket holds the interface in promiscuous mode
 while open; the kernel drops that on close, so nothing needs restoring), ``qdisc_bypass=0|1``
-(default 1), ``sndbuf=BYTES``.  Example: ``afpacket:eth1?blocks=128``.
+(default 1), ``sndbuf=BYTES``, ``tx_ring=0|1`` (default 1: TX through a PACKET_TX_RING
+with one ``send()`` kick per txsync; 0: ``sendmmsg()``), ``tx_frames=N`` (frames of that ring,
+default the ring's slots, fewer when frames for a jumbo MTU would take more than 4 MiB),
+``tx_vnet=0|1`` (default 1: a virtio-net header per TX ring frame, so the kernel copies the
+frame into the skb instead of attaching the ring page).  Example: ``afpacket:eth1?blocks=128``.
 
 Each port has one TX and one RX ring of ``OpenOptions.slots`` slots.  Frames larger than a
 buffer of the region arrive as NS_MOREFRAG chains; frames the kernel truncated are counted
@@ -27,8 +31,9 @@ _INT_OPTIONS = {
     "block_size": (4096, 1 << 30),
     "block_timeout_ms": (1, 60_000),
     "sndbuf": (0, 1 << 30),
+    "tx_frames": (16, 1 << 16),
 }
-_BOOL_OPTIONS = ("promisc", "qdisc_bypass")
+_BOOL_OPTIONS = ("promisc", "qdisc_bypass", "tx_ring", "tx_vnet")
 _CAP_NET_RAW = 13
 
 
@@ -121,6 +126,9 @@ class _AfPacketBackend:
             promisc=bool(opts.get("promisc", 1)),
             qdisc_bypass=bool(opts.get("qdisc_bypass", 1)),
             sndbuf=opts.get("sndbuf", afpacket.DEFAULT_SNDBUF),
+            tx_ring=bool(opts.get("tx_ring", 1)),
+            tx_frames=opts.get("tx_frames", 0),
+            tx_vnet=bool(opts.get("tx_vnet", 1)),
         )
 
 

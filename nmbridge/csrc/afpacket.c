@@ -4,8 +4,11 @@
 #include <errno.h>
 #include <linux/if_ether.h>
 #include <linux/if_packet.h>
+#include <linux/virtio_net.h>
+#include <endian.h>
 #include <net/if.h>
 #include <pthread.h>
+#include <sys/ioctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,7 +36,18 @@ struct afport {
     struct tpacket_block_desc *blk;   /* block being consumed, or NULL */
     char *pkt;                        /* next frame header in blk */
     uint32_t left;                    /* frames left in blk */
-    /* TX */
+    /* TX through PACKET_TX_RING (TPACKET_V3 frames after the RX blocks in one mapping) */
+    char *txmap;                      /* NULL: sendmmsg only */
+    uint32_t tx_frame_size, tx_frame_count;
+    uint32_t tx_pos;                  /* next ring frame we fill */
+    uint32_t tx_ring_max;             /* largest untagged frame the ring takes */
+    uint32_t tx_vnet;                 /* bytes of virtio_net_hdr before each TX frame (or 0) */
+    int tx_down;                      /* the last kick said the link is down */
+    int tx_kick;                      /* frames may wait in the ring for a kick */
+    int mtu;
+    uint32_t mtu_age;
+    uint32_t idle_rx;                 /* idle rxsyncs since the socket error was read */
+    /* TX through sendmmsg */
     struct mmsghdr *msgs;
     struct iovec *iov;
     uint32_t *msg_slots, *msg_len;
@@ -248,8 +262,12 @@ static int afp_rxsync(struct nmb_port *p)
     }
 out:
     ring->tail = kr->hwtail;
-    if (idle && room > 0)
+    /* only when idle, and not on every idle rxsync: the other direction's busy loop rxsyncs
+     * this port once per batch, and a pending error just makes poll() return at once */
+    if (idle && room > 0 && ++ap->idle_rx >= 64) {
+        ap->idle_rx = 0;
         clear_socket_error(ap);
+    }
     return 0;
 }
 
@@ -368,6 +386,202 @@ done:
 }
 
 /* ---------------------------------------------------------------------------------------
+ * TX through PACKET_TX_RING
+ *
+ * txsync copies each frame of [hwcur, head) (a chain gathered into one) into the next free
+ * ring frame, marks it TP_STATUS_SEND_REQUEST and, once per txsync, kicks the kernel with
+ * send(fd, NULL, 0, MSG_DONTWAIT), which sends every requested frame in ring order.  The slots
+ * are the user's again as soon as they are copied.  A ring frame is free again when the
+ * kernel has freed the frame's skb (TP_STATUS_AVAILABLE); when the next one is not, the rest
+ * waits for the next txsync (poll() reports POLLOUT when it is free).  PACKET_LOSS is on: the
+ * kernel drops a frame it refuses instead of stopping the ring at it, silently, so frames
+ * the kernel would refuse for their size (the MTU, read at open and now and then) are counted
+ * as tx_errors and dropped here.  A ring frame holds MTU + 18 bytes, at least 2048 minus
+ * its header. */
+
+#define TX_DATA_OFF TPACKET_ALIGN(sizeof(struct tpacket3_hdr)) /* no PACKET_TX_HAS_OFF */
+#define VNET_LEN ((uint32_t)sizeof(struct virtio_net_hdr))
+
+/* The interface's MTU, asked through the socket (so in its network namespace, whichever
+ * thread asks); the last known one when that fails. */
+static int read_mtu(struct afport *ap)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_ifindex = ap->ifindex;
+    if (ioctl(ap->port.fd, SIOCGIFNAME, &ifr) || ioctl(ap->port.fd, SIOCGIFMTU, &ifr))
+        return ap->mtu;
+    return ifr.ifr_mtu;
+}
+
+/* The largest untagged frame the ring takes: the kernel's limit (MTU + Ethernet header; 4
+ * more for an 802.1Q-tagged frame) within a ring frame. */
+static void refresh_tx_max(struct afport *ap)
+{
+    uint32_t cap = ap->tx_frame_size - TX_DATA_OFF - ap->tx_vnet - 4;
+    uint32_t m = (uint32_t)ap->mtu + ETH_HLEN;
+    ap->mtu_age = 0;
+    ap->tx_ring_max = m < cap ? m : cap;
+}
+
+static inline int is_8021q(struct netmap_ring *ring, uint32_t s)
+{
+    const uint8_t *f = (const uint8_t *)nmb_buf(ring, ring->slot[s].buf_idx);
+    return ring->slot[s].len >= 14 && f[12] == 0x81 && f[13] == 0x00;
+}
+
+static inline struct tpacket3_hdr *tx_frame(struct afport *ap, uint32_t i)
+{
+    return (struct tpacket3_hdr *)(ap->txmap + (size_t)i * ap->tx_frame_size);
+}
+
+/* Frames still requested (not yet taken by the kernel) are dropped: a zero length fails the
+ * kernel's header check, and with PACKET_LOSS it skips them once the link is back. */
+static uint32_t tx_ring_cancel(struct afport *ap)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < ap->tx_frame_count; i++) {
+        struct tpacket3_hdr *h = tx_frame(ap, i);
+        if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) == TP_STATUS_SEND_REQUEST && h->tp_len) {
+            h->tp_len = 0;
+            n++;
+        }
+    }
+    return n;
+}
+
+static inline int link_gone(int e)
+{
+    return e == ENETDOWN || e == ENXIO || e == ENODEV;
+}
+
+/* Kick the ring. 0: the kernel took everything; 1: frames wait (EAGAIN, ENOBUFS); -1: the
+ * link is down or gone (requested frames dropped and counted); -2 another error. */
+static int tx_ring_kick(struct afport *ap)
+{
+    for (;;) {
+        ap->st.tx_calls++;
+        if (send(ap->port.fd, NULL, 0, MSG_DONTWAIT) >= 0) {
+            ap->tx_kick = 0;
+            if (ap->tx_down) {
+                ap->tx_down = 0;
+                ap->mtu = read_mtu(ap);
+                refresh_tx_max(ap);
+            }
+            return 0;
+        }
+        int e = errno;
+        if (e == EINTR)
+            continue;
+        if (e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) {
+            ap->st.tx_again++;
+            ap->tx_kick = 1;
+            return 1;
+        }
+        if (link_gone(e)) {
+            uint32_t n = tx_ring_cancel(ap);
+            ap->st.tx_frames -= n;
+            ap->st.tx_link_down += n;
+            ap->tx_down = 1;
+            ap->tx_kick = 1; /* the cancelled frames go when the link is back */
+            return -1;
+        }
+        ap->st.tx_errors++;
+        ap->tx_kick = 1;
+        return -2;
+    }
+}
+
+static int afp_txsync_ring(struct nmb_port *p)
+{
+    struct afport *ap = (struct afport *)p;
+    struct netmap_ring *ring = nmb_txring(p->nifp, 0);
+    struct nmb_kring *kr = &ap->tx_kr;
+    char err[NMB_PORT_ERRLEN - 32];
+    ap->st.txsyncs++;
+    if (nmb_kring_check(ring, kr, "tx ring 0", err, sizeof(err)))
+        return fail(ap, -EINVAL, err);
+    uint32_t head = ring->head, n = ring->num_slots, bs = ring->nr_buf_size;
+    uint32_t s = kr->hwcur, queued = 0;
+    int down = 0;
+    if (++ap->mtu_age >= 4096) {
+        ap->mtu = read_mtu(ap);
+        refresh_tx_max(ap);
+    }
+    if (ap->tx_down && tx_ring_kick(ap) == -1)
+        down = 1; /* still down: what the user queued is dropped below */
+    while (s != head) {
+        uint32_t scan = s, nsl = 0, flen = 0;
+        int complete = 0, bad = 0;
+        for (;;) {
+            struct netmap_slot *slot = &ring->slot[scan];
+            bad |= slot->len > bs;
+            flen += slot->len;
+            nsl++;
+            scan = nmb_ring_next(ring, scan);
+            if (!(slot->flags & NS_MOREFRAG)) {
+                complete = 1;
+                break;
+            }
+            if (scan == head)
+                break;
+        }
+        if (!complete)
+            break; /* the user has not finished this chain yet */
+        if (bad) {
+            ap->st.tx_errors++;
+        } else if (down) {
+            ap->st.tx_link_down++;
+        } else if (flen < ETH_HLEN ||
+                   (flen > ap->tx_ring_max && (flen > ap->tx_ring_max + 4 || !is_8021q(ring, s)))) {
+            /* what the kernel would refuse (with PACKET_LOSS it would say nothing) */
+            ap->st.tx_errors++;
+        } else {
+            struct tpacket3_hdr *h = tx_frame(ap, ap->tx_pos);
+            if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) != TP_STATUS_AVAILABLE) {
+                ap->st.tx_again++; /* every ring frame is in flight */
+                break;
+            }
+            /* the next ring frame and the next frame's first buffer are cache misses */
+            __builtin_prefetch(tx_frame(ap, ap->tx_pos + 1 == ap->tx_frame_count ? 0 : ap->tx_pos + 1), 1);
+            if (scan != head)
+                __builtin_prefetch(nmb_buf(ring, ring->slot[scan].buf_idx));
+            char *dst = (char *)h + TX_DATA_OFF;
+            if (ap->tx_vnet) {
+                /* hdr_len = the whole frame: the kernel copies it into the skb's head instead
+                 * of attaching the ring page as a fragment (which veth copies again) */
+                struct virtio_net_hdr *vh = (struct virtio_net_hdr *)dst;
+                memset(vh, 0, sizeof(*vh));
+                vh->hdr_len = htole16((uint16_t)flen);
+                dst += VNET_LEN;
+            }
+            uint32_t t = s;
+            for (uint32_t i = 0; i < nsl; i++) {
+                struct netmap_slot *slot = &ring->slot[t];
+                memcpy(dst, nmb_buf(ring, slot->buf_idx), slot->len);
+                dst += slot->len;
+                t = nmb_ring_next(ring, t);
+            }
+            h->tp_len = ap->tx_vnet + flen;
+            h->tp_snaplen = h->tp_len;
+            h->tp_next_offset = 0;
+            __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+            ap->tx_pos = ap->tx_pos + 1 == ap->tx_frame_count ? 0 : ap->tx_pos + 1;
+            ap->st.tx_frames++;
+            ap->st.tx_bytes += flen;
+            queued++;
+        }
+        s = advance(ap, ring, s, nsl);
+    }
+    if ((queued || ap->tx_kick) && !down)
+        tx_ring_kick(ap);
+    kr->hwcur = s;
+    kr->hwtail = s == 0 ? n - 1 : s - 1;
+    ring->tail = kr->hwtail;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
  * open / close */
 
 static void afp_free(struct afport *ap)
@@ -428,6 +642,11 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
     int fd = ap->port.fd, one = 1, v3 = TPACKET_V3;
     if (setsockopt(fd, SOL_PACKET, PACKET_VERSION, &v3, sizeof(v3)))
         OPEN_FAIL("PACKET_VERSION TPACKET_V3: %s", strerror(errno));
+    /* before any ring exists: the kernel skips a TX ring frame it refuses */
+    if (o->tx_ring && setsockopt(fd, SOL_PACKET, PACKET_LOSS, &one, sizeof(one)))
+        OPEN_FAIL("PACKET_LOSS: %s", strerror(errno));
+    if (o->tx_ring && o->tx_vnet && setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one)))
+        OPEN_FAIL("PACKET_VNET_HDR: %s", strerror(errno));
     struct tpacket_req3 req;
     memset(&req, 0, sizeof(req));
     req.tp_block_size = o->block_size;
@@ -439,19 +658,59 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
         OPEN_FAIL("PACKET_RX_RING (%u blocks of %u bytes): %s", o->block_count, o->block_size, strerror(errno));
     ap->block_size = o->block_size;
     ap->block_count = o->block_count;
-    ap->map_len = (size_t)o->block_size * o->block_count;
+    size_t rx_len = (size_t)o->block_size * o->block_count, tx_len = 0;
+    ap->mtu = 1500;
+    ap->mtu = read_mtu(ap);
+    if (o->tx_ring) {
+        /* frames of MTU + 18 bytes (2048 at least), in blocks of 64 KiB or one frame */
+        uint32_t fs = 2048;
+        ap->tx_vnet = o->tx_vnet ? VNET_LEN : 0;
+        while (fs < TX_DATA_OFF + ap->tx_vnet + (uint32_t)ap->mtu + ETH_HLEN + 4 && fs < (1u << 20))
+            fs <<= 1;
+        uint32_t bsz = fs > (1u << 16) ? fs : (1u << 16);
+        /* default: as many frames as slots, in at most 4 MiB (jumbo MTUs: fewer frames) */
+        uint32_t frames = o->tx_frames;
+        if (!frames) {
+            uint32_t fit = (4u << 20) / fs;
+            frames = o->slots < fit ? o->slots : fit < 64 ? 64 : fit;
+        }
+        uint32_t per_block = bsz / fs;
+        uint32_t nblocks = (frames + per_block - 1) / per_block;
+        struct tpacket_req3 treq;
+        memset(&treq, 0, sizeof(treq));
+        treq.tp_block_size = bsz;
+        treq.tp_block_nr = nblocks;
+        treq.tp_frame_size = fs;
+        treq.tp_frame_nr = nblocks * per_block;
+        if (setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &treq, sizeof(treq)))
+            OPEN_FAIL("PACKET_TX_RING (%u frames of %u bytes): %s", treq.tp_frame_nr, fs, strerror(errno));
+        ap->tx_frame_size = fs;
+        ap->tx_frame_count = treq.tp_frame_nr;
+        tx_len = (size_t)bsz * nblocks;
+        refresh_tx_max(ap);
+    }
+    ap->map_len = rx_len + tx_len;
     ap->map = mmap(NULL, ap->map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (ap->map == MAP_FAILED) {
         ap->map = NULL;
-        OPEN_FAIL("mmap of the RX ring: %s", strerror(errno));
+        OPEN_FAIL("mmap of the packet rings: %s", strerror(errno));
     }
+    if (o->tx_ring)
+        ap->txmap = ap->map + rx_len; /* the kernel maps the RX ring first, then the TX ring */
     if (setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof(one)))
         OPEN_FAIL("PACKET_IGNORE_OUTGOING (needs Linux >= 4.20): %s", strerror(errno));
     if (o->qdisc_bypass && setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one)))
         OPEN_FAIL("PACKET_QDISC_BYPASS: %s", strerror(errno));
-    if (o->sndbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &o->sndbuf, sizeof(o->sndbuf)) &&
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &o->sndbuf, sizeof(o->sndbuf)))
-        OPEN_FAIL("SO_SNDBUF %d: %s", o->sndbuf, strerror(errno));
+    int sndbuf = o->sndbuf;
+    /* a TX ring's frames in flight must never exceed the send buffer: a frame the kernel
+     * could not allocate would wait for a kick, and poll() reports no POLLOUT for it */
+    if (sndbuf > 0 && ap->txmap && (uint64_t)sndbuf < (uint64_t)ap->tx_frame_count * (ap->tx_frame_size + 1024))
+        sndbuf = (int)((uint64_t)ap->tx_frame_count * (ap->tx_frame_size + 1024) > INT32_MAX / 2
+                           ? INT32_MAX / 2
+                           : (uint64_t)ap->tx_frame_count * (ap->tx_frame_size + 1024));
+    if (sndbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) &&
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)))
+        OPEN_FAIL("SO_SNDBUF %d: %s", sndbuf, strerror(errno));
     struct sockaddr_ll sll;
     memset(&sll, 0, sizeof(sll));
     sll.sll_family = AF_PACKET;
@@ -488,7 +747,7 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
     ap->port.poll_syncs = 0;
     ap->port.mem_key = (uint64_t)(uintptr_t)m;
     ap->port.rxsync = afp_rxsync;
-    ap->port.txsync = afp_txsync;
+    ap->port.txsync = ap->txmap ? afp_txsync_ring : afp_txsync;
     ap->port.priv = ap;
     return &ap->port;
 }
