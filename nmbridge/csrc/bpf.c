@@ -4,9 +4,13 @@
  * nmb_bpf_load checks a program once, at load time, and translates each instruction into a
  * dense internal opcode: every opcode known, every jump target inside the program, scratch
  * indices below 16, no division or modulo by a constant 0, constant shifts below 32, and a
- * return as the last instruction (so execution can never fall off the end).  nmb_bpf_run then
- * needs no checks but the frame bounds (its dispatch is direct-threaded: GCC/Clang labels): a load past `len` ends the program with 0 (no
- * match), as libpcap's runner does; division by X == 0 returns 0.  `ip6 protochain` uses a
+ * return as the last instruction (so execution can never fall off the end).  A load directly
+ * followed by a conditional jump on a constant (`ldh [12]; jeq #0x800`, most of what
+ * pcap_compile emits) also gets one fused op doing both, so the pair costs one dispatch; the
+ * jump stays in place, translated as usual, for any jump that targets it.  nmb_bpf_run then
+ * needs no checks but the frame bounds (direct-threaded dispatch: GCC/Clang labels as
+ * values): a load past `len` ends the program with 0 (no match), as libpcap's runner does;
+ * division by X == 0 returns 0.  `ip6 protochain` uses a
  * backward unconditional jump (libpcap sign-extends its k); it is run, and the number of
  * backward jumps taken per frame is bounded, so no program can loop forever.
  */
@@ -48,6 +52,18 @@ enum {
     OP_JA, OP_JA_BACK, OP_JEQ_K, OP_JGT_K, OP_JGE_K, OP_JSET_K,
     OP_JEQ_X, OP_JGT_X, OP_JGE_X, OP_JSET_X,
     OP_RET_K, OP_RET_A, OP_TAX, OP_TXA,
+    /* fused: load (W/H/B, ABS/IND) then jump on (A op k2) */
+#define FUSED_OPS(L) \
+    L(W_ABS, JEQ) L(W_ABS, JGT) L(W_ABS, JGE) L(W_ABS, JSET) \
+    L(H_ABS, JEQ) L(H_ABS, JGT) L(H_ABS, JGE) L(H_ABS, JSET) \
+    L(B_ABS, JEQ) L(B_ABS, JGT) L(B_ABS, JGE) L(B_ABS, JSET) \
+    L(W_IND, JEQ) L(W_IND, JGT) L(W_IND, JGE) L(W_IND, JSET) \
+    L(H_IND, JEQ) L(H_IND, JGT) L(H_IND, JGE) L(H_IND, JSET) \
+    L(B_IND, JEQ) L(B_IND, JGT) L(B_IND, JGE) L(B_IND, JSET)
+#define ENUM_FUSED(ld, j) OP_##ld##_##j,
+    FUSED_OPS(ENUM_FUSED)
+#undef ENUM_FUSED
+    OP_COUNT
 };
 
 static int bad(char *err, size_t errlen, uint32_t pc, const char *what)
@@ -74,6 +90,34 @@ static int alu_op(uint16_t code)
     }
     return -1;
 }
+
+/* the fused family of a load op (index in FUSED_OPS order / 4), or -1 */
+static int fused_load(int op)
+{
+    switch (op) {
+    case OP_LD_W_ABS: return 0;
+    case OP_LD_H_ABS: return 1;
+    case OP_LD_B_ABS: return 2;
+    case OP_LD_W_IND: return 3;
+    case OP_LD_H_IND: return 4;
+    case OP_LD_B_IND: return 5;
+    }
+    return -1;
+}
+
+static int fused_jump(int op)
+{
+    switch (op) {
+    case OP_JEQ_K: return 0;
+    case OP_JGT_K: return 1;
+    case OP_JGE_K: return 2;
+    case OP_JSET_K: return 3;
+    }
+    return -1;
+}
+
+static uint32_t interp(const struct nmb_bpf_op *ops, const uint8_t *p, uint32_t len,
+                       const void *const **table);
 
 int nmb_bpf_load(const struct nmb_bpf_insn *insns, uint32_t n, struct nmb_bpf_op *out,
                  char *err, size_t errlen)
@@ -175,18 +219,40 @@ int nmb_bpf_load(const struct nmb_bpf_insn *insns, uint32_t n, struct nmb_bpf_op
         }
         if ((op == OP_LD_MEM || op == OP_LDX_MEM || op == OP_ST || op == OP_STX) && k >= MEMWORDS)
             return bad(err, errlen, pc, "scratch memory index out of range (0..15)");
+        out[pc].h = NULL;
         out[pc].op = (uint8_t)op;
-        out[pc].jt = jt;
-        out[pc].jf = jf;
+        out[pc].flags = 0;
+        out[pc].jt = (uint16_t)(jt + 1);  /* in ops from this op, until the end */
+        out[pc].jf = (uint16_t)(jf + 1);
         out[pc].pad = 0;
         out[pc].k = k;
+        out[pc].k2 = 0;
     }
     if (out[n - 1].op != OP_RET_K && out[n - 1].op != OP_RET_A)
         return bad(err, errlen, n - 1, "the program does not end with a return");
-    /* ops[0].pad: the program uses scratch memory (then nmb_bpf_run zeroes it first) */
+    /* fuse each load with a conditional jump on a constant right after it (the jump's op
+     * stays as it is, for jumps that land on it) */
+    for (uint32_t pc = 0; pc + 1 < n; pc++) {
+        int ld = fused_load(out[pc].op), j = fused_jump(out[pc + 1].op);
+        if (ld < 0 || j < 0)
+            continue;
+        out[pc].op = (uint8_t)(OP_W_ABS_JEQ + ld * 4 + j);
+        out[pc].k2 = out[pc + 1].k;
+        out[pc].jt = (uint16_t)(out[pc + 1].jt + 1);
+        out[pc].jf = (uint16_t)(out[pc + 1].jf + 1);
+    }
+    /* ops[0].flags bit 0: the program reads scratch memory (nmb_bpf_run zeroes it first) */
     for (uint32_t pc = 0; pc < n; pc++)
         if (out[pc].op == OP_LD_MEM || out[pc].op == OP_LDX_MEM)
-            out[0].pad = 1;
+            out[0].flags = 1;
+    /* thread: each op's code address; jumps as byte offsets (at most 257 ops away) */
+    const void *const *labels = NULL;
+    interp(NULL, NULL, 0, &labels);
+    for (uint32_t pc = 0; pc < n; pc++) {
+        out[pc].h = labels[out[pc].op];
+        out[pc].jt = (uint16_t)(out[pc].jt * sizeof(struct nmb_bpf_op));
+        out[pc].jf = (uint16_t)(out[pc].jf * sizeof(struct nmb_bpf_op));
+    }
     return 0;
 }
 
@@ -202,15 +268,28 @@ static inline uint32_t be16(const uint8_t *p)
 
 uint32_t nmb_bpf_run(const struct nmb_bpf_op *ops, const uint8_t *p, uint32_t len)
 {
+    return interp(ops, p, len, NULL);
+}
+
+/* Run `ops`; or, when `table` is not NULL, only store the label table there (the loader
+ * threads the ops with it).  Labels are values only inside this function. */
+static __attribute__((noinline)) uint32_t interp(const struct nmb_bpf_op *ops, const uint8_t *p,
+                                                 uint32_t len, const void *const **table)
+{
     uint32_t A = 0, X = 0, mem[MEMWORDS];
     uint32_t back = 0;
     uint64_t off;
-    const struct nmb_bpf_op *pc = ops;
-    if (ops[0].pad)
+    const uint64_t n = len;  /* the bound every load is checked against */
+    const struct nmb_bpf_op *pc = ops, *in;
+    uint32_t k;
+    if (table != NULL)
+        goto give_table;
+    if (ops[0].flags & 1)
         memset(mem, 0, sizeof(mem));  /* libpcap leaves it undefined; make runs reproducible */
-    /* direct-threaded dispatch: one indirect jump per instruction, no range check (the
-     * loader admits only known ops) */
-    static const void *const labels[] = {
+    /* direct-threaded dispatch: one indirect jump per op, no range check (the loader admits
+     * only known ops) */
+#define LBL(ld, j) [OP_##ld##_##j] = &&L_##ld##_##j,
+    static const void *const labels[OP_COUNT] = {
         [OP_LD_W_ABS] = &&L_OP_LD_W_ABS,
         [OP_LD_H_ABS] = &&L_OP_LD_H_ABS,
         [OP_LD_B_ABS] = &&L_OP_LD_B_ABS,
@@ -261,103 +340,105 @@ uint32_t nmb_bpf_run(const struct nmb_bpf_op *ops, const uint8_t *p, uint32_t le
         [OP_RET_A] = &&L_OP_RET_A,
         [OP_TAX] = &&L_OP_TAX,
         [OP_TXA] = &&L_OP_TXA,
+        FUSED_OPS(LBL)
     };
-    const struct nmb_bpf_op *in;
-    uint32_t k;
-#define NEXT do { in = pc++; k = in->k; goto *labels[in->op]; } while (0)
+#undef LBL
+#define NEXT do { in = pc; k = in->k; goto *in->h; } while (0)
+#define STEP do { pc = in + 1; NEXT; } while (0)
+#define BRANCH(cond) \
+    do { \
+        pc = (const struct nmb_bpf_op *)((const char *)in + ((cond) ? in->jt : in->jf)); \
+        NEXT; \
+    } while (0)
+    /* the loads: A from the frame, or the program ends with 0 */
+#define LOAD_W_ABS() do { if ((uint64_t)k + 4 > n) return 0; A = be32(p + k); } while (0)
+#define LOAD_H_ABS() do { if ((uint64_t)k + 2 > n) return 0; A = be16(p + k); } while (0)
+#define LOAD_B_ABS() do { if (k >= n) return 0; A = p[k]; } while (0)
+#define LOAD_W_IND() \
+    do { off = (uint64_t)X + k; if (off + 4 > n) return 0; A = be32(p + off); } while (0)
+#define LOAD_H_IND() \
+    do { off = (uint64_t)X + k; if (off + 2 > n) return 0; A = be16(p + off); } while (0)
+#define LOAD_B_IND() \
+    do { off = (uint64_t)X + k; if (off >= n) return 0; A = p[off]; } while (0)
+#define COND_JEQ(v) (A == (v))
+#define COND_JGT(v) (A > (v))
+#define COND_JGE(v) (A >= (v))
+#define COND_JSET(v) ((A & (v)) != 0)
+#define FUSED_BODY(ld, j) \
+    L_##ld##_##j: LOAD_##ld(); BRANCH(COND_##j(in->k2));
     NEXT;
-    L_OP_LD_W_ABS:
-        if (k > len || len - k < 4)
-            return 0;
-        A = be32(p + k);
-        NEXT;
-    L_OP_LD_H_ABS:
-        if (k > len || len - k < 2)
-            return 0;
-        A = be16(p + k);
-        NEXT;
-    L_OP_LD_B_ABS:
-        if (k >= len)
-            return 0;
-        A = p[k];
-        NEXT;
-    L_OP_LD_W_IND:
-        off = (uint64_t)X + k;
-        if (off + 4 > len)
-            return 0;
-        A = be32(p + off);
-        NEXT;
-    L_OP_LD_H_IND:
-        off = (uint64_t)X + k;
-        if (off + 2 > len)
-            return 0;
-        A = be16(p + off);
-        NEXT;
-    L_OP_LD_B_IND:
-        off = (uint64_t)X + k;
-        if (off >= len)
-            return 0;
-        A = p[off];
-        NEXT;
-    L_OP_LD_IMM: A = k; NEXT;
-    L_OP_LD_LEN: A = len; NEXT;
-    L_OP_LD_MEM: A = mem[k]; NEXT;
-    L_OP_LDX_IMM: X = k; NEXT;
-    L_OP_LDX_LEN: X = len; NEXT;
-    L_OP_LDX_MEM: X = mem[k]; NEXT;
+    L_OP_LD_W_ABS: LOAD_W_ABS(); STEP;
+    L_OP_LD_H_ABS: LOAD_H_ABS(); STEP;
+    L_OP_LD_B_ABS: LOAD_B_ABS(); STEP;
+    L_OP_LD_W_IND: LOAD_W_IND(); STEP;
+    L_OP_LD_H_IND: LOAD_H_IND(); STEP;
+    L_OP_LD_B_IND: LOAD_B_IND(); STEP;
+    FUSED_OPS(FUSED_BODY)
+    L_OP_LD_IMM: A = k; STEP;
+    L_OP_LD_LEN: A = len; STEP;
+    L_OP_LD_MEM: A = mem[k]; STEP;
+    L_OP_LDX_IMM: X = k; STEP;
+    L_OP_LDX_LEN: X = len; STEP;
+    L_OP_LDX_MEM: X = mem[k]; STEP;
     L_OP_LDX_MSH:
-        if (k >= len)
+        if (k >= n)
             return 0;
         X = (uint32_t)(p[k] & 0xf) << 2;
-        NEXT;
-    L_OP_ST: mem[k] = A; NEXT;
-    L_OP_STX: mem[k] = X; NEXT;
-    L_OP_ADD_K: A += k; NEXT;
-    L_OP_SUB_K: A -= k; NEXT;
-    L_OP_MUL_K: A *= k; NEXT;
-    L_OP_DIV_K: A /= k; NEXT;
-    L_OP_MOD_K: A %= k; NEXT;
-    L_OP_AND_K: A &= k; NEXT;
-    L_OP_OR_K: A |= k; NEXT;
-    L_OP_XOR_K: A ^= k; NEXT;
-    L_OP_LSH_K: A <<= k; NEXT;
-    L_OP_RSH_K: A >>= k; NEXT;
-    L_OP_ADD_X: A += X; NEXT;
-    L_OP_SUB_X: A -= X; NEXT;
-    L_OP_MUL_X: A *= X; NEXT;
+        STEP;
+    L_OP_ST: mem[k] = A; STEP;
+    L_OP_STX: mem[k] = X; STEP;
+    L_OP_ADD_K: A += k; STEP;
+    L_OP_SUB_K: A -= k; STEP;
+    L_OP_MUL_K: A *= k; STEP;
+    L_OP_DIV_K: A /= k; STEP;
+    L_OP_MOD_K: A %= k; STEP;
+    L_OP_AND_K: A &= k; STEP;
+    L_OP_OR_K: A |= k; STEP;
+    L_OP_XOR_K: A ^= k; STEP;
+    L_OP_LSH_K: A <<= k; STEP;
+    L_OP_RSH_K: A >>= k; STEP;
+    L_OP_ADD_X: A += X; STEP;
+    L_OP_SUB_X: A -= X; STEP;
+    L_OP_MUL_X: A *= X; STEP;
     L_OP_DIV_X:
         if (X == 0)
             return 0;
         A /= X;
-        NEXT;
+        STEP;
     L_OP_MOD_X:
         if (X == 0)
             return 0;
         A %= X;
-        NEXT;
-    L_OP_AND_X: A &= X; NEXT;
-    L_OP_OR_X: A |= X; NEXT;
-    L_OP_XOR_X: A ^= X; NEXT;
-    L_OP_LSH_X: A = X < 32 ? A << X : 0; NEXT;
-    L_OP_RSH_X: A = X < 32 ? A >> X : 0; NEXT;
-    L_OP_NEG: A = (uint32_t)0 - A; NEXT;
+        STEP;
+    L_OP_AND_X: A &= X; STEP;
+    L_OP_OR_X: A |= X; STEP;
+    L_OP_XOR_X: A ^= X; STEP;
+    L_OP_LSH_X: A = X < 32 ? A << X : 0; STEP;
+    L_OP_RSH_X: A = X < 32 ? A >> X : 0; STEP;
+    L_OP_NEG: A = (uint32_t)0 - A; STEP;
     L_OP_JA: pc = ops + k; NEXT;
     L_OP_JA_BACK:
         if (++back > NMB_BPF_MAX_BACKJUMPS)
             return 0;
         pc = ops + k;
         NEXT;
-    L_OP_JEQ_K: pc += A == k ? in->jt : in->jf; NEXT;
-    L_OP_JGT_K: pc += A > k ? in->jt : in->jf; NEXT;
-    L_OP_JGE_K: pc += A >= k ? in->jt : in->jf; NEXT;
-    L_OP_JSET_K: pc += (A & k) ? in->jt : in->jf; NEXT;
-    L_OP_JEQ_X: pc += A == X ? in->jt : in->jf; NEXT;
-    L_OP_JGT_X: pc += A > X ? in->jt : in->jf; NEXT;
-    L_OP_JGE_X: pc += A >= X ? in->jt : in->jf; NEXT;
-    L_OP_JSET_X: pc += (A & X) ? in->jt : in->jf; NEXT;
+    L_OP_JEQ_K: BRANCH(A == k);
+    L_OP_JGT_K: BRANCH(A > k);
+    L_OP_JGE_K: BRANCH(A >= k);
+    L_OP_JSET_K: BRANCH((A & k) != 0);
+    L_OP_JEQ_X: BRANCH(A == X);
+    L_OP_JGT_X: BRANCH(A > X);
+    L_OP_JGE_X: BRANCH(A >= X);
+    L_OP_JSET_X: BRANCH((A & X) != 0);
     L_OP_RET_K: return k;
     L_OP_RET_A: return A;
-    L_OP_TAX: X = A; NEXT;
-    L_OP_TXA: A = X; NEXT;
-}
+    L_OP_TAX: X = A; STEP;
+    L_OP_TXA: A = X; STEP;
+give_table:
+    *table = labels;
+    return 0;
 #undef NEXT
+#undef STEP
+#undef BRANCH
+#undef FUSED_BODY
+}

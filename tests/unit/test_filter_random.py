@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nmbridge.filters import FilterConfig, RuleConfig, compile_filter
+from nmbridge.filters import CompiledFilter, FilterConfig, RuleConfig, compile_filter
 from nmbridge.filters.engine import run_bpf
 from nmbridge.filters.fields import PARSERS
 from nmbridge.filters.pcap import compile_expr, offline_filter
@@ -122,7 +122,23 @@ def test_interpreter_equals_libpcap(programs: dict[str, bytes], frame: bytes) ->
 @given(frame=frames(), expr=st.sampled_from(EXPRESSIONS[:12]))
 def test_pcap_rule_in_a_filter_equals_libpcap(frame: bytes, expr: str) -> None:
     flt = compile_filter(FilterConfig("p", "pass", (RuleConfig("r", "drop", pcap=expr),)))
-    assert (flt.evaluate(frame)[0] == "drop") == (offline_filter(compile_expr(expr), frame) != 0)
+    match = offline_filter(compile_expr(expr), frame) != 0
+    assert (flt.evaluate(frame)[0] == "drop") == match
+    check_fast_path(flt, frame, 0 if match else None)
+
+
+def check_fast_path(flt: CompiledFilter, frame: bytes, index: int | None) -> None:
+    """The fast path's entry point (a specialised run function: no rules, bare pcap rules, up
+    to 64 rules, more) decides as `index` says and counts exactly that rule."""
+    before = flt.program.hits()
+    verdict = flt.program.run(frame)
+    after = flt.program.hits()
+    slot = len(before) - 1 if index is None else index
+    assert [a - b for a, b in zip(after, before, strict=True)] == [
+        int(i == slot) for i in range(len(before))], (index, frame.hex())
+    rules = flt.config.rules
+    want = flt.config.default if index is None else rules[index].action
+    assert verdict == want, (index, frame.hex())
 
 
 # --- structured rules: the C evaluator == a reference evaluator ------------------------------
@@ -256,10 +272,9 @@ FIELD_VALUES: dict[str, list[object]] = {
     "dst_port": [80, 443, [50, 60], 65535],
 }
 
-rules_st = st.lists(
-    st.dictionaries(st.sampled_from(sorted(FIELD_VALUES)), st.just(None), max_size=3).flatmap(
-        lambda d: st.fixed_dictionaries({k: st.sampled_from(FIELD_VALUES[k]) for k in d})),
-    min_size=1, max_size=6)
+rule_st = st.dictionaries(st.sampled_from(sorted(FIELD_VALUES)), st.just(None), max_size=3).flatmap(
+    lambda d: st.fixed_dictionaries({k: st.sampled_from(FIELD_VALUES[k]) for k in d}))
+rules_st = st.lists(rule_st, min_size=1, max_size=6)
 
 
 @settings(max_examples=400, deadline=None)
@@ -268,7 +283,53 @@ def test_structured_equals_reference(rules: list[dict[str, object]], batch: list
     flt = compile_filter(FilterConfig("r", "pass", tuple(
         RuleConfig(f"r{i}", "drop", r) for i, r in enumerate(rules))))
     for frame in batch:
-        assert flt.evaluate(frame)[1] == reference(rules, frame), (rules, frame.hex(), facts(frame))
+        want = reference(rules, frame)
+        assert flt.evaluate(frame)[1] == want, (rules, frame.hex(), facts(frame))
+        check_fast_path(flt, frame, want)
+
+
+# more than 64 rules (of 2-3 fields, so later ones get their turn): the candidate sets span
+# several 64-bit words
+narrow_rule_st = st.dictionaries(st.sampled_from(sorted(FIELD_VALUES)), st.just(None), min_size=2,
+                                 max_size=3).flatmap(
+    lambda d: st.fixed_dictionaries({k: st.sampled_from(FIELD_VALUES[k]) for k in d}))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rules=st.lists(narrow_rule_st, min_size=60, max_size=140),
+       batch=st.lists(frames(), min_size=1, max_size=8))
+def test_many_rules_equal_reference(rules: list[dict[str, object]], batch: list[bytes]) -> None:
+    flt = compile_filter(FilterConfig("r", "pass", tuple(
+        RuleConfig(f"r{i}", "drop", r) for i, r in enumerate(rules))))
+    for frame in batch:
+        want = reference(rules, frame)
+        assert flt.evaluate(frame)[1] == want, (frame.hex(), facts(frame))
+        check_fast_path(flt, frame, want)
+
+
+# pcap and structured rules mixed (and pcap rules alone): first match in order, pcap rules as
+# libpcap decides them
+mixed_rule_st = st.one_of(rule_st, st.sampled_from(EXPRESSIONS).map(lambda e: {"pcap": e}))
+
+
+@settings(max_examples=150, deadline=None)
+@given(rules=st.one_of(st.lists(mixed_rule_st, min_size=1, max_size=6),
+                       st.lists(st.sampled_from(EXPRESSIONS).map(lambda e: {"pcap": e}),
+                                min_size=1, max_size=4)),
+       batch=st.lists(frames(), min_size=1, max_size=8))
+def test_mixed_rules_equal_reference(rules: list[dict[str, object]], batch: list[bytes]) -> None:
+    flt = compile_filter(FilterConfig("m", "pass", tuple(
+        RuleConfig(f"r{i}", "drop", {k: v for k, v in r.items() if k != "pcap"},
+                   pcap=r.get("pcap"))  # type: ignore[arg-type]
+        for i, r in enumerate(rules))))
+    insns = {str(r["pcap"]): compile_expr(str(r["pcap"])) for r in rules if "pcap" in r}
+    for frame in batch:
+        f = facts(frame)
+        want = next((i for i, r in enumerate(rules)
+                     if (offline_filter(insns[str(r["pcap"])], frame) != 0 if "pcap" in r
+                         else all(field_matches(k, v, f) for k, v in r.items()))), None)
+        assert flt.evaluate(frame)[1] == want, (rules, frame.hex())
+        check_fast_path(flt, frame, want)
 
 
 def _config_value(key: str, have: Any) -> object:
@@ -296,9 +357,19 @@ def test_each_field_the_frame_has_matches_and_no_other(frame: bytes) -> None:
     for i, r in enumerate(rules):
         flt = compile_filter(FilterConfig("f", "pass", (RuleConfig("r", "drop", r),)))
         assert flt.evaluate(frame)[1] == 0, (r, frame.hex(), i)
+        check_fast_path(flt, frame, 0)
     for key, value in ANY_VALUE.items():
         flt = compile_filter(FilterConfig("f", "pass", (RuleConfig("r", "drop", {key: value}),)))
         if key not in have:
             assert flt.evaluate(frame)[1] is None, (key, frame.hex())
         elif key != "dst_ip" or have[key][0] == 6:
             assert (flt.evaluate(frame)[1] == 0) == field_matches(key, value, have), (key, frame.hex())
+
+
+@pytest.mark.parametrize("default", ["pass", "drop"])
+def test_no_rules_the_default_decides(default: str) -> None:
+    flt = compile_filter(FilterConfig("empty", default, ()))  # type: ignore[arg-type]
+    for frame in (b"", b"\x01", bytes(60)):
+        assert flt.evaluate(frame) == (default, None)
+        check_fast_path(flt, frame, None)
+    assert flt.hits() == {"default": 3}
