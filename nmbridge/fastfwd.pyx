@@ -60,6 +60,7 @@ cdef extern from *:
     #define NMB_STORE_INT(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELAXED)
     #define NMB_LIKELY(x) __builtin_expect(!!(x), 1)
     #define NMB_UNLIKELY(x) __builtin_expect(!!(x), 0)
+    #define NMB_PREFETCH(p) __builtin_prefetch((p), 0, 3)
     """
     nmb_filter *NMB_LOAD_PTR(nmb_filter *p) noexcept nogil
     void NMB_STORE_PTR(nmb_filter *p, nmb_filter *v) noexcept nogil
@@ -67,6 +68,7 @@ cdef extern from *:
     void NMB_STORE_INT(int p, int v) noexcept nogil
     bint NMB_LIKELY(bint x) noexcept nogil
     bint NMB_UNLIKELY(bint x) noexcept nogil
+    void NMB_PREFETCH(const void *p) noexcept nogil
 
 
 cdef struct dir_stats:
@@ -192,6 +194,15 @@ cdef uint32_t skip_rest(fwd_dir *d, netmap_ring *rx, uint64_t ring_bit) noexcept
     return n
 
 
+cdef inline bint filter_drops(nmb_filter *filt, netmap_ring *rx, netmap_slot *rs, uint32_t j,
+                              uint32_t rx_n, uint32_t len_) noexcept nogil:
+    cdef uint32_t ahead = j + 4
+    if ahead >= rx_n:
+        ahead -= rx_n
+    NMB_PREFETCH(nmb_buf(rx, rx.slot[ahead].buf_idx))
+    return filt.run(filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx), len_) == NMB_DROP
+
+
 cdef inline uint32_t window(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
                             uint32_t *pj, uint32_t *pk, uint32_t m, const bint zc,
                             const bint filtering, uint64_t *frames, uint64_t *nbytes) noexcept nogil:
@@ -211,7 +222,7 @@ cdef inline uint32_t window(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netma
                 break
             d.st.oversize += 1
             dropped += 1
-        elif filtering and filt.run(filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx), len_) == NMB_DROP:
+        elif filtering and filter_drops(filt, rx, rs, j, rx_n, len_):
             d.st.filtered += 1
             dropped += 1
         else:
