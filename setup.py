@@ -10,11 +10,12 @@ CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function", "-Wno-format-tru
 
 
 def ext(name: str, pyx: str, *csrc: str) -> Extension:
-    return Extension(name, [pyx, *(f"nmbridge/csrc/{c}" for c in csrc)],
+    return Extension(name, [pyx, *(f"csrc/{c}" for c in csrc)],
                      include_dirs=INC, extra_compile_args=CFLAGS)
 
 
-# One extension per module; C sources that several need (umem.c) are compiled into each,
+# One extension per module, from its .pyx and the hand-written C in csrc/; C that several
+# need (umem.c) is compiled into each,
 # since extension modules cannot link against each other's C symbols.
 EXTENSIONS = [
     ext("nmbridge.port", "nmbridge/port.pyx", "umem.c"),

@@ -95,6 +95,7 @@ cdef extern from "nmb_filter_prog.h" nogil:
     int nmb_bpf_load(const nmb_bpf_insn *insns, uint32_t n, nmb_bpf_op *out,
                      char *err, size_t errlen)
     uint32_t nmb_bpf_run(const nmb_bpf_op *ops, const uint8_t *frame, uint32_t len)
+    int nmb_bpf_bounded
     enum:
         NMB_BPF_MAX_INSNS
 
@@ -155,6 +156,13 @@ def check_bpf(bytes insns) -> None:
 
 def run_bpf(bytes insns, const uint8_t[:] frame) -> int:
     """Load `insns` and run them once on `frame` (for tests): the program's return value."""
+    return run_bpf_bounded(insns, frame)[0]
+
+
+def run_bpf_bounded(bytes insns, const uint8_t[:] frame) -> tuple:
+    """Like run_bpf, and whether the run was cut off by the backward-jump bound (then the
+    verdict is 0; libpcap's unbounded runner would never return on that frame)."""
+    global nmb_bpf_bounded
     cdef uint32_t n = insn_count(insns)
     cdef nmb_bpf_op *ops = <nmb_bpf_op *>malloc(max(n, 1) * sizeof(nmb_bpf_op))
     cdef uint32_t r
@@ -163,10 +171,11 @@ def run_bpf(bytes insns, const uint8_t[:] frame) -> int:
         raise MemoryError()
     try:
         load_bpf(insns, ops)
+        nmb_bpf_bounded = 0
         r = nmb_bpf_run(ops, p, <uint32_t>frame.shape[0])
     finally:
         free(ops)
-    return r
+    return r, bool(nmb_bpf_bounded)
 
 
 cdef void put_bytes(uint8_t *dst, object src, size_t n) except *:

@@ -161,5 +161,8 @@ uint32_t nmb_bpf_run(const struct nmb_bpf_op *ops, const uint8_t *frame, uint32_
 
 #define NMB_BPF_MAX_INSNS 65536
 #define NMB_BPF_MAX_BACKJUMPS 65536
+/* set (never cleared) by nmb_bpf_run in this thread when a program hit that bound: for tests,
+ * which must not hand such a frame to libpcap's own runner (it has no bound and never returns) */
+extern __thread int nmb_bpf_bounded;
 
 #endif /* NMB_FILTER_PROG_H */

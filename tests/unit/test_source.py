@@ -30,7 +30,7 @@ def test_mypy() -> None:
 
 def test_no_generated_c_is_tracked() -> None:
     tracked = run("git", "ls-files", "nmbridge").stdout.split()
-    generated = [f for f in tracked if f.endswith(".c") and "/csrc/" not in f]
+    generated = [f for f in tracked if f.endswith(".c")]  # hand-written C lives in csrc/
     assert generated == []
 
 

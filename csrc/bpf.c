@@ -266,6 +266,8 @@ static inline uint32_t be16(const uint8_t *p)
     return (uint32_t)p[0] << 8 | p[1];
 }
 
+__thread int nmb_bpf_bounded;
+
 uint32_t nmb_bpf_run(const struct nmb_bpf_op *ops, const uint8_t *p, uint32_t len)
 {
     return interp(ops, p, len, NULL);
@@ -418,8 +420,10 @@ static __attribute__((noinline)) uint32_t interp(const struct nmb_bpf_op *ops, c
     L_OP_NEG: A = (uint32_t)0 - A; STEP;
     L_OP_JA: pc = ops + k; NEXT;
     L_OP_JA_BACK:
-        if (++back > NMB_BPF_MAX_BACKJUMPS)
+        if (++back > NMB_BPF_MAX_BACKJUMPS) {
+            nmb_bpf_bounded = 1; /* cold: only a program that would loop gets here */
             return 0;
+        }
         pc = ops + k;
         NEXT;
     L_OP_JEQ_K: BRANCH(A == k);
