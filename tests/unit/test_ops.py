@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import queue
 import signal
@@ -38,17 +37,6 @@ def wait_for(cond: Any, what: str, timeout: float = DEADLINE) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.005)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    out = io.StringIO()
-    logs.configure("json", "info", out)
-    yield out
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def events(out: io.StringIO, name: str | None = None) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import queue
 import signal
@@ -12,13 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nmbridge import app, config, filters, logs
+from nmbridge import app, config, filters
 from nmbridge.app import Bridge
 from nmbridge.backends import mem_backend
 from nmbridge.errors import NmbridgeError, PortError
@@ -34,18 +32,6 @@ def mem_config(extra: str = "", pairs: int = 1, **bridge: object) -> config.Conf
     body = "".join(f'[[pair]]\nname = "p{i}"\nports = ["mem:src{i}?rx=source&tx=sink", '
                    f'"mem:dst{i}?rx=none&tx=sink"]\ndirection = "a-to-b"\n' for i in range(pairs))
     return config.loads(head + body + extra, "test.toml")
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Logs as JSON lines in a buffer; the root logger is put back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    out = io.StringIO()
-    logs.configure("json", "info", out)
-    yield out
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def events(out: io.StringIO) -> list[dict[str, Any]]:
