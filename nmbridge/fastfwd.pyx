@@ -11,7 +11,6 @@ destination that was full.  The loop runs without the GIL and checks its stop fl
 eventfd that wakes poll) once per batch.
 """
 
-from cpython.pythread cimport PyThread_get_thread_ident
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, strerror
@@ -58,7 +57,6 @@ cdef extern from *:
     #define NMB_STORE_PTR(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELEASE)
     #define NMB_LOAD_INT(p) __atomic_load_n(&(p), __ATOMIC_RELAXED)
     #define NMB_STORE_INT(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELAXED)
-    #define NMB_LIKELY(x) __builtin_expect(!!(x), 1)
     #define NMB_UNLIKELY(x) __builtin_expect(!!(x), 0)
     #define NMB_PREFETCH(p) __builtin_prefetch((p), 0, 3)
     """
@@ -66,7 +64,6 @@ cdef extern from *:
     void NMB_STORE_PTR(nmb_filter *p, nmb_filter *v) noexcept nogil
     int NMB_LOAD_INT(int p) noexcept nogil
     void NMB_STORE_INT(int p, int v) noexcept nogil
-    bint NMB_LIKELY(bint x) noexcept nogil
     bint NMB_UNLIKELY(bint x) noexcept nogil
     void NMB_PREFETCH(const void *p) noexcept nogil
 
@@ -429,7 +426,6 @@ cdef int run_loop(fwd_state *f) noexcept nogil:
 # the Python face
 
 _DIRECTIONS = ("a_to_b", "b_to_a")
-_STAT_KEYS = ("frames", "bytes", "batches", "tx_full", "oversize", "broken_chain", "filtered")
 
 
 cdef dict stats_dict(dir_stats *s):
@@ -451,6 +447,7 @@ cdef class Forwarder:
     cdef readonly bint zerocopy
     cdef readonly uint32_t burst
     cdef object _filters
+    cdef list _retired
     cdef bint _running
 
     def __cinit__(self):
@@ -478,6 +475,7 @@ cdef class Forwarder:
                              "zero-copy forwarding is impossible between them")
         self.zerocopy = a.c.mem_key == b.c.mem_key and zerocopy is not False
         self._filters = [None, None]
+        self._retired = []
         self.st.d[0].src, self.st.d[0].dst = a.c, b.c
         self.st.d[1].src, self.st.d[1].dst = b.c, a.c
         self.st.d[0].enabled = direction in ("both", "a-to-b")
@@ -576,6 +574,8 @@ cdef class Forwarder:
             while self._running and self.st.epoch < seen + 2 and time.monotonic() < deadline:
                 self.stop_wake()
                 time.sleep(0.0005)
+            if self._running and self.st.epoch < seen + 2:
+                self._retired.append(old)   # a stuck loop may still hold it: never free it
 
     def stop_wake(self) -> None:
         """Wake a loop sleeping in poll() without stopping it."""
