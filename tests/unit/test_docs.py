@@ -81,3 +81,10 @@ def test_the_readme_starts_with_the_two_commands_and_ci_runs_the_second() -> Non
     lines = [ln.split("#")[0].strip() for ln in first_block.group(1).splitlines() if ln.strip()]
     assert lines == ["./scripts/setup && nmbridge demo", "./scripts/test"]
     assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "etc").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_config_loads(path: Path) -> None:
+    """The annotated examples in etc/ are configs `nmbridge check` accepts."""
+    cfg = config.load(str(path))
+    assert cfg.pairs
