@@ -543,6 +543,23 @@ static void restrict_t2(struct rule_form *f, uint32_t g_ok, uint32_t v_ok)
 #define IP_L3 ((1u << L3_IP4) | (1u << L3_IP6))
 #define HAS_B12 6u  /* v in {1, 2} */
 
+/* an IP prefix in key words w (and w + 1 for IPv6), with its family's presence bit */
+static void put_prefix(struct rule_form *f, uint32_t w, int v6, const uint8_t *ip, const uint8_t *mask,
+                       uint64_t p4, uint64_t p6)
+{
+    if (v6) {
+        put(f, w, ld_bytes(mask, 8), ld_bytes(ip, 8));
+        put(f, w + 1, ld_bytes(mask + 8, 8), ld_bytes(ip + 8, 8));
+        put(f, 2, p6, p6);
+    } else {
+        put(f, w, ld_bytes(mask, 4), ld_bytes(ip, 4));
+        put(f, 2, p4, p4);
+    }
+    need(f, LV_L3);
+    restrict_t1(f, 1u << (v6 ? L3_IP6 : L3_IP4), ANY_PC);
+    restrict_t2(f, 7u, HAS_B12);
+}
+
 static void form_rule(const struct nmb_rule *r, struct rule_form *f)
 {
     uint32_t fl = r->fields;
@@ -612,32 +629,10 @@ static void form_rule(const struct nmb_rule *r, struct rule_form *f)
         /* the classes are known only when the filter parses L3; otherwise t1 is not used */
         restrict_t1(f, l3, ANY_PC);
     }
-    if (fl & NMB_F_SRC_IP) {
-        if (r->src_ip_v6) {
-            put(f, 4, ld_bytes(r->src_ip_mask, 8), ld_bytes(r->src_ip, 8));
-            put(f, 5, ld_bytes(r->src_ip_mask + 8, 8), ld_bytes(r->src_ip + 8, 8));
-            put(f, 2, P_SRC6, P_SRC6);
-        } else {
-            put(f, 4, ld_bytes(r->src_ip_mask, 4), ld_bytes(r->src_ip, 4));
-            put(f, 2, P_SRC4, P_SRC4);
-        }
-        need(f, LV_L3);
-        restrict_t1(f, 1u << (r->src_ip_v6 ? L3_IP6 : L3_IP4), ANY_PC);
-        restrict_t2(f, 7u, HAS_B12);
-    }
-    if (fl & NMB_F_DST_IP) {
-        if (r->dst_ip_v6) {
-            put(f, 6, ld_bytes(r->dst_ip_mask, 8), ld_bytes(r->dst_ip, 8));
-            put(f, 7, ld_bytes(r->dst_ip_mask + 8, 8), ld_bytes(r->dst_ip + 8, 8));
-            put(f, 2, P_DST6, P_DST6);
-        } else {
-            put(f, 6, ld_bytes(r->dst_ip_mask, 4), ld_bytes(r->dst_ip, 4));
-            put(f, 2, P_DST4, P_DST4);
-        }
-        need(f, LV_L3);
-        restrict_t1(f, 1u << (r->dst_ip_v6 ? L3_IP6 : L3_IP4), ANY_PC);
-        restrict_t2(f, 7u, HAS_B12);
-    }
+    if (fl & NMB_F_SRC_IP)
+        put_prefix(f, 4, r->src_ip_v6, r->src_ip, r->src_ip_mask, P_SRC4, P_SRC6);
+    if (fl & NMB_F_DST_IP)
+        put_prefix(f, 6, r->dst_ip_v6, r->dst_ip, r->dst_ip_mask, P_DST4, P_DST6);
     if (fl & NMB_F_IP_PROTO) {
         put(f, 2, 0xffull << 32 | P_PROTO, (uint64_t)r->ip_proto << 32 | P_PROTO);
         need(f, LV_L3);
