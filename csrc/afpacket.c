@@ -284,15 +284,24 @@ static inline uint32_t advance(struct afport *ap, struct netmap_ring *ring, uint
     return s;
 }
 
+/* Both transmit paths start alike: count the sync, check head/cur as the kernel would. */
+static int tx_prologue(struct afport *ap, const struct netmap_ring *ring)
+{
+    char err[NMB_PORT_ERRLEN - 32];
+    ap->st.txsyncs++;
+    if (nmb_kring_check(ring, &ap->tx_kr, "tx ring 0", err, sizeof(err)))
+        return fail(ap, -EINVAL, err);
+    return 0;
+}
+
 static int afp_txsync(struct nmb_port *p)
 {
     struct afport *ap = (struct afport *)p;
     struct netmap_ring *ring = nmb_txring(p->nifp, 0);
     struct nmb_kring *kr = &ap->tx_kr;
-    char err[NMB_PORT_ERRLEN - 32];
-    ap->st.txsyncs++;
-    if (nmb_kring_check(ring, kr, "tx ring 0", err, sizeof(err)))
-        return fail(ap, -EINVAL, err);
+    int rc = tx_prologue(ap, ring);
+    if (rc)
+        return rc;
     uint32_t head = ring->head, n = ring->num_slots, bs = ring->nr_buf_size;
     uint32_t s = kr->hwcur;
     while (s != head) {
@@ -497,10 +506,9 @@ static int afp_txsync_ring(struct nmb_port *p)
     struct afport *ap = (struct afport *)p;
     struct netmap_ring *ring = nmb_txring(p->nifp, 0);
     struct nmb_kring *kr = &ap->tx_kr;
-    char err[NMB_PORT_ERRLEN - 32];
-    ap->st.txsyncs++;
-    if (nmb_kring_check(ring, kr, "tx ring 0", err, sizeof(err)))
-        return fail(ap, -EINVAL, err);
+    int rc = tx_prologue(ap, ring);
+    if (rc)
+        return rc;
     uint32_t head = ring->head, n = ring->num_slots, bs = ring->nr_buf_size;
     uint32_t s = kr->hwcur, queued = 0;
     int down = 0;
