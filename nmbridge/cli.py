@@ -68,6 +68,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", metavar="PATH", default=None,
                    help='the control socket (default: [control] socket, else '
                         f'{config.DEFAULT_CONTROL_SOCKET}; "" for none)')
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="where the per-interface locks and restore records live (default: "
+                        "$NMBRIDGE_STATE_DIR, else /run/nmbridge); bridges that share an interface "
+                        "must share it")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -80,7 +84,8 @@ def run_command(args: argparse.Namespace) -> int:
     check_capabilities(cfg, link_setup=not args.no_link_setup)  # before touching anything
     configure_logs(args, cfg)
     Bridge(cfg, link_setup=not args.no_link_setup, control_path=control,
-           log_level_fixed=bool(getattr(args, "log_level", None))).run()
+           log_level_fixed=bool(getattr(args, "log_level", None)),
+           state_directory=getattr(args, "state_dir", None)).run()
     return EX_OK
 
 
@@ -331,8 +336,10 @@ COMMANDS: list[Command] = [
     Command("reload", "make the running bridge re-read its config (as SIGHUP does) and say what changed",
             add_control_argument, reload_command,
             epilog="Filters are swapped between batches (no frame lost); pairs added, removed or\n"
-                   "changed are started or stopped alone. A config that does not load changes\n"
-                   "nothing: its error is printed and the exit status is 78."),
+                   "changed are started or stopped alone. All or nothing: a config that does not\n"
+                   "load (exit 78) or a pair that cannot start (a missing interface, another\n"
+                   "bridge's lock; exit 1) changes nothing, the running pairs go on, and the\n"
+                   "reason is printed."),
     Command("version", "print the version", lambda p: None, version_command),
 ]
 

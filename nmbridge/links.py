@@ -14,8 +14,15 @@ What was changed is worked out by comparing a snapshot taken before with one tak
 :meth:`LinkManager.restore` puts back exactly those fields — and only those, and only where
 they still hold the value nmbridge set.  Restore is idempotent and never raises.
 
-:class:`LinkWatcher` follows link events (RTMGRP_LINK) and reports ``link_down`` /
-``link_up`` per port; forwarding itself resumes when a link comes back without its help.
+:class:`nmbridge.linkwatch.LinkWatcher` follows link events.
+
+A manager may hold the interfaces of several pairs: ``setup(..., held=...)`` looks up and
+checks interfaces it already set up without touching them again, ``restore(names)`` gives
+back only some, ``before_change`` lets the owner lock each interface (and hand back a restore
+record left by a run that died) after every check and before the first change, and
+``store`` sees every record as it changes (the owner persists them).  With link set-up off
+for an interface, each problem ``nmbridge doctor`` would report about it is logged as a
+warning (:func:`check_state`).
 
 pyroute2 is untyped: everything that touches it lives in :class:`_Kernel` and the watcher's
 parser; the rest of the module is typed, and the decisions are pure functions over
@@ -34,11 +41,10 @@ import ctypes
 import errno
 import fcntl
 import os
-import select
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -173,6 +179,48 @@ def changes_made(before: LinkState, after: LinkState) -> RestoreRecord:
         set_admin_up=after.admin_up if before.admin_up != after.admin_up else None,
         set_promisc=after.promisc if before.promisc != after.promisc else None,
     )
+
+
+def merge_records(older: RestoreRecord, newer: RestoreRecord) -> RestoreRecord:
+    """One record for an interface set up twice (a run that died, then this one): each field's
+    original value is the older record's where it has one — that is the true original."""
+    feats = {**newer.features, **older.features}
+    return RestoreRecord(
+        ifname=newer.ifname, index=newer.index,
+        admin_up=older.admin_up if older.admin_up is not None else newer.admin_up,
+        promisc=older.promisc if older.promisc is not None else newer.promisc,
+        features=feats,
+        set_features={**older.set_features, **newer.set_features},
+        set_admin_up=newer.set_admin_up if newer.set_admin_up is not None else older.set_admin_up,
+        set_promisc=newer.set_promisc if newer.set_promisc is not None else older.set_promisc,
+    )
+
+
+def record_to_dict(rec: RestoreRecord) -> dict[str, Any]:
+    return {"ifname": rec.ifname, "index": rec.index, "admin_up": rec.admin_up, "promisc": rec.promisc,
+            "features": dict(rec.features), "set_features": dict(rec.set_features),
+            "set_admin_up": rec.set_admin_up, "set_promisc": rec.set_promisc}
+
+
+def record_from_dict(d: Mapping[str, Any]) -> RestoreRecord:
+    """The inverse of :func:`record_to_dict`; raises ValueError on anything else."""
+    def opt_bool(key: str) -> bool | None:
+        v = d.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"{key}: not a boolean")
+        return v
+
+    def bools(key: str) -> dict[str, bool]:
+        v = d.get(key, {})
+        if not isinstance(v, dict) or not all(isinstance(x, bool) for x in v.values()):
+            raise ValueError(f"{key}: not a map of booleans")
+        return dict(v)
+
+    ifname, index = d.get("ifname"), d.get("index")
+    if not isinstance(ifname, str) or not isinstance(index, int) or isinstance(index, bool):
+        raise ValueError("ifname/index missing")
+    return RestoreRecord(ifname, index, opt_bool("admin_up"), opt_bool("promisc"), bools("features"),
+                         bools("set_features"), opt_bool("set_admin_up"), opt_bool("set_promisc"))
 
 
 @dataclass(frozen=True)
@@ -472,6 +520,11 @@ def config_links(config: Any, link_setup: bool = True) -> list[PairLinks]:
             for p in config.pairs]
 
 
+# before_change(states of the interfaces about to be used, not yet held) -> restore records a
+# run that died left for some of them (adopted: this manager restores them)
+BeforeChange = Callable[[Mapping[str, LinkState]], Mapping[str, RestoreRecord]]
+
+
 class LinkManager:
     """Sets up the interfaces of a bridge and restores exactly what it changed.
 
@@ -485,10 +538,12 @@ class LinkManager:
             links.restore()         # idempotent, never raises
     """
 
-    def __init__(self, buf_size: int, netns: str | None = None, allow_chains: bool = False) -> None:
+    def __init__(self, buf_size: int, netns: str | None = None, allow_chains: bool = False,
+                 store: Callable[[str, RestoreRecord | None], None] | None = None) -> None:
         self.buf_size = buf_size
         self.netns = netns
         self.allow_chains = allow_chains
+        self.store = store  # told each record as it changes (None: restored, nothing to keep)
         self.records: dict[str, RestoreRecord] = {}
         self.states: dict[str, LinkState] = {}
         self._lock = threading.Lock()
@@ -499,11 +554,15 @@ class LinkManager:
     def __exit__(self, *exc: object) -> None:
         self.restore()
 
-    def setup(self, pairs: Sequence[PairLinks]) -> list[Finding]:
+    def setup(self, pairs: Sequence[PairLinks], *, held: Collection[str] = (),
+              before_change: BeforeChange | None = None) -> list[Finding]:
         """Look up and check every interface, then set up those whose pairs allow it.
 
-        Returns the warnings and notes (already logged).  Raises LinkError — with nothing left changed —
-        when an interface is missing, a check fails, or the kernel refuses a change.
+        Interfaces in ``held`` (set up earlier by this manager, for pairs still running) are
+        looked up and checked but not touched.  Returns the warnings and notes (already
+        logged).  Raises LinkError — with nothing this call changed left changed — when an
+        interface is missing, a check fails, ``before_change`` refuses, or the kernel refuses
+        a change.
         """
         if not any(pl.ifname for pair in pairs for pl in pair.ports):
             return []  # mem: ports only
@@ -532,6 +591,10 @@ class LinkManager:
                 if sides:
                     findings += check_mtu(sides[0], sides[1] if len(sides) > 1 else None,
                                           self.buf_size, self.allow_chains or pair.allow_chains)
+            fresh = [n for n in names if n not in held]
+            for name in fresh:
+                if not names[name]:  # left as it is: what doctor would report is the operator's
+                    findings += [f for f in check_state(self.states[name], False) if f.severity != "note"]
             errors = [f for f in findings if f.severity == "error"]
             if errors:
                 raise LinkError("; ".join(f"{where[f.ifname]}: {f.ifname}: {f.problem}" for f in errors))
@@ -540,17 +603,40 @@ class LinkManager:
                     log.info("link_check", ifname=f.ifname, note=f.problem)
                 else:
                     log.warning("link_check", ifname=f.ifname, problem=f.problem, fix=f.fix)
-            # 3. changes
+            # 3. the owner's last word (locks), then changes
+            adopted = dict(before_change({n: self.states[n] for n in fresh})) if before_change else {}
+            done: list[str] = []
             try:
-                for name, wanted in names.items():
-                    if wanted:
+                for name in fresh:
+                    rec = adopted.get(name)
+                    if rec is not None:
+                        with self._lock:
+                            self.records[name] = rec
+                        done.append(name)
+                    if names[name]:
+                        done.append(name)
                         self._setup_one(k, self.states[name])
+                    elif rec is not None:  # a run that died set it up; this one must not: put it back
+                        self._restore_with(k, [name])
+                        log.info("link_setup_skipped", ifname=name, reason="link_setup = false")
                     else:
                         log.info("link_setup_skipped", ifname=name, reason="link_setup = false")
             except BaseException:
-                self._restore_with(k)
+                self._restore_with(k, done)
                 raise
         return findings
+
+    def _keep(self, name: str, rec: RestoreRecord | None) -> None:
+        with self._lock:
+            if rec is None:
+                self.records.pop(name, None)
+            else:
+                self.records[name] = rec
+        if self.store is not None:
+            try:
+                self.store(name, rec)
+            except Exception as e:
+                log.error("link_record_not_saved", ifname=name, reason=_reason(e))
 
     def _setup_one(self, k: _Kernel, before: LinkState) -> None:
         plan = plan_setup(before)
@@ -558,7 +644,8 @@ class LinkManager:
         for feature in plan.fixed_on:
             log.warning("offload_fixed_on", ifname=name, offload=OFFLOAD_BY_FEATURE[feature].keyword)
         if plan.empty:
-            log.info("link_ready", ifname=name, changed=[])
+            done = self.records.get(name)
+            log.info("link_ready", ifname=name, changed=_describe(done) if done else [])
             return
         step = "bring up"
         try:
@@ -579,9 +666,11 @@ class LinkManager:
             after = k.lookup(name)
             if after is not None:
                 rec = changes_made(before, after)
+                older = self.records.get(name)
+                if older is not None:
+                    rec = merge_records(older, rec)
                 if not rec.empty:
-                    with self._lock:
-                        self.records[name] = rec
+                    self._keep(name, rec)
                 self.states[name] = after
         if after is None:
             raise LinkError(f"{name}: disappeared during set-up")
@@ -593,26 +682,35 @@ class LinkManager:
         done = self.records.get(name)
         log.info("link_ready", ifname=name, changed=_describe(done) if done else [])
 
-    def restore(self) -> None:
-        """Put back what set-up changed.  Idempotent; logs failures, never raises."""
+    def forget(self, names: Collection[str]) -> None:
+        """Drop the records of interfaces that are gone (deleted: nothing to restore)."""
+        for name in names:
+            if name in self.records:
+                self._keep(name, None)
+            self.states.pop(name, None)
+
+    def restore(self, names: Collection[str] | None = None) -> None:
+        """Put back what set-up changed (on ``names`` only, if given).  Idempotent; logs
+        failures, never raises."""
         with self._lock:
-            if not self.records:
-                return
+            todo = [n for n in self.records if names is None or n in names]
+        if not todo:
+            return
         try:
             with in_netns(self.netns), _Kernel() as k:
-                self._restore_with(k)
+                self._restore_with(k, todo)
         except Exception as e:
-            log.error("link_restore_failed", ifname=",".join(self.records), reason=_reason(e))
+            log.error("link_restore_failed", ifname=",".join(todo), reason=_reason(e))
 
-    def _restore_with(self, k: _Kernel) -> None:
+    def _restore_with(self, k: _Kernel, names: Collection[str]) -> None:
         with self._lock:
-            records = list(self.records.values())
-            self.records.clear()
+            records = [r for n, r in self.records.items() if n in names]
         for rec in reversed(records):
             try:
                 self._restore_one(k, rec)
             except Exception as e:
                 log.error("link_restore_failed", ifname=rec.ifname, reason=_reason(e))
+            self._keep(rec.ifname, None)
 
     def _restore_one(self, k: _Kernel, rec: RestoreRecord) -> None:
         cur = k.lookup(rec.ifname)
@@ -635,6 +733,13 @@ class LinkManager:
         log.info("link_restored", ifname=rec.ifname, restored=_describe(rec, original=True))
 
 
+def restore_record(rec: RestoreRecord, netns: str | None = None) -> None:
+    """Put back one record (a run that died left it); logs, never raises."""
+    m = LinkManager(0, netns)
+    m.records[rec.ifname] = rec
+    m.restore()
+
+
 def _describe(rec: RestoreRecord, original: bool = False) -> list[str]:
     """The changes of a record in words: as set-up left them, or (``original``) as restored."""
     up = rec.admin_up if original else rec.set_admin_up
@@ -653,169 +758,3 @@ def lookup_links(ifnames: Sequence[str], netns: str | None = None) -> dict[str, 
     """Snapshots of interfaces (None for a missing one); changes nothing."""
     with in_netns(netns), _Kernel() as k:
         return {n: k.lookup(n) for n in ifnames}
-
-
-# --------------------------------------------------------------------------- link events
-
-
-@dataclass(frozen=True)
-class LinkEvent:
-    port: str
-    ifname: str
-    up: bool  # operationally up (carrier and admin up)
-    operstate: str
-
-
-RTMGRP_LINK = 0x1
-RTM_NEWLINK = 16
-RTM_DELLINK = 17
-_NLMSGHDR = struct.Struct("=IHHII")
-_OPERSTATES = ("UNKNOWN", "NOTPRESENT", "DOWN", "LOWERLAYERDOWN", "TESTING", "DORMANT", "UP")
-
-
-def _parse_link_messages(data: bytes) -> Iterator[tuple[int, str, int, str]]:
-    """(message type, ifname, flags, operstate) for each link message in a netlink datagram."""
-    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        if mtype in (RTM_NEWLINK, RTM_DELLINK):
-            msg: Any = ifinfmsg(data[off:off + length])
-            msg.decode()
-            name = msg.get_attr("IFLA_IFNAME")
-            state = msg.get_attr("IFLA_OPERSTATE")
-            if isinstance(state, int):
-                state = _OPERSTATES[state] if state < len(_OPERSTATES) else "UNKNOWN"
-            if name:
-                yield mtype, str(name), int(msg["flags"]), str(state or "UNKNOWN")
-        off += (length + 3) & ~3
-
-
-def link_is_up(flags: int, operstate: str) -> bool:
-    """Operationally up: admin up with carrier (operstate UP, or UNKNOWN for drivers without one)."""
-    return bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP) and operstate in ("UP", "UNKNOWN")
-
-
-class LinkWatcher:
-    """A thread that follows RTMGRP_LINK events for some interfaces.
-
-    Logs ``link_down`` / ``link_up`` (with ``port``, ``ifname``, ``operstate``) on each change
-    of operational state and calls ``callback(LinkEvent)``.  ``stop()`` returns promptly: the
-    thread waits in ``select()`` on the netlink socket and a wake-up pipe, never polling.
-    """
-
-    def __init__(self, ports: Mapping[str, str], callback: Callable[[LinkEvent], None] | None = None,
-                 netns: str | None = None) -> None:
-        """``ports`` maps interface name -> port label (``afpacket:eth1``)."""
-        self.ports = dict(ports)
-        self.callback = callback
-        self.netns = netns
-        self.state: dict[str, LinkEvent] = {}
-        self._sock: socket.socket | None = None
-        self._wake_r, self._wake_w = -1, -1
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> LinkWatcher:
-        with in_netns(self.netns):
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.bind((0, RTMGRP_LINK))
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._seed()  # after bind: no change between the snapshot and the first event is lost
-        self._thread = threading.Thread(target=self._run, name="nmbridge-links", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is None:
-            return
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        self._thread.join(timeout)
-        self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
-
-    def __enter__(self) -> LinkWatcher:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _seed(self) -> None:
-        try:
-            states = lookup_links(list(self.ports), self.netns)
-        except Exception as e:
-            log.warning("link_watch_seed_failed", reason=_reason(e))
-            return
-        for name, st in states.items():
-            if st is None:
-                self.state[name] = LinkEvent(self.ports[name], name, False, "NOTPRESENT")
-            else:
-                flags = (IFF_UP if st.admin_up else 0) | (IFF_LOWER_UP if st.lower_up else 0)
-                self.state[name] = LinkEvent(self.ports[name], name, link_is_up(flags, st.operstate),
-                                             st.operstate)
-
-    def _run(self) -> None:
-        assert self._sock is not None
-        sock = self._sock
-        fds = [sock.fileno(), self._wake_r]
-        while True:
-            try:
-                ready, _, _ = select.select(fds, [], [])
-            except OSError:
-                return
-            if self._wake_r in ready:
-                return
-            try:
-                data = sock.recv(1 << 16)
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:  # events lost: read the state afresh
-                    log.warning("link_watch_overrun")
-                    self._resync()
-                    continue
-                return
-            try:
-                for mtype, name, flags, operstate in _parse_link_messages(data):
-                    if name in self.ports:
-                        if mtype == RTM_DELLINK:
-                            self._update(name, False, "NOTPRESENT")
-                        else:
-                            self._update(name, link_is_up(flags, operstate), operstate)
-            except Exception as e:  # a message we cannot parse must not stop the watcher
-                log.warning("link_watch_parse_failed", reason=_reason(e))
-
-    def _resync(self) -> None:
-        old = dict(self.state)
-        self._seed()
-        for name, ev in list(self.state.items()):
-            prev = old.get(name)
-            if prev is not None and prev.up != ev.up:
-                self.state[name] = prev
-                self._update(name, ev.up, ev.operstate)
-
-    def _update(self, name: str, up: bool, operstate: str) -> None:
-        prev = self.state.get(name)
-        event = LinkEvent(self.ports[name], name, up, operstate)
-        self.state[name] = event
-        if prev is not None and prev.up == up:
-            return
-        log.info("link_up" if up else "link_down", port=event.port, ifname=name, operstate=operstate)
-        if self.callback is not None:
-            try:
-                self.callback(event)
-            except Exception as e:
-                log.error("link_callback_failed", ifname=name, reason=_reason(e))

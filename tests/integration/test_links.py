@@ -18,16 +18,15 @@ from nmbridge.backends import PortSpec
 from nmbridge.errors import LinkError
 from nmbridge.links import (
     OFFLOADS,
-    LinkEvent,
     LinkManager,
     LinkState,
-    LinkWatcher,
     PairLinks,
     PortLink,
     _Kernel,
     in_netns,
     lookup_links,
 )
+from nmbridge.linkwatch import LinkEvent, LinkWatcher
 
 pytestmark = pytest.mark.root
 

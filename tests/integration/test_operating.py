@@ -48,8 +48,10 @@ ethertype = 0x88b6
 class Run:
     """`nmbridge run -c CONFIG` in the lab's bridge namespace, JSON logs read by a thread."""
 
-    def __init__(self, lb: Lab, config: Path, *prefix: str, control: str = "") -> None:
+    def __init__(self, lb: Lab, config: Path, *prefix: str, control: str = "", state: str = "") -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        if state:
+            env["NMBRIDGE_STATE_DIR"] = state
         self.proc = lb.popen(lb.ns_bridge, *prefix, sys.executable, "-m", "nmbridge", "--log-format", "json",
                              "run", "-c", str(config), "--control", control, cwd="/", env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -196,7 +198,10 @@ def test_an_unprivileged_user_with_capabilities_forwards_on_veth(lab: Lab, publi
     cfg.write_text(f'[bridge]\nstats_interval = 0\n[[pair]]\nname = "lab"\n'
                    f'ports = ["afpacket:{lab.bridge_left_if}", "afpacket:{lab.bridge_right_if}"]\n')
     cfg.chmod(0o644)
-    run = Run(lab, cfg, *_setpriv("net_admin", "net_raw"))
+    state = public_dir / "state"  # /run/nmbridge is root's: the service gets its own (RuntimeDirectory)
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    run = Run(lab, cfg, *_setpriv("net_admin", "net_raw"), state=str(state))
     tx, rx = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
     token = os.urandom(8)
     try:

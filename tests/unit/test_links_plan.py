@@ -16,10 +16,10 @@ from nmbridge.links import (
     check_mtu,
     check_state,
     frame_limit,
-    link_is_up,
     plan_restore,
     plan_setup,
 )
+from nmbridge.linkwatch import link_is_up
 
 GRO, TSO, RXVLAN = "rx-gro", "tx-tcp-segmentation", "rx-vlan-hw-parse"
 

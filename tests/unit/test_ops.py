@@ -23,9 +23,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nmbridge import caps, cli, config, logs
+from nmbridge import reload as reload_module
 from nmbridge.app import Bridge, required_capabilities
 from nmbridge.control import ControlError, ControlServer, request
-from nmbridge.errors import ConfigError
+from nmbridge.errors import ConfigError, PortError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0  # seconds; generous for a loaded machine, never slept
@@ -425,3 +426,72 @@ def test_a_missing_capability_is_named_in_one_line(monkeypatch: pytest.MonkeyPat
                    "AmbientCapabilities=CAP_NET_RAW (see etc/systemd/nmbridge.service)")
     monkeypatch.setattr(caps, "effective", lambda status_path="": (1 << 13) | (1 << 12))
     assert caps.require_for([(caps.CAP_NET_RAW, "x")], "nmbridge run") is None
+
+
+# --- reload is all or nothing -------------------------------------------------------------
+
+
+def test_reload_naming_a_missing_interface_changes_nothing(
+        running: tuple[Bridge, str, Path], log_lines: io.StringIO,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in a reload (an interface that does not exist) is refused before anything
+    stops: the running pairs go on and the reply names the failure (exit 1, not 78)."""
+    bridge, sock, path = running
+    before = (bridge.config, list(bridge.pairs))
+    lan = bridge.pairs[0]
+    # pair idle moves onto interfaces that do not exist: it would restart
+    path.write_text(path.read_text().replace('"mem:c", "mem:d"', '"afpacket:nmbnope0", "afpacket:nmbnope1"'))
+    with pytest.raises(ControlError) as e:
+        request(sock, "reload")
+    assert not e.value.config_error
+    assert "pair idle: port afpacket:nmbnope0: no such interface nmbnope0" in str(e.value)
+    assert (bridge.config, list(bridge.pairs)) == before
+    assert all(p.thread is not None and p.thread.is_alive() for p in bridge.pairs)
+    lan.a.inject_many(frame(i, 0x88B5) for i in range(10))  # type: ignore[attr-defined]
+    wait_for(lambda: lan.fwd.stats()["a_to_b"]["frames"] == 2 * FRAMES // 3 + 10, "lan to go on")
+    assert cli.main(["reload", "--control", sock]) == cli.EX_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("nmbridge: pair idle: port afpacket:nmbnope0: no such interface")
+    assert "nothing changed" not in err and err.count("\n") == 1
+    logs.configure("json", "info", log_lines)
+    assert "pair_stopped" not in [e["event"] for e in events(log_lines)]
+
+
+def test_a_restart_whose_ports_fail_to_open_resumes_the_old_pair(
+        running: tuple[Bridge, str, Path], log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ports of a restarting pair fail to open: the old pair forwards again on its own
+    ports and the reload fails naming the port."""
+    bridge, sock, path = running
+    lan = bridge.pairs[0]
+    real_open = bridge.portset.open
+
+    def failing_open(specs: Any) -> Any:
+        if any(s.name == "e" for s in specs):
+            bridge.portset.failed = next(s for s in specs if s.name == "e")
+            raise PortError("mem:e: no room")
+        return real_open(specs)
+
+    monkeypatch.setattr(bridge.portset, "open", failing_open)
+    path.write_text(path.read_text().replace('ports = ["mem:a", "mem:b"]', 'ports = ["mem:a", "mem:e"]'))
+    with pytest.raises(ControlError, match=r"^pair lan: port mem:e: no room$"):
+        request(sock, "reload")
+    assert [p.config.name for p in bridge.pairs] == ["lan", "idle"] and bridge.pairs[0] is lan
+    assert lan.thread is not None and lan.thread.is_alive()
+    assert events(log_lines, "pair_resumed")[0]["pair"] == "lan"
+    lan.a.inject_many(frame(i, 0x88B5) for i in range(10))  # type: ignore[attr-defined]
+    wait_for(lambda: lan.fwd.stats()["a_to_b"]["frames"] == 10, "the resumed pair to forward")
+    assert bridge.config.pairs[0].b == config.loads(PAIR).pairs[0].b  # mem:b, still
+
+
+def test_reload_plan_is_a_pure_diff() -> None:
+    old = config.loads('[filter.f]\n[[pair]]\nname = "x"\nports = ["mem:a", "mem:b"]\nfilter = "f"\n'
+                       '[[pair]]\nname = "y"\nports = ["mem:c", "mem:d"]\n'
+                       '[[pair]]\nname = "z"\nports = ["mem:e", "mem:f"]\n', "t")
+    new = config.loads('[filter.f]\ndefault = "drop"\n[[pair]]\nname = "x"\nports = ["mem:a", "mem:b"]\n'
+                       'filter = "f"\n[[pair]]\nname = "y"\nports = ["mem:c", "mem:d"]\n'
+                       'direction = "a-to-b"\n'
+                       '[[pair]]\nname = "w"\nports = ["mem:g", "mem:h"]\n', "t")
+    plan = reload_module.diff(old, new)
+    assert [p.name for p in plan.added] == ["w"] and plan.removed == ["z"]
+    assert [p.name for p in plan.restarted] == ["y"] and [p.name for p in plan.refilter] == ["x"]
+    assert reload_module.diff(old, old).to_start == [] and reload_module.diff(old, old).refilter == []
