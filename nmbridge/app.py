@@ -113,15 +113,16 @@ class Bridge:
         link set-up is on.  All or nothing; ``restore_links`` undoes it."""
         self.hold_links(self.config.pairs)
 
-    def hold_links(self, pcs: Iterable[PairConfig]) -> list[str]:
+    def hold_links(self, pcs: Iterable[PairConfig], retake: Collection[str] = ()) -> list[str]:
         """Set up (and lock) the interfaces of `pcs` this bridge does not hold yet; those it
         holds (for running pairs) are looked up and checked, never touched again — a pair
-        that restarts on an interface that was down does not bounce it.  Returns the names
-        newly held; raises with nothing changed."""
+        that restarts on an interface that was down does not bounce it — except those in
+        `retake` (a pair whose link_setup was turned on).  Returns the names newly held;
+        raises with nothing changed."""
         pls = [pair_links(p.name, list(p.ports), self.link_setup and p.link_setup) for p in pcs]
         before = set(self.locks.held)
         try:
-            self.links.setup(pls, held=before, before_change=self.locks.acquire)
+            self.links.setup(pls, held=before - set(retake), before_change=self.locks.acquire)
         except BaseException:
             self.release_links(set(self.locks.held) - before)
             raise

@@ -710,6 +710,9 @@ class LinkManager:
                 self._restore_one(k, rec)
             except Exception as e:
                 log.error("link_restore_failed", ifname=rec.ifname, reason=_reason(e))
+                with self._lock:  # forgotten here; a persisted copy stays for the next run
+                    self.records.pop(rec.ifname, None)
+                continue
             self._keep(rec.ifname, None)
 
     def _restore_one(self, k: _Kernel, rec: RestoreRecord) -> None:

@@ -167,8 +167,10 @@ def swap_pairs(bridge: Bridge, start: list[PairConfig], compiled: dict[str, dict
     from nmbridge.app import check_backends
 
     check_backends(start)
-    # 2. links
-    newly = bridge.hold_links(start)
+    # 2. links (a pair whose link_setup was turned on sets up the interfaces it keeps)
+    setup_on = [pc for pc in start if pc.name in replaced and pc.link_setup
+                and not replaced[pc.name].config.link_setup]
+    newly = bridge.hold_links(start, retake={i for pc in setup_on for i in _interfaces(pc)})
     # 3. pause what shares an interface with its new self
     paused = [old for pc in start if (old := replaced.get(pc.name)) is not None and _shares(old.config, pc)]
     bridge.pause_pairs(paused)
@@ -190,6 +192,11 @@ def swap_pairs(bridge: Bridge, start: list[PairConfig], compiled: dict[str, dict
     by_name = {p.config.name: p for p in [*kept, *opened]}
     bridge.pairs = [by_name[pc.name] for pc in final if pc.name in by_name]
     bridge.release_links(bridge.unused_links(final))
+    # a pair whose link_setup was turned off gives its interfaces their original state back
+    setup_off = [pc for pc in start if pc.name in replaced and not pc.link_setup
+                 and replaced[pc.name].config.link_setup]
+    if setup_off:
+        bridge.links.restore({i for pc in setup_off for i in _interfaces(pc)})
 
 
 def _open(bridge: Bridge, start: list[PairConfig], paused: list[_Pair]) -> list[_Pair]:
