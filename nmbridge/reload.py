@@ -269,7 +269,7 @@ def relink(bridge: Bridge, name: str) -> None:
     try:
         compiled = bridge.compile(p.config, bridge.config)
         swap_pairs(bridge, [p.config], compiled, {name: p}, [], list(bridge.config.pairs))
-    except NmbridgeError as e:
+    except (NmbridgeError, OSError) as e:
         log.error("relink_failed", pair=name, error=str(e),
                   note="the pair stays down; the next event of the interface tries again")
         return
