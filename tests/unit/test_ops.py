@@ -495,3 +495,55 @@ def test_reload_plan_is_a_pure_diff() -> None:
     assert [p.name for p in plan.added] == ["w"] and plan.removed == ["z"]
     assert [p.name for p in plan.restarted] == ["y"] and [p.name for p in plan.refilter] == ["x"]
     assert reload_module.diff(old, old).to_start == [] and reload_module.diff(old, old).refilter == []
+
+
+def _busy_while_open(bridge: Bridge, monkeypatch: pytest.MonkeyPatch, fail_always: str = "") -> list[str]:
+    """PortSet.open as a backend that cannot open the same rings twice: a spec already open
+    fails (and so does `fail_always`, open or not)."""
+    real_open = bridge.portset.open
+    refused: list[str] = []
+
+    def open_(specs: Any) -> Any:
+        busy = {p.spec for p in bridge.portset.ports if not p.closed}
+        for s in specs:
+            if str(s) in busy or str(s) == fail_always:
+                bridge.portset.failed = s
+                refused.append(str(s))
+                raise PortError(f"{s}: busy")
+        return real_open(specs)
+
+    monkeypatch.setattr(bridge.portset, "open", open_)
+    return refused
+
+
+def test_a_restart_on_rings_that_cannot_be_opened_twice_closes_the_old_ports_first(
+        running: tuple[Bridge, str, Path], log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    bridge, sock, path = running
+    old = bridge.pairs[0]
+    refused = _busy_while_open(bridge, monkeypatch)
+    path.write_text(path.read_text().replace('filter = "noarp"', 'filter = "noarp"\ndirection = "a-to-b"', 1))
+    r = request(sock, "reload")
+    assert r["restarted"] == ["lan"] and refused == ["mem:a"]  # refused once, then the retry opened it
+    lan = bridge.pairs[0]
+    assert lan is not old and old.a.closed and lan.thread is not None and lan.thread.is_alive()
+    assert [e["pair"] for e in events(log_lines, "pair_stopped")] == ["lan"]  # once
+    lan.a.inject_many(frame(i, 0x88B5) for i in range(10))  # type: ignore[attr-defined]
+    wait_for(lambda: lan.fwd.stats()["a_to_b"]["frames"] == 10, "the restarted pair to forward")
+
+
+def test_when_the_retry_fails_too_the_old_ports_are_opened_again(
+        running: tuple[Bridge, str, Path], log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    bridge, sock, path = running
+    refused = _busy_while_open(bridge, monkeypatch, fail_always="mem:z")
+    path.write_text(path.read_text().replace('ports = ["mem:a", "mem:b"]', 'ports = ["mem:a", "mem:z"]'))
+    with pytest.raises(ControlError) as e:
+        request(sock, "reload")
+    assert str(e.value) == ("pair lan: port mem:z: busy (the old ports of lan were closed to retry and "
+                            "opened again)")
+    assert refused == ["mem:a", "mem:z"]
+    lan = bridge.pairs[0]
+    assert lan.config.ports[1].name == "b" and lan.thread is not None and lan.thread.is_alive()
+    assert lan.filters["a_to_b"].name == "noarp"  # its filters go with it
+    assert events(log_lines, "pair_reopened")[0]["pair"] == "lan"
+    lan.a.inject_many(frame(i, 0x88B5) for i in range(10))  # type: ignore[attr-defined]
+    wait_for(lambda: lan.fwd.stats()["a_to_b"]["frames"] == 10, "the re-opened pair to forward")
