@@ -12,10 +12,10 @@ that only a restart changes (``needs_restart``: they keep their running values).
    not held yet locked and set up (one already held for a running pair is not touched again:
    no bounce).  A missing interface, another bridge's lock or a refused change fails here,
    with nothing changed;
-3. pause the old selves of restarted pairs that share an interface (or a port) with their new
-   selves: their forwarders stop, their ports stay open, frames wait in the kernel's rings
-   (opening a second port on an interface while the first still forwards would send frames
-   that arrive in between twice);
+3. pause the pairs that stop (removed, or the old selves of restarted ones) and share an
+   interface (or a port) with a pair that starts: their forwarders stop, their ports stay
+   open, frames wait in the kernel's rings (opening a second port on an interface while the
+   first still forwards would send frames that arrive in between twice);
 4. open every new port, all or nothing.  If that fails on an interface a paused pair holds
    (a backend that cannot open the same rings twice), the paused pairs' ports are closed and
    the open is retried; if it still fails, the old pairs' ports are opened again.  On failure
@@ -171,8 +171,9 @@ def swap_pairs(bridge: Bridge, start: list[PairConfig], compiled: dict[str, dict
     setup_on = [pc for pc in start if pc.name in replaced and pc.link_setup
                 and not replaced[pc.name].config.link_setup]
     newly = bridge.hold_links(start, retake={i for pc in setup_on for i in _interfaces(pc)})
-    # 3. pause what shares an interface with its new self
-    paused = [old for pc in start if (old := replaced.get(pc.name)) is not None and _shares(old.config, pc)]
+    # 3. pause each pair that stops and shares an interface with a pair that starts
+    starting = {i for pc in start for i in _interfaces(pc)}
+    paused = [old for old in [*replaced.values(), *removed] if _interfaces(old.config) & starting]
     bridge.pause_pairs(paused)
     # 4. open
     try:
@@ -319,5 +320,3 @@ def _interfaces(p: PairConfig) -> set[str]:
     return {_interface(s) for s in p.ports}
 
 
-def _shares(old: PairConfig, new: PairConfig) -> bool:
-    return bool(_interfaces(old) & _interfaces(new))
