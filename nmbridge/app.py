@@ -101,8 +101,9 @@ class Bridge:
     # --- the steps ----------------------------------------------------------------------
 
     def preflight(self) -> None:
-        """Everything checkable before a link is touched: each port's backend is here and
-        usable, each filter compiles, the control socket can be made (it is, not served yet).
+        """Everything checkable before a link is touched (capabilities and the config were
+        checked by the caller): each port's backend is in this build, each filter compiles,
+        the control socket can be made (it is, and served).
         Links are looked up, checked and locked by ``set_up_links`` before it changes any."""
         check_backends(self.config.pairs)
         self._compiled = {p.name: self.compile(p, self.config) for p in self.config.pairs}
@@ -415,15 +416,16 @@ def check_capabilities(config: Config, link_setup: bool) -> None:
 
 
 def check_backends(pcs: Iterable[PairConfig]) -> None:
-    """Every port's backend is in this build and usable here (PortError naming pair and port)."""
+    """Every port's backend is in this build (PortError naming pair and port).  Whether it
+    can run here (capabilities, extension built) is the capability check's (cli) and the
+    port's own, at open."""
     for p in pcs:
         for spec in p.ports:
             try:
-                reason = backend(spec.backend).unavailable()
+                backend(spec.backend)
             except ImportError as e:  # a backend whose issue is still open
-                reason = f"the {spec.backend} backend is not in this build ({e})"
-            if reason:
-                raise PortError(f"pair {p.name}: port {spec}: {reason}")
+                raise PortError(f"pair {p.name}: port {spec}: the {spec.backend} backend is not in "
+                                f"this build ({e})") from None
 
 
 def _stop_watcher(p: _Pair) -> None:

@@ -7,7 +7,7 @@ that only a restart changes (``needs_restart``: they keep their running values).
 **Transaction** (:func:`swap_pairs`, also what re-opens the ports of a re-created interface):
 
 1. check what can be checked without touching anything: every filter compiles (else
-   ConfigError: ``nmbridge reload`` exits 78), every new port's backend is usable;
+   ConfigError: ``nmbridge reload`` exits 78), every new port's backend is in this build;
 2. hold the links of the pairs to start: every interface looked up, MTUs checked, each one
    not held yet locked and set up (one already held for a running pair is not touched again:
    no bounce).  A missing interface, another bridge's lock or a refused change fails here,
@@ -163,7 +163,7 @@ def swap_pairs(bridge: Bridge, start: list[PairConfig], compiled: dict[str, dict
     named in `replaced` replace running pairs), stop `removed`; `final`: every pair's config
     afterwards (links no pair of it uses are released).  Raises with the old pairs
     forwarding."""
-    # 1b. backends (filters were compiled by the caller)
+    # 1b. backends in this build (filters were compiled by the caller)
     from nmbridge.app import check_backends
 
     check_backends(start)

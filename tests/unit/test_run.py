@@ -198,3 +198,22 @@ def test_a_filter_without_a_compiler_refuses_to_run(
     cfg = config.loads('[filter.f]\n[[pair]]\nname = "x"\nports = ["mem:a", "mem:b"]\nfilter = "f"\n', "t")
     with pytest.raises(NmbridgeError, match=r'^pair x: filter "f" cannot run'):
         Bridge(cfg).run()
+
+
+def test_a_control_socket_in_use_is_refused_before_any_interface_is_looked_up(
+        log_lines: io.StringIO, tmp_path: Path) -> None:
+    """Checks that need no link come first: a control socket another bridge serves fails the
+    start before the (missing) interface is even looked up."""
+    from nmbridge.control import ControlServer
+
+    path = str(tmp_path / "c.sock")
+    other = ControlServer(path, {}).start()
+    try:
+        cfg = config.loads(f'[control]\nsocket = "{path}"\n[[pair]]\nname = "lan"\n'
+                           'ports = ["afpacket:nmbtest0", "afpacket:nmbtest1"]\n', "t")
+        with pytest.raises(NmbridgeError, match=r"^control socket: .*another nmbridge is already listening"):
+            Bridge(cfg, state_directory=str(tmp_path / "state")).run()
+    finally:
+        other.close()
+    assert [e["event"] for e in events(log_lines)] == ["starting"]
+    assert not (tmp_path / "state").exists()  # no lock taken either
