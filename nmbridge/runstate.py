@@ -129,7 +129,10 @@ class InterfaceLocks:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             return None
-        if rec.index != index:
+        if rec.index != index or rec.ifname != name:  # another interface (a reused netns inode)
+            log.warning("link_record_ignored", ifname=name, path=path, record_for=rec.ifname)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             return None
         log.warning("link_record_recovered", ifname=name, path=path, original=_describe(rec, original=True),
                     note="a bridge that used this interface died without restoring it: its original "
