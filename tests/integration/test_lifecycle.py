@@ -126,9 +126,10 @@ def send_and_count(lb: Lab, n: int, timeout: float = 10.0) -> int:
 
 
 def flags(lb: Lab, ifname: str) -> tuple[bool, bool]:
-    """(admin up, promiscuous) of a bridge-side interface."""
+    """(admin up, promiscuous flag) of a bridge-side interface: the flag as set through
+    netlink, not an afpacket: socket's own promiscuous membership."""
     info = lb.link(lb.ns_bridge, ifname)
-    return "UP" in info["flags"], int(info.get("promiscuity", 0)) > 0
+    return "UP" in info["flags"], "PROMISC" in info["flags"]
 
 
 def test_a_second_bridge_on_the_same_interface_is_refused_before_touching_it(
@@ -307,3 +308,24 @@ def test_an_interface_deleted_and_recreated_is_reopened(lab: Lab, tmp_path: Path
         run.kill()
     b_to_a = stopped["counters"]["lab"]["b_to_a"]
     assert b_to_a["frames"] > 0  # the pair's new forwarder carried the background traffic
+
+
+def test_link_setup_turned_on_and_off_by_reload(lab: Lab, tmp_path: Path) -> None:
+    cfg = write_config(lab, tmp_path / "b.toml", "link_setup = false\n")
+    lab.set_up(lab.ns_bridge, lab.bridge_left_if, False)
+    sock = str(tmp_path / "c.sock")
+    run = Run(lab, cfg, tmp_path / "state", control=sock)
+    try:
+        run.wait_event("ready")
+        assert flags(lab, lab.bridge_left_if) == (False, False)
+        cfg.write_text(cfg.read_text().replace("link_setup = false", "link_setup = true"))
+        assert request(sock, "reload", timeout=DEADLINE)["restarted"] == ["lab"]
+        assert flags(lab, lab.bridge_left_if) == (True, True)
+        assert send_and_count(lab, 20) == 20
+        cfg.write_text(cfg.read_text().replace("link_setup = true", "link_setup = false"))
+        assert request(sock, "reload", timeout=DEADLINE)["restarted"] == ["lab"]
+        assert flags(lab, lab.bridge_left_if) == (False, False)  # given back
+        run.stop()
+    finally:
+        run.kill()
+    assert flags(lab, lab.bridge_left_if) == (False, False)
