@@ -602,6 +602,10 @@ def required_capabilities(config: Config, link_setup: bool) -> list[tuple[int, s
     specs = [s for p in config.pairs for s in p.ports]
     if any(s.backend == "afpacket" for s in specs):
         need.append((caps.CAP_NET_RAW, "afpacket: ports"))
+    if any(s.backend == "afxdp" for s in specs):
+        from nmbridge.backends.afxdp_backend import needed_capabilities
+
+        need.extend(c for c in needed_capabilities() if c not in need)
     if link_setup and any(p.link_setup and any(backend(s.backend).interface(s.name) for s in p.ports)
                           for p in config.pairs):
         need.append((caps.CAP_NET_ADMIN, "link set-up; or run --no-link-setup"))
