@@ -60,6 +60,7 @@ struct xport {
     int map_fd, prog_fd, link_fd, epfd, promisc_fd;
     int mode, need_wakeup, fake, tx_down;
     uint32_t idle_rx;
+    uint32_t fake_seq; /* the fake kernel numbers the frames it receives */
     char mode_reason[160];
     struct nmb_afxdp_stats st;
 };
@@ -965,7 +966,8 @@ uint32_t nmb_afxdp_fake_kernel(struct nmb_port *p, uint32_t rx, uint32_t tx, uin
         d->options = 0;
         char *buf = nmb_umem_bufs(xp->mem) + (a / xp->bs) * xp->bs;
         memset(buf, 0, len);
-        memcpy(buf, &moved, sizeof(moved));
+        memcpy(buf, &xp->fake_seq, sizeof(xp->fake_seq));
+        xp->fake_seq++;
         moved++;
     }
     *q->fr.consumer = fc + k;
@@ -991,18 +993,21 @@ uint32_t nmb_afxdp_fake_kernel(struct nmb_port *p, uint32_t rx, uint32_t tx, uin
     return moved;
 }
 
-/* Buffers the fake kernel holds right now (fill ring entries not yet consumed, RX descriptors
- * not yet read, TX descriptors and completions not yet reaped): the test checks these plus
+/* Buffers the fake kernel holds right now: on the RX side fill ring entries not yet consumed
+ * and RX descriptors not yet read; on the TX side TX descriptors and completions not yet reaped: the test checks these plus
  * the region's slots and free pool account for every buffer. */
-uint32_t nmb_afxdp_fake_held(struct nmb_port *p, uint32_t *out, uint32_t max)
+uint32_t nmb_afxdp_fake_held(struct nmb_port *p, int tx_side, uint32_t *out, uint32_t max)
 {
     struct xport *xp = (struct xport *)p;
     struct xq *q = &xp->q[0];
     uint32_t n = 0;
-    for (uint32_t i = *q->fr.consumer; i != *q->fr.producer && n < max; i++)
-        out[n++] = (uint32_t)(((uint64_t *)q->fr.desc)[i & q->fr.mask] / xp->bs);
-    for (uint32_t i = *q->rx.consumer; i != *q->rx.producer && n < max; i++)
-        out[n++] = (uint32_t)(((struct xdp_desc *)q->rx.desc)[i & q->rx.mask].addr / xp->bs);
+    if (!tx_side) {
+        for (uint32_t i = *q->fr.consumer; i != *q->fr.producer && n < max; i++)
+            out[n++] = (uint32_t)(((uint64_t *)q->fr.desc)[i & q->fr.mask] / xp->bs);
+        for (uint32_t i = *q->rx.consumer; i != *q->rx.producer && n < max; i++)
+            out[n++] = (uint32_t)(((struct xdp_desc *)q->rx.desc)[i & q->rx.mask].addr / xp->bs);
+        return n;
+    }
     for (uint32_t i = *q->tx.consumer; i != *q->tx.producer && n < max; i++)
         out[n++] = (uint32_t)(((struct xdp_desc *)q->tx.desc)[i & q->tx.mask].addr / xp->bs);
     for (uint32_t i = *q->cr.consumer; i != *q->cr.producer && n < max; i++)

@@ -47,7 +47,7 @@ cdef extern from "nmb_afxdp.h" nogil:
     nmb_port *nmb_afxdp_open_fake(nmb_umem *m, const char *name, uint32_t slots, char *err, size_t errlen)
     uint32_t nmb_afxdp_fake_kernel(nmb_port *p, uint32_t rx, uint32_t tx, uint32_t len, uint32_t perm,
                                    uint8_t *seen, uint32_t seen_len)
-    uint32_t nmb_afxdp_fake_held(nmb_port *p, uint32_t *out, uint32_t max)
+    uint32_t nmb_afxdp_fake_held(nmb_port *p, int tx_side, uint32_t *out, uint32_t max)
 
 
 MODES = {"auto": NMB_AFXDP_MODE_AUTO, "zc": NMB_AFXDP_MODE_ZC, "native": NMB_AFXDP_MODE_NATIVE,
@@ -197,15 +197,16 @@ cdef class FakeXskPort(AfXdpPort):
             sl = len(seen)
         return nmb_afxdp_fake_kernel(self.c, rx, tx, length, perm, sp, sl)
 
-    def held(self) -> list:
-        """Buffer indices the fake kernel holds now (fill, RX, TX and completion rings)."""
+    def held(self, bint tx_side=False) -> list:
+        """Buffer indices the fake kernel holds now: fill and RX rings, or (`tx_side`) TX and
+        completion rings."""
         self._check_open()
         cdef uint32_t cap = 1 << 20
         cdef uint32_t *buf = <uint32_t *>malloc(cap * sizeof(uint32_t))
         if buf == NULL:
             raise MemoryError()
         try:
-            n = nmb_afxdp_fake_held(self.c, buf, cap)
+            n = nmb_afxdp_fake_held(self.c, tx_side, buf, cap)
             return [buf[i] for i in range(n)]
         finally:
             free(buf)

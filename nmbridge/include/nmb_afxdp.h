@@ -82,6 +82,6 @@ int nmb_afxdp_check(struct nmb_port *p);
 struct nmb_port *nmb_afxdp_open_fake(nmb_umem *m, const char *name, uint32_t slots, char *err, size_t errlen);
 uint32_t nmb_afxdp_fake_kernel(struct nmb_port *p, uint32_t rx, uint32_t tx, uint32_t len, uint32_t perm,
                                uint8_t *seen, uint32_t seen_len);
-uint32_t nmb_afxdp_fake_held(struct nmb_port *p, uint32_t *out, uint32_t max);
+uint32_t nmb_afxdp_fake_held(struct nmb_port *p, int tx_side, uint32_t *out, uint32_t max);
 
 #endif /* NMB_AFXDP_H */
