@@ -15,7 +15,9 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <dirent.h>
+#include <linux/ethtool.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 
 #include "nmb_afxdp.h"
 
@@ -58,7 +60,7 @@ struct xport {
     uint32_t *pos; /* buf_idx -> where we put it when we gave it to the kernel */
     uint32_t bs, nbufs, max_frame;
     int map_fd, prog_fd, link_fd, epfd, promisc_fd;
-    int mode, need_wakeup, fake, tx_down;
+    int mode, need_wakeup, fake, tx_down, csum_fix;
     uint32_t idle_rx;
     uint32_t fake_seq; /* the fake kernel numbers the frames it receives */
     char mode_reason[160];
@@ -87,6 +89,81 @@ static inline int in_range(uint32_t i, uint32_t lo, uint32_t hi)
 }
 
 static inline uint32_t prev_slot(uint32_t i, uint32_t n) { return i == 0 ? n - 1 : i - 1; }
+
+/* ---------------------------------------------------------------------------------------
+ * Checksums a local stack left for the device to finish
+ *
+ * A veth peer's stack (containers, VMs' taps) hands over TCP/UDP frames as CHECKSUM_PARTIAL:
+ * the checksum field holds only the folded pseudo-header sum.  AF_XDP passes the bytes without
+ * that metadata, so a frame forwarded as is arrives with a bad checksum.  A frame whose field
+ * equals its pseudo-header sum gets its checksum computed here; recomputing is idempotent for
+ * a frame that was right all along (the 1-in-65536 coincidence), so nothing correct changes. */
+
+static inline uint32_t add16(uint32_t sum, const uint8_t *p, uint32_t len)
+{
+    for (; len > 1; p += 2, len -= 2)
+        sum += (uint32_t)(p[0] << 8 | p[1]);
+    if (len)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+static inline uint16_t fold16(uint64_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+static int finish_partial_csum(uint8_t *f, uint32_t len)
+{
+    uint32_t off = 14, et, proto, l4, l4len;
+    uint64_t sum;
+    if (len < 14 + 20)
+        return 0;
+    et = (uint32_t)(f[12] << 8 | f[13]);
+    while ((et == 0x8100 || et == 0x88a8) && off + 4 <= len) {
+        et = (uint32_t)(f[off + 2] << 8 | f[off + 3]);
+        off += 4;
+    }
+    const uint8_t *ip = f + off;
+    if (et == 0x0800 && off + 20 <= len) {
+        uint32_t ihl = (ip[0] & 15u) * 4, tot = (uint32_t)(ip[2] << 8 | ip[3]);
+        if ((ip[0] >> 4) != 4 || ihl < 20 || tot < ihl || off + tot > len || (ip[6] & 0x3f) || ip[7])
+            return 0; /* a fragment never carries a partial checksum */
+        proto = ip[9];
+        l4 = off + ihl;
+        l4len = tot - ihl;
+        sum = add16(0, ip + 12, 8);
+    } else if (et == 0x86dd && off + 40 <= len) {
+        l4len = (uint32_t)(ip[4] << 8 | ip[5]);
+        proto = ip[6];
+        l4 = off + 40;
+        if (l4 + l4len > len)
+            return 0;
+        sum = add16(0, ip + 8, 32);
+    } else {
+        return 0;
+    }
+    uint32_t at;
+    if (proto == 6 && l4len >= 20)
+        at = l4 + 16;
+    else if (proto == 17 && l4len >= 8)
+        at = l4 + 6;
+    else
+        return 0;
+    sum += proto + l4len;
+    uint16_t stored = (uint16_t)(f[at] << 8 | f[at + 1]);
+    if (stored != fold16(sum))
+        return 0;
+    f[at] = f[at + 1] = 0;
+    uint16_t c = (uint16_t)~fold16(add16((uint32_t)fold16(sum), f + l4, l4len));
+    if (c == 0 && proto == 17)
+        c = 0xffff;
+    f[at] = (uint8_t)(c >> 8);
+    f[at + 1] = (uint8_t)c;
+    return 1;
+}
 
 /* ---------------------------------------------------------------------------------------
  * RX: fill ring <- buffers of slots entering the NIC's part; XSK RX ring -> slots at tail */
@@ -152,6 +229,8 @@ static int rx_ring_sync(struct xport *xp, uint32_t qi)
         xp->pos[b] = POS_NONE;
         ring->slot[t].len = (uint16_t)d->len;
         ring->slot[t].flags = 0;
+        if (xp->csum_fix && finish_partial_csum((uint8_t *)nmb_buf(ring, b), d->len))
+            xp->st.rx_csum_fixed++;
         xp->st.rx_frames++;
         xp->st.rx_bytes += d->len;
         kr->hwtail = nmb_ring_next(ring, t);
@@ -228,6 +307,17 @@ static void tx_kick(struct xport *xp, struct xq *q)
     }
 }
 
+/* IFF_UP and IFF_RUNNING (carrier), through an ioctl on one of our sockets */
+static int link_running(struct xport *xp)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", xp->ifname);
+    if (ioctl(xp->q[0].fd, SIOCGIFFLAGS, &ifr))
+        return 1; /* cannot tell: let the next kick say */
+    return (ifr.ifr_flags & (IFF_UP | IFF_RUNNING)) == (IFF_UP | IFF_RUNNING);
+}
+
 static int tx_ring_sync(struct xport *xp, uint32_t qi)
 {
     struct xq *q = &xp->q[qi];
@@ -261,8 +351,12 @@ static int tx_ring_sync(struct xport *xp, uint32_t qi)
     /* new frames */
     uint32_t head = ring->head, s = kr->hwcur, prod = *q->tx.producer, queued = 0;
     struct xdp_desc *txd = q->tx.desc;
-    if (xp->tx_down && q->fd >= 0)
-        tx_kick(xp, q); /* still down? */
+    if (xp->tx_down && q->fd >= 0) { /* still down? */
+        if (load_acq(q->tx.consumer) != *q->tx.producer)
+            tx_kick(xp, q);
+        else
+            xp->tx_down = !link_running(xp);
+    }
     while (s != head) {
         struct netmap_slot *slot = &ring->slot[s];
         uint32_t b = slot->buf_idx, len = slot->len;
@@ -607,29 +701,38 @@ static void xp_free(struct xport *xp)
     free(xp);
 }
 
-static int read_int_file(const char *path, long *out)
+/* Through ioctls on a socket of the calling thread's network namespace (/sys shows the
+ * namespace of whoever mounted it, not necessarily ours). */
+static int read_mtu(const char *ifname)
 {
-    FILE *f = fopen(path, "r");
-    if (!f)
+    struct ifreq ifr;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), mtu = -1;
+    if (fd < 0)
         return -1;
-    int ok = fscanf(f, "%ld", out) == 1;
-    fclose(f);
-    return ok ? 0 : -1;
+    memset(&ifr, 0, sizeof(ifr));
+    snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
+    if (ioctl(fd, SIOCGIFMTU, &ifr) == 0)
+        mtu = ifr.ifr_mtu;
+    close(fd);
+    return mtu;
 }
 
+/* receive queues: ETHTOOL_GCHANNELS (rx + combined); 1 when the driver does not say */
 static int count_rx_queues(const char *ifname)
 {
-    char path[128];
-    snprintf(path, sizeof(path), "/sys/class/net/%s/queues", ifname);
-    DIR *d = opendir(path);
-    if (!d)
-        return -1;
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)))
-        if (!strncmp(e->d_name, "rx-", 3))
-            n++;
-    closedir(d);
+    struct ifreq ifr;
+    struct ethtool_channels ch;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), n = 1;
+    if (fd < 0)
+        return 1;
+    memset(&ifr, 0, sizeof(ifr));
+    memset(&ch, 0, sizeof(ch));
+    ch.cmd = ETHTOOL_GCHANNELS;
+    snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
+    ifr.ifr_data = (void *)&ch;
+    if (ioctl(fd, SIOCETHTOOL, &ifr) == 0 && ch.rx_count + ch.combined_count > 0)
+        n = (int)(ch.rx_count + ch.combined_count);
+    close(fd);
     return n;
 }
 
@@ -702,7 +805,7 @@ static int xp_layout(struct xport *xp, uint32_t nq, uint32_t slots, char *err, s
 struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o,
                                 char *err, size_t errlen)
 {
-    char why[256], path[128];
+    char why[256];
     long page = sysconf(_SC_PAGESIZE);
     if (!ifname[0] || strlen(ifname) >= IFNAMSIZ) {
         snprintf(err, errlen, "an interface name has 1 to %d bytes", IFNAMSIZ - 1);
@@ -728,13 +831,13 @@ struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nm
         return NULL;
     }
     xp->need_wakeup = o->need_wakeup;
+    xp->csum_fix = o->csum_fix;
     xp->ifindex = (int)if_nametoindex(ifname);
     if (xp->ifindex == 0)
         OPEN_FAIL("%s", errno == ENODEV || errno == ENXIO ? "no such interface" : strerror(errno));
-    long mtu = 1500;
-    snprintf(path, sizeof(path), "/sys/class/net/%s/mtu", ifname);
-    if (read_int_file(path, &mtu) == 0 && (uint64_t)mtu + 14 + 8 > xp->max_frame)
-        OPEN_FAIL("MTU %ld is too large: a frame (MTU + 14, + 8 for two VLAN tags) must fit one %u-byte "
+    int mtu = read_mtu(ifname);
+    if (mtu > 0 && (uint64_t)mtu + 14 + 8 > xp->max_frame)
+        OPEN_FAIL("MTU %d is too large: a frame (MTU + 14, + 8 for two VLAN tags) must fit one %u-byte "
                   "buffer less 256 bytes of XDP headroom (%u); multi-buffer AF_XDP is not supported: "
                   "lower the MTU or use buf_size = 4096", mtu, bs, xp->max_frame);
     int have = count_rx_queues(ifname);

@@ -18,6 +18,7 @@ class AfXdpPort(Port):
         queues: int = 0,
         promisc: bool = True,
         need_wakeup: bool = True,
+        csum_fix: bool = True,
     ) -> None: ...
     @property
     def ifindex(self) -> int: ...

@@ -29,9 +29,10 @@ cdef extern from "nmb_afxdp.h" nogil:
         uint32_t queues
         int promisc
         int need_wakeup
+        int csum_fix
 
     struct nmb_afxdp_stats:
-        uint64_t rx_frames, rx_bytes, rx_kernel_drops, rx_ring_full, rx_fill_empty, rx_bad_desc
+        uint64_t rx_frames, rx_bytes, rx_kernel_drops, rx_ring_full, rx_fill_empty, rx_bad_desc, rx_csum_fixed
         uint64_t tx_frames, tx_bytes, tx_errors, tx_link_down, tx_dev_drops, tx_invalid, tx_again
         uint64_t rxsyncs, txsyncs, tx_kicks, fill_kicks, completions, link_errors
 
@@ -63,7 +64,7 @@ cdef class AfXdpPort(Port):
     cdef readonly str ifname
 
     def __init__(self, Region region not None, str ifname, *, int slots=1024, str mode="auto",
-                 int queues=0, bint promisc=True, bint need_wakeup=True):
+                 int queues=0, bint promisc=True, bint need_wakeup=True, bint csum_fix=True):
         cdef char err[256]
         cdef nmb_afxdp_opts o
         cdef bytes name = ifname.encode()
@@ -76,6 +77,7 @@ cdef class AfXdpPort(Port):
         o.queues = queues
         o.promisc = promisc
         o.need_wakeup = need_wakeup
+        o.csum_fix = csum_fix
         self.c = nmb_afxdp_open(region.c, name, &o, err, sizeof(err))
         if self.c == NULL:
             raise PortError(f"afxdp:{ifname}: {err.decode(errors='replace')}")
@@ -132,7 +134,7 @@ cdef class AfXdpPort(Port):
         return {
             "rx_frames": s.rx_frames, "rx_bytes": s.rx_bytes,
             "rx_kernel_drops": s.rx_kernel_drops, "rx_ring_full": s.rx_ring_full,
-            "rx_fill_empty": s.rx_fill_empty, "rx_bad_desc": s.rx_bad_desc,
+            "rx_fill_empty": s.rx_fill_empty, "rx_bad_desc": s.rx_bad_desc, "rx_csum_fixed": s.rx_csum_fixed,
             "tx_frames": s.tx_frames, "tx_bytes": s.tx_bytes, "tx_errors": s.tx_errors,
             "tx_link_down": s.tx_link_down, "tx_dev_drops": s.tx_dev_drops,
             "tx_invalid": s.tx_invalid, "tx_again": s.tx_again,

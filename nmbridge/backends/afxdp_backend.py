@@ -5,7 +5,10 @@ after ``?``: ``mode=auto|zc|native|skb`` (default auto: driver XDP with zero-cop
 the driver has them, else driver XDP with copy sockets, else generic (skb) XDP; a named mode
 is insisted on), ``queues=N`` (receive queues to bind, default all; fewer than the interface
 has is refused, since frames of an unbound queue would reach the host stack), ``promisc=0|1``
-(default 1, held by a socket: the kernel undoes it on close), ``need_wakeup=0|1`` (default 1).
+(default 1, held by a socket: the kernel undoes it on close), ``need_wakeup=0|1`` (default 1),
+``csum_fix=0|1`` (default 1: finish the TCP/UDP checksums a veth peer's stack leaves partial;
+AF_XDP does not pass the kernel's CHECKSUM_PARTIAL mark, so a frame whose checksum field
+equals its pseudo-header sum is completed).
 Example: ``afxdp:eth1?mode=native``.
 
 The bridge's buffer pool is the UMEM shared by every afxdp: port, so forwarding between them
@@ -28,7 +31,7 @@ from nmbridge.errors import PortError
 from nmbridge.port import Port, Region
 
 MODES = ("auto", "zc", "native", "skb")
-_BOOL_OPTIONS = ("promisc", "need_wakeup")
+_BOOL_OPTIONS = ("promisc", "need_wakeup", "csum_fix")
 AF_XDP = 44
 
 
@@ -110,7 +113,8 @@ class _AfXdpBackend:
             raise PortError(f"afxdp:{name}: {e}") from None
         return AfXdpPort(region, ifname, slots=options.slots, mode=opts.get("mode", "auto"),
                          queues=int(opts.get("queues", "0")), promisc=opts.get("promisc", "1") == "1",
-                         need_wakeup=opts.get("need_wakeup", "1") == "1")
+                         need_wakeup=opts.get("need_wakeup", "1") == "1",
+                         csum_fix=opts.get("csum_fix", "1") == "1")
 
 
 BACKEND = _AfXdpBackend()

@@ -46,6 +46,7 @@ struct nmb_afxdp_opts {
     uint32_t queues;  /* receive queues to bind; 0 = all the interface has */
     int promisc;      /* hold the interface in promiscuous mode while open */
     int need_wakeup;  /* XDP_USE_NEED_WAKEUP (default 1) */
+    int csum_fix;     /* finish TCP/UDP checksums a local stack left partial (default 1) */
 };
 
 struct nmb_afxdp_stats {
@@ -54,6 +55,7 @@ struct nmb_afxdp_stats {
     uint64_t rx_ring_full;          /* dropped: XDP_STATISTICS rx_ring_full (XSK RX ring full) */
     uint64_t rx_fill_empty;         /* dropped: XDP_STATISTICS rx_fill_ring_empty_descs (no free buffer) */
     uint64_t rx_bad_desc;           /* dropped: an RX descriptor naming a buffer we did not post */
+    uint64_t rx_csum_fixed;         /* frames whose partial TCP/UDP checksum we finished */
     uint64_t tx_frames, tx_bytes;   /* posted to XSK TX rings */
     uint64_t tx_errors;             /* dropped: too long for a chunk, shorter than 14 bytes, or a chain */
     uint64_t tx_link_down;          /* dropped: the link was down (sendto said ENETDOWN) */
