@@ -52,7 +52,8 @@ CHILD = r"""
 import json, resource, signal, sys, threading
 from nmbridge.backends import OpenOptions, PortSet, parse_spec
 from nmbridge.fastfwd import Forwarder
-left, right, burst, slots, opts, kind = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+left, right, burst, slots, opts, kind = sys.argv[1:7]
+burst, slots = int(burst), int(slots)
 ps = PortSet(OpenOptions(slots=slots))
 a, b = ps.open([parse_spec(kind + ":" + left + opts), parse_spec(kind + ":" + right + opts)])
 fwd = Forwarder(a, b, burst=burst, poll_timeout_ms=100)
@@ -277,7 +278,8 @@ def main() -> int:
                 rounds.append(r)
                 if not args.json:
                     print(f"round {i + 1} {r.bridge:9} {r.rate_pps / 1e6:7.3f} Mpps delivered "
-                          f"(generator {r.generator_pps / 1e6:.3f} Mpps), CPU {r.cpu_ns_per_frame:7.0f} ns/frame "
+                          f"(generator {r.generator_pps / 1e6:.3f} Mpps), "
+                          f"CPU {r.cpu_ns_per_frame:7.0f} ns/frame "
                           f"({r.net_cpu_ns_per_frame:.0f} less background)", flush=True)
     per: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -312,7 +314,8 @@ def main() -> int:
     # kept for readers of the earlier output (afpacket against the Linux bridge)
     if "afpacket" in per and "linux" in per:
         summary.update(nmbridge_pps=per["afpacket"]["pps"], linux_bridge_pps=per["linux"]["pps"],
-                       ratio=ratio("afpacket", "linux"), nmbridge_peak_rss_mib=per["afpacket"]["peak_rss_mib"])
+                       ratio=ratio("afpacket", "linux"),
+                       nmbridge_peak_rss_mib=per["afpacket"]["peak_rss_mib"])
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -323,7 +326,8 @@ def main() -> int:
             label += f" ({p['mode']})"
         rss = f", peak RSS {p['peak_rss_mib']:.1f} MiB" if "peak_rss_mib" in p else ""
         print(f"{label:26} {p['pps'] / 1e6:7.3f} Mpps median (rounds {lo / 1e6:.3f} .. {hi / 1e6:.3f}), "
-              f"CPU {p['cpu_ns_per_frame']:.0f} ns/frame ({p['net_cpu_ns_per_frame']:.0f} less background){rss}")
+              f"CPU {p['cpu_ns_per_frame']:.0f} ns/frame "
+              f"({p['net_cpu_ns_per_frame']:.0f} less background){rss}")
     for key, v in summary["ratios"].items():
         if v is not None:
             print(f"ratio {key:15} {v:7.3f}")
@@ -332,7 +336,8 @@ def main() -> int:
         if not rs:
             continue
         last = rs[-1].extra
-        print(f"last {name} round: process cpu {last['cpu_user_s']:.2f}s user + {last['cpu_sys_s']:.2f}s sys, "
+        print(f"last {name} round: process cpu {last['cpu_user_s']:.2f}s user + "
+              f"{last['cpu_sys_s']:.2f}s sys, "
               f"polls {last['polls']}, context switches {last['ctx_voluntary']} voluntary / "
               f"{last['ctx_involuntary']} involuntary")
     return 0
