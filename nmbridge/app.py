@@ -330,7 +330,12 @@ class Bridge:
         """Every pair's C counters, filters and rule hits, and the link states, now."""
         pairs: list[PairStats] = []
         links: dict[str, bool] = {}
+        modes: dict[str, str] = {}
         for p in list(self.pairs):
+            for spec, port in zip(p.config.ports, (p.a, p.b), strict=True):
+                mode = getattr(port, "mode", None) if not port.closed else None
+                if isinstance(mode, str):
+                    modes[str(spec)] = mode
             dirs: dict[str, DirectionStats] = {}
             for d, counters in p.fwd.stats().items():
                 s = DirectionStats(**counters)  # type: ignore[typeddict-item]
@@ -344,7 +349,7 @@ class Bridge:
                                    zerocopy=bool(p.fwd.zerocopy), directions=dirs))
             if p.watcher is not None:
                 links.update({ev.port: ev.up for ev in dict(p.watcher.state).values()})
-        return Snapshot(time=time.monotonic(), pairs=pairs, links=links)
+        return Snapshot(time=time.monotonic(), pairs=pairs, links=links, modes=modes)
 
     def log_stats(self) -> None:
         """One ``stats`` event per pair: counters, rates since the last stats event, drops."""

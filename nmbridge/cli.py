@@ -286,12 +286,14 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave the lab up afterwards (the bridge stopped) and print how to use and remove it")
     p.add_argument("--json", action="store_true",
                    help="a JSON summary on stdout (the step-by-step progress goes to stderr)")
+    p.add_argument("--backend", choices=("afpacket", "afxdp"), default="afpacket",
+                   help="the bridge's ports: afpacket: (default) or afxdp: (AF_XDP)")
 
 
 def demo_command(args: argparse.Namespace) -> int:
     from nmbridge.demo import run_demo
 
-    return run_demo(args.frames, keep=args.keep, as_json=args.json)
+    return run_demo(args.frames, keep=args.keep, as_json=args.json, backend=args.backend)
 
 
 # --- version -----------------------------------------------------------------------------
