@@ -610,7 +610,10 @@ def required_capabilities(config: Config, link_setup: bool) -> list[tuple[int, s
     if any(s.backend == "afxdp" for s in specs):
         from nmbridge.backends.afxdp_backend import needed_capabilities
 
-        need.extend(c for c in needed_capabilities() if c not in need)
+        # the UMEM is the region's buffer pool: room for twice the user-memory ports (reload)
+        b = config.bridge
+        n_user = sum(1 for s in specs if backend(s.backend).user_memory)
+        need.extend(needed_capabilities(2 * n_user * 2 * b.ring_slots * b.buf_size))
     if link_setup and any(p.link_setup and any(backend(s.backend).interface(s.name) for s in p.ports)
                           for p in config.pairs):
         need.append((caps.CAP_NET_ADMIN, "link set-up; or run --no-link-setup"))

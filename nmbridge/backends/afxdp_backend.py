@@ -57,11 +57,20 @@ def parse(name: str) -> tuple[str, dict[str, str]]:
     return ifname, opts
 
 
-def needed_capabilities() -> list[tuple[int, str]]:
-    """(capability, what needs it) for afxdp: ports on this kernel."""
+def needed_capabilities(umem_bytes: int = 0) -> list[tuple[int, str]]:
+    """(capability, what needs it) for afxdp: ports on this kernel; with the UMEM's size,
+    CAP_IPC_LOCK when RLIMIT_MEMLOCK cannot hold it (the kernel counts the UMEM there unless
+    the process has CAP_IPC_LOCK)."""
+    import resource
+
     bpf = caps.CAP_BPF if caps.kernel_has_cap_bpf() else caps.CAP_SYS_ADMIN
-    return [(caps.CAP_NET_RAW, "afxdp: sockets"), (caps.CAP_NET_ADMIN, "afxdp: XDP program attach"),
+    need = [(caps.CAP_NET_RAW, "afxdp: sockets"), (caps.CAP_NET_ADMIN, "afxdp: XDP program attach"),
             (bpf, "afxdp: XDP program load")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if umem_bytes and soft != resource.RLIM_INFINITY and soft < umem_bytes:
+        need.append((caps.CAP_IPC_LOCK, f"afxdp: a {umem_bytes >> 20} MiB UMEM over RLIMIT_MEMLOCK "
+                                        f"{soft >> 20} MiB; or raise LimitMEMLOCK"))
+    return need
 
 
 def kernel_lacks_af_xdp() -> str | None:

@@ -313,3 +313,79 @@ def test_run_sigkill_leaves_no_black_hole(lab: Lab, tmp_path: Path) -> None:
     assert not xdp_attached(lab, lab.bridge_right_if)
     lab.ip(lab.ns_bridge, "addr", "add", "10.77.0.3/24", "dev", lab.bridge_left_if)
     assert ping(lab.ns_left, "10.77.0.3") == 3
+
+
+# ---------------------------------------------------------------------------------------
+# capabilities: what is missing is named; with exactly what is named, it forwards
+
+def _as_nobody(*caps: str) -> list[str]:
+    """setpriv as uid/gid 65534 with only `caps` (plus dac_read_search when 65534 cannot read
+    the interpreter's directory, as under /root)."""
+    nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(["setpriv", *nobody, sys.executable, "-c", "import nmbridge.cli"],
+                           capture_output=True, timeout=60, cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    wanted = list(caps) if probe.returncode == 0 else [*caps, "dac_read_search"]
+    spec = ",".join(f"+{c}" for c in wanted)
+    return ["setpriv", *nobody, f"--inh-caps={spec}", f"--ambient-caps={spec}"]
+
+
+@pytest.fixture
+def public_config(lab: Lab) -> Iterator[Path]:
+    import shutil
+    import tempfile
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    d = Path(tempfile.mkdtemp(prefix="nmbtest-"))
+    d.chmod(0o755)
+    cfg = d / "bridge.toml"
+    cfg.write_text(f'[bridge]\nstats_interval = 0\n[[pair]]\nname = "lab"\n'
+                   f'ports = ["afxdp:{lab.bridge_left_if}", "afxdp:{lab.bridge_right_if}"]\n')
+    cfg.chmod(0o644)
+    try:
+        yield cfg
+    finally:
+        shutil.rmtree(d)
+
+
+def test_without_cap_bpf_it_says_so_in_one_line(lab: Lab, public_config: Path) -> None:
+    """CAP_BPF missing is named; and CAP_IPC_LOCK when RLIMIT_MEMLOCK (8 MiB by default)
+    cannot hold the UMEM (16 MiB here)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "nmbridge", "run", "-c", str(public_config), "--control", ""]
+    p = subprocess.run(["ip", "netns", "exec", lab.ns_bridge, *_as_nobody("net_admin", "net_raw"), *argv],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "CAP_BPF (afxdp: XDP program load)" in p.stderr
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    if soft != resource.RLIM_INFINITY and soft < 16 << 20:
+        assert "CAP_IPC_LOCK (afxdp: a 16 MiB UMEM over RLIMIT_MEMLOCK" in p.stderr
+    assert not xdp_attached(lab, lab.bridge_left_if)
+
+
+def test_an_unprivileged_user_with_the_named_capabilities_forwards(lab: Lab, public_config: Path) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "nmbridge", "--log-format", "json", "run", "-c", str(public_config),
+            "--control", ""]
+    proc = lab.popen(lab.ns_bridge, *_as_nobody("net_admin", "net_raw", "bpf", "ipc_lock"), *argv, cwd="/",
+                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if '"ready"' in line:
+                break
+        else:
+            pytest.fail(f"nmbridge run ended: {proc.stderr.read() if proc.stderr else ''}")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        assert "\nUid:\t65534\t65534\t65534\t65534\n" in Path(f"/proc/{proc.pid}/status").read_text()
+        assert ping(lab.ns_left, lab.right_ip) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not xdp_attached(lab, lab.bridge_left_if)
