@@ -61,6 +61,7 @@ struct xport {
     uint32_t bs, nbufs, max_frame;
     int map_fd, prog_fd, link_fd, epfd, promisc_fd;
     int mode, need_wakeup, fake, tx_down, csum_fix;
+    int ep_out; /* multi-queue: EPOLLOUT watched (a TX ring is full) */
     uint32_t idle_rx;
     uint32_t fake_seq; /* the fake kernel numbers the frames it receives */
     char mode_reason[160];
@@ -424,15 +425,34 @@ static int tx_ring_sync(struct xport *xp, uint32_t qi)
     return 0;
 }
 
+/* Multi-queue ports are polled through an epoll fd, which reports only readability: while a
+ * TX ring is full, its sockets are watched for EPOLLOUT too (the kernel's TX ring has room,
+ * i.e. look at the completions again), so a wait for room does not last a poll timeout. */
+static void arm_tx_wait(struct xport *xp, int want)
+{
+    if (want == xp->ep_out)
+        return;
+    xp->ep_out = want;
+    for (uint32_t i = 0; i < xp->nq; i++) {
+        struct epoll_event ev = {.events = EPOLLIN | (want ? EPOLLOUT : 0), .data.u32 = i};
+        epoll_ctl(xp->epfd, EPOLL_CTL_MOD, xp->q[i].fd, &ev);
+    }
+}
+
 static int xdp_txsync(struct nmb_port *p)
 {
     struct xport *xp = (struct xport *)p;
+    int full = 0;
     xp->st.txsyncs++;
     for (uint32_t i = 0; i < xp->nq; i++) {
         int rc = tx_ring_sync(xp, i);
         if (rc < 0)
             return rc;
+        struct netmap_ring *ring = nmb_txring(p->nifp, i);
+        full |= ring->tail == ring->head;
     }
+    if (xp->epfd >= 0)
+        arm_tx_wait(xp, full);
     return 0;
 }
 
