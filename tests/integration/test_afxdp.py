@@ -277,7 +277,8 @@ def test_every_receive_queue_gets_a_socket(lab: Lab) -> None:
         netns.run("ip", "link", "set", "dev", b, "netns", lab.ns_bridge)
     lab.ip(lab.ns_left, "addr", "add", "10.78.0.1/24", "dev", mq_l)
     lab.ip(lab.ns_right, "addr", "add", "10.78.0.2/24", "dev", mq_r)
-    for ns, ifname in ((lab.ns_left, mq_l), (lab.ns_bridge, mq_bl), (lab.ns_bridge, mq_br), (lab.ns_right, mq_r)):
+    for ns, ifname in ((lab.ns_left, mq_l), (lab.ns_bridge, mq_bl), (lab.ns_bridge, mq_br),
+                       (lab.ns_right, mq_r)):
         lab.set_up(ns, ifname)
     ps = PortSet(OpenOptions(rings=2, slots=256))
     a, b = in_netns(lab.ns_bridge, ps.open, [parse_spec(f"afxdp:{mq_bl}"), parse_spec(f"afxdp:{mq_br}")])
