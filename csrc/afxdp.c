@@ -997,7 +997,10 @@ void nmb_afxdp_get_stats(struct nmb_port *p, struct nmb_afxdp_stats *out)
         socklen_t l = sizeof(ks);
         if (xp->q[i].fd < 0 || getsockopt(xp->q[i].fd, SOL_XDP, XDP_STATISTICS, &ks, &l))
             continue;
-        out->rx_kernel_drops += ks.rx_dropped;
+        /* the kernel's rx_dropped also counts each frame that found the fill ring empty:
+         * count that reason once, under rx_fill_empty */
+        out->rx_kernel_drops += ks.rx_dropped > ks.rx_fill_ring_empty_descs
+                                    ? ks.rx_dropped - ks.rx_fill_ring_empty_descs : 0;
         out->rx_ring_full += ks.rx_ring_full;
         out->rx_fill_empty += ks.rx_fill_ring_empty_descs;
         out->tx_invalid += ks.tx_invalid_descs;

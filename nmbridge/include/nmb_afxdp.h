@@ -51,7 +51,7 @@ struct nmb_afxdp_opts {
 
 struct nmb_afxdp_stats {
     uint64_t rx_frames, rx_bytes;   /* moved from XSK RX rings into netmap RX slots */
-    uint64_t rx_kernel_drops;       /* dropped: XDP_STATISTICS rx_dropped (e.g. frame > chunk) */
+    uint64_t rx_kernel_drops;       /* dropped: XDP_STATISTICS rx_dropped less the fill-empty ones (frame > chunk) */
     uint64_t rx_ring_full;          /* dropped: XDP_STATISTICS rx_ring_full (XSK RX ring full) */
     uint64_t rx_fill_empty;         /* dropped: XDP_STATISTICS rx_fill_ring_empty_descs (no free buffer) */
     uint64_t rx_bad_desc;           /* dropped: an RX descriptor naming a buffer we did not post */
