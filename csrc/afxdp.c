@@ -889,12 +889,15 @@ struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nm
         xq_close(&xp->q[i], 0);
         if (i == 0 && zc && o->mode == NMB_AFXDP_MODE_AUTO && e != EBUSY && e != EPERM &&
             e != EAFNOSUPPORT && e != EACCES) {
-            snprintf(xp->mode_reason, sizeof(xp->mode_reason), "no zero-copy: %s", why);
+            snprintf(xp->mode_reason, sizeof(xp->mode_reason),
+                     "the driver has no AF_XDP zero-copy (XDP_ZEROCOPY bind: %s)", strerror(e));
             zc = 0;
             if (xq_open(xp, i, 0, rs, why, sizeof(why)) == 0)
                 continue;
             xq_close(&xp->q[i], 0);
         }
+        if (zc && o->mode == NMB_AFXDP_MODE_ZC && (e == EOPNOTSUPP || e == EINVAL))
+            OPEN_FAIL("mode=zc: the driver has no AF_XDP zero-copy (%s)", why);
         OPEN_FAIL("%s", why);
     }
     /* the initial fill: every slot of the NIC's part */

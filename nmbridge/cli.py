@@ -179,7 +179,8 @@ def ports_command(args: argparse.Namespace) -> int:
     rows = [["PAIR", "PORT", "BACKEND", "RINGS", "SLOTS", "BUF_SIZE", "ZERO-COPY", "LINK"]]
     for p in result["ports"]:
         link = p.get("link")
-        rows.append([p["pair"], p["port"], p["backend"], f"{p['rx_rings']}/{p['tx_rings']}",
+        backend = p["backend"] + (f" ({p['mode']})" if p.get("mode") else "")  # afxdp: zc/native/skb
+        rows.append([p["pair"], p["port"], backend, f"{p['rx_rings']}/{p['tx_rings']}",
                      f"{p['rx_slots']}/{p['tx_slots']}", str(p["buf_size"]),
                      "yes" if p["zerocopy"] else "no",
                      "-" if link is None else f"{'up' if link['up'] else 'down'} ({link['operstate']})"])

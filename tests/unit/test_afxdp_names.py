@@ -75,3 +75,13 @@ def test_doctor_says_what_mode_to_expect() -> None:
     assert f.severity == "error" and "MTU 9000" in f.problem and f.fix is not None
     assert afxdp_mode("e0", "ice", 3000, 4096).severity == "note"
     assert afxdp_mode("e0", "ice", 1500, 1024).severity == "error"
+
+
+def test_metrics_carry_the_port_mode() -> None:
+    from nmbridge.metrics import BridgeCollector
+    from nmbridge.stats import Snapshot
+
+    snap = Snapshot(time=0.0, pairs=[], links={}, modes={"afxdp:eth1": "native", "afxdp:eth2": "zc"})
+    fams = {m.name: m for m in BridgeCollector(lambda: snap).collect()}
+    got = {(s.labels["port"], s.labels["mode"]): s.value for s in fams["nmbridge_port_mode"].samples}
+    assert got == {("afxdp:eth1", "native"): 1.0, ("afxdp:eth2", "zc"): 1.0}
