@@ -178,11 +178,11 @@ def test_an_interface_with_an_xdp_program_is_refused_and_kept(lab: Lab) -> None:
     assert not xdp_attached(lab, lab.bridge_left_if)
 
 
-@pytest.mark.parametrize("mode", ["auto", "skb"])
-def test_arp_and_ping_both_ways(lab: Lab, bridge: StartBridge, mode: str) -> None:
-    rb = bridge(lab, query=f"?mode={mode}")
+@pytest.mark.parametrize("mode, extra", [("auto", ""), ("skb", ""), ("native", "&need_wakeup=0")])
+def test_arp_and_ping_both_ways(lab: Lab, bridge: StartBridge, mode: str, extra: str) -> None:
+    rb = bridge(lab, query=f"?mode={mode}{extra}")
     info = rb.left.info()  # type: ignore[attr-defined]
-    assert info["mode"] == ("native" if mode == "auto" else "skb")  # veth has no AF_XDP zero-copy
+    assert info["mode"] == ("native" if mode == "auto" else mode)  # veth has no AF_XDP zero-copy
     if mode == "auto":
         assert "zero-copy" in info["mode_reason"]
     assert xdp_attached(lab, lab.bridge_left_if) and xdp_attached(lab, lab.bridge_right_if)
