@@ -24,6 +24,15 @@
  * (BPF_LINK_CREATE): it goes away with the link's last fd, so a killed bridge never leaves the
  * interface black-holing traffic.  Modes: "zc" (driver XDP + XDP_ZEROCOPY), "native" (driver
  * XDP + XDP_COPY), "skb" (generic XDP + XDP_COPY); "auto" tries them in that order.
+ *
+ * Kicks: with XDP_USE_NEED_WAKEUP, sendto() only when the TX ring asks (copy mode always does:
+ * each call sends a budget of 32 frames, so txsync loops while the kernel makes progress) and
+ * recvfrom() when the fill ring asks.  EBUSY from sendto() is one frame the device dropped
+ * (tx_dev_drops); ENETDOWN stops posting until the link is up again (tx_link_down).  The fd
+ * to poll is the socket (one queue) or an epoll fd over the sockets (several; EPOLLOUT is
+ * watched only while a TX ring is full).  rxsync completes TCP/UDP checksums a local stack
+ * left partial (AF_XDP does not carry CHECKSUM_PARTIAL): a frame whose checksum field equals
+ * its pseudo-header sum gets the full sum (idempotent for a frame that was already right).
  */
 #ifndef NMB_AFXDP_H
 #define NMB_AFXDP_H
