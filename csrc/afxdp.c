@@ -42,6 +42,7 @@ struct xq {
     int fd;
     uint32_t qid;
     int zc;
+    int shared; /* bound with XDP_SHARED_UMEM (else this socket registered the UMEM) */
     struct xring rx, tx, fr, cr;
     struct nmb_kring rx_kr, tx_kr;
     uint8_t *tx_state; /* per netmap TX slot: TX_IDLE, TX_KERNEL, TX_DONE */
@@ -666,6 +667,7 @@ static int xq_open(struct xport *xp, uint32_t qi, int zc, uint32_t ring_size, ch
     sa.sxdp_family = AF_XDP;
     sa.sxdp_ifindex = (uint32_t)xp->ifindex;
     sa.sxdp_queue_id = q->qid;
+    q->shared = share >= 0;
     if (share >= 0) {
         sa.sxdp_flags = XDP_SHARED_UMEM; /* the kernel copies the UMEM's zc/copy and wakeup flags */
         sa.sxdp_shared_umem_fd = (uint32_t)share;
@@ -1014,6 +1016,15 @@ int nmb_afxdp_ifindex(struct nmb_port *p) { return ((struct xport *)p)->ifindex;
 int nmb_afxdp_mode(struct nmb_port *p) { return ((struct xport *)p)->mode; }
 const char *nmb_afxdp_mode_reason(struct nmb_port *p) { return ((struct xport *)p)->mode_reason; }
 uint32_t nmb_afxdp_queues(struct nmb_port *p) { return ((struct xport *)p)->nq; }
+
+uint32_t nmb_afxdp_shared_sockets(struct nmb_port *p)
+{
+    struct xport *xp = (struct xport *)p;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < xp->nq; i++)
+        n += xp->q[i].shared != 0;
+    return n;
+}
 
 
 int nmb_afxdp_check(struct nmb_port *p)

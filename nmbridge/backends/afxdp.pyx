@@ -44,6 +44,7 @@ cdef extern from "nmb_afxdp.h" nogil:
     int nmb_afxdp_mode(nmb_port *p)
     const char *nmb_afxdp_mode_reason(nmb_port *p)
     uint32_t nmb_afxdp_queues(nmb_port *p)
+    uint32_t nmb_afxdp_shared_sockets(nmb_port *p)
     int nmb_afxdp_check(nmb_port *p)
     nmb_port *nmb_afxdp_open_fake(nmb_umem *m, const char *name, uint32_t slots, char *err, size_t errlen)
     uint32_t nmb_afxdp_fake_kernel(nmb_port *p, uint32_t rx, uint32_t tx, uint32_t len, uint32_t perm,
@@ -118,12 +119,19 @@ cdef class AfXdpPort(Port):
         self._check_open()
         return nmb_afxdp_queues(self.c)
 
+    @property
+    def shared_sockets(self) -> int:
+        """Sockets bound to another socket's UMEM (XDP_SHARED_UMEM); the rest registered one."""
+        self._check_open()
+        return nmb_afxdp_shared_sockets(self.c)
+
     def info(self) -> dict:
         out = Port.info(self)
         out["mode"] = self.mode
         if self.mode_reason:
             out["mode_reason"] = self.mode_reason
         out["queues"] = self.queues
+        out["umem"] = "shared" if self.shared_sockets == self.queues else "registered"
         return out
 
     def counters(self) -> dict:

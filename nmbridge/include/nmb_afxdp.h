@@ -86,6 +86,8 @@ int nmb_afxdp_ifindex(struct nmb_port *p);
 int nmb_afxdp_mode(struct nmb_port *p);
 const char *nmb_afxdp_mode_reason(struct nmb_port *p);
 uint32_t nmb_afxdp_queues(struct nmb_port *p);
+/* sockets of the port bound with XDP_SHARED_UMEM (the others registered a UMEM themselves) */
+uint32_t nmb_afxdp_shared_sockets(struct nmb_port *p);
 int nmb_afxdp_check(struct nmb_port *p);
 
 /* Tests: a port whose "kernel" is a fake over rings in plain memory, the same sync code (see

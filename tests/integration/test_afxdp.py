@@ -193,6 +193,8 @@ def test_arp_and_ping_both_ways(lab: Lab, bridge: StartBridge, mode: str, extra:
     assert right_mac.hex(":") in lab.ip(lab.ns_left, "neigh", "show", lab.right_ip).stdout
     assert left_mac.hex(":") in lab.ip(lab.ns_right, "neigh", "show", lab.left_ip).stdout
     assert rb.fwd.zerocopy  # type: ignore[attr-defined]
+    # one UMEM for both interfaces: the first port registered it, the second shares it
+    assert (rb.left.shared_sockets, rb.right.shared_sockets) == (0, 1)  # type: ignore[attr-defined]
     assert lab.link(lab.ns_bridge, lab.bridge_left_if)["promiscuity"] == 1
     rb.stop()
     assert not xdp_attached(lab, lab.bridge_left_if) and not xdp_attached(lab, lab.bridge_right_if)
@@ -287,6 +289,7 @@ def test_every_receive_queue_gets_a_socket(lab: Lab) -> None:
     t.start()
     try:
         assert a.info()["queues"] == b.info()["queues"] == 2
+        assert (a.shared_sockets, b.shared_sockets) == (1, 2)  # queue 1 shares queue 0's UMEM
         assert a.info()["rx_rings"] == 2
         assert ping(lab.ns_left, "10.78.0.2") == 3 and ping(lab.ns_right, "10.78.0.1") == 3
         left, right = RawPort(lab.ns_left, mq_l), RawPort(lab.ns_right, mq_r)
