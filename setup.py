@@ -22,6 +22,7 @@ EXTENSIONS = [
     ext("nmbridge.fastfwd", "nmbridge/fastfwd.pyx"),
     ext("nmbridge.backends.mem", "nmbridge/backends/mem.pyx", "umem.c", "memport.c"),
     ext("nmbridge.backends.afpacket", "nmbridge/backends/afpacket.pyx", "umem.c", "afpacket.c"),
+    ext("nmbridge.backends.afxdp", "nmbridge/backends/afxdp.pyx", "umem.c", "afxdp.c"),
     ext("nmbridge.backends.netmap", "nmbridge/backends/netmap.pyx", "nmport.c"),
     ext("nmbridge.filters.engine", "nmbridge/filters/engine.pyx", "filter.c", "bpf.c"),
 ]

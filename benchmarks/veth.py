@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""nmbridge (afpacket:) against the Linux bridge on the same veth lab, in the same run.
+"""nmbridge (afxdp: and afpacket:) against the Linux bridge on the same veth lab, in the same run.
 
     left ns --veth-- [bridge ns: nmbridge | Linux bridge br0] --veth-- right ns
 
@@ -7,12 +7,20 @@ One traffic generator, trafgen (netsniff-ng) with one process in ``left``, sends
 frames (64 on a wire, with the FCS) as fast as it can: ethertype 0x88b5, to the MAC address
 of the interface in ``right``.  What counts is frames delivered per second at the far end: the
 rx packet counter of the interface in ``right``, read before and after a measuring window
-that starts after a warm-up.  The two bridges alternate (``--rounds``), each on a fresh start;
-the rate of each is the median over its rounds.  nmbridge runs as its own process inside the
-bridge namespace (two afpacket: ports in one region, one Forwarder thread), which reports its
-peak RSS (VmHWM) and CPU time.  Needs root.
+that starts after a warm-up.  The bridges (``--bridges``, default linux, afpacket, afxdp)
+alternate (``--rounds``; the order rotates each round), each on a fresh start; the rate of each
+is the median over its rounds.  nmbridge runs as its own process inside the bridge namespace
+(two ports of one backend in one region, one Forwarder thread), which reports its peak RSS
+(VmHWM) and CPU time.
 
-    python benchmarks/veth.py [--seconds 3] [--rounds 3] [--pin] [--options tx_ring=0] [--json]
+CPU per delivered frame is summed over all CPUs, from /proc/stat (every non-idle jiffy: user,
+nice, system, irq, softirq, steal) across the measuring window, so that work moved to a second
+CPU (nmbridge's thread) or done in the generator's softirq (the Linux bridge) both count.  The
+machine's background load is measured over ``--idle`` seconds before each round (no traffic)
+and subtracted at its rate; on a busy machine both numbers are noisy.  Needs root.
+
+    python benchmarks/veth.py [--seconds 3] [--rounds 3] [--pin] [--bridges linux,afxdp]
+                              [--options tx_ring=0] [--afxdp-options mode=skb] [--json]
 
 ``--pin`` runs trafgen on CPU 0 (for both bridges) and nmbridge's process on CPU 1, so the
 scheduler's placement (and other load moving between CPUs) varies less between rounds.
@@ -44,9 +52,10 @@ CHILD = r"""
 import json, resource, signal, sys, threading
 from nmbridge.backends import OpenOptions, PortSet, parse_spec
 from nmbridge.fastfwd import Forwarder
-left, right, burst, slots, opts = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+left, right, burst, slots, opts, kind = sys.argv[1:7]
+burst, slots = int(burst), int(slots)
 ps = PortSet(OpenOptions(slots=slots))
-a, b = ps.open([parse_spec("afpacket:" + left + opts), parse_spec("afpacket:" + right + opts)])
+a, b = ps.open([parse_spec(kind + ":" + left + opts), parse_spec(kind + ":" + right + opts)])
 fwd = Forwarder(a, b, burst=burst, poll_timeout_ms=100)
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -61,7 +70,8 @@ ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"peak_rss_kib": hwm, "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime,
                   "ctx_voluntary": ru.ru_nvcsw, "ctx_involuntary": ru.ru_nivcsw,
                   "forwarder": fwd.stats(), "polls": fwd.polls,
-                  "left_port": a.counters(), "right_port": b.counters()}), flush=True)
+                  "left_port": a.counters(), "right_port": b.counters(),
+                  "mode": a.info().get("mode")}), flush=True)
 ps.close()
 """
 
@@ -73,6 +83,10 @@ class Round:
     seconds: float
     rate_pps: float
     generator_pps: float
+    cpu_s: float = 0.0  # all CPUs across the window
+    background_cpu_s: float = 0.0
+    cpu_ns_per_frame: float = 0.0  # cpu_s per delivered frame
+    net_cpu_ns_per_frame: float = 0.0  # background subtracted
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,13 +96,33 @@ def softnet_drops() -> int:
         return sum(int(line.split()[1], 16) for line in f)
 
 
+def busy_jiffies() -> int:
+    """Non-idle time of all CPUs (user, nice, system, irq, softirq, steal), in clock ticks."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def background_cpu(seconds: float) -> float:
+    """CPU seconds per second the machine spends without our traffic (other work)."""
+    if seconds <= 0:
+        return 0.0
+    j0, t0 = busy_jiffies(), time.monotonic()
+    time.sleep(seconds)
+    return (busy_jiffies() - j0) / TICK / (time.monotonic() - t0)
+
+
 def tx_packets(lb: netns.Lab) -> int:
     return int(lb.link(lb.ns_left, lb.left_if)["stats64"]["tx"]["packets"])
 
 
-def snapshot(lb: netns.Lab) -> tuple[int, int, int, float]:
-    """Far-end rx packets, generator tx packets, backlog drops, time."""
-    return lb.rx_packets(lb.ns_right, lb.right_if), tx_packets(lb), softnet_drops(), time.monotonic()
+def snapshot(lb: netns.Lab) -> tuple[int, int, int, float, int]:
+    """Far-end rx packets, generator tx packets, backlog drops, time, busy CPU jiffies."""
+    return (lb.rx_packets(lb.ns_right, lb.right_if), tx_packets(lb), softnet_drops(), time.monotonic(),
+            busy_jiffies())
 
 
 def pinned(cpu: str | None, *argv: str) -> list[str]:
@@ -116,9 +150,20 @@ def stop_group(p: subprocess.Popen[Any]) -> None:
     p.wait()
 
 
-def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float,
-            cpu: str | None = None) -> tuple[int, float, int, int]:
+@dataclass
+class Window:
+    frames: int  # delivered at the far end
+    seconds: float
+    generated: int
+    backlog_drops: int
+    cpu_s: float  # all CPUs, non-idle, across the window
+    background_cpu_s: float  # the machine's background load at its pre-round rate, same window
+
+
+def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float, cpu: str | None = None,
+            idle: float = 1.0) -> Window:
     """Run trafgen in left; count frames arriving in right over `seconds` after `warmup`."""
+    bg = background_cpu(idle)
     # trafgen forks its sender: it gets a process group of its own, and the whole group is
     # stopped -- a signal to the parent alone leaves the sender running into the next rounds
     gen = lb.popen(lb.ns_left, *pinned(cpu, "trafgen"), "-o", lb.left_if, "-i", conf, "--cpus", "1",
@@ -128,12 +173,21 @@ def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float,
         time.sleep(warmup)
         if gen.poll() is not None:
             raise SystemExit(f"trafgen exited: {gen.stderr.read().decode() if gen.stderr else ''}")
-        r0, g0, d0, t0 = snapshot(lb)
+        r0, g0, d0, t0, j0 = snapshot(lb)
         time.sleep(seconds)
-        r1, g1, d1, t1 = snapshot(lb)
+        r1, g1, d1, t1, j1 = snapshot(lb)
     finally:
         stop_group(gen)
-    return r1 - r0, t1 - t0, g1 - g0, d1 - d0
+    return Window(r1 - r0, t1 - t0, g1 - g0, d1 - d0, (j1 - j0) / TICK, bg * (t1 - t0))
+
+
+def make_round(name: str, w: Window, extra: dict[str, Any]) -> Round:
+    extra = dict(extra, backlog_drops=w.backlog_drops)
+    net = max(0.0, w.cpu_s - w.background_cpu_s)
+    return Round(name, w.frames, w.seconds, w.frames / w.seconds, w.generated / w.seconds,
+                 cpu_s=w.cpu_s, background_cpu_s=w.background_cpu_s,
+                 cpu_ns_per_frame=w.cpu_s / w.frames * 1e9 if w.frames else float("inf"),
+                 net_cpu_ns_per_frame=net / w.frames * 1e9 if w.frames else float("inf"), extra=extra)
 
 
 def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
@@ -142,17 +196,18 @@ def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
         for ifname in (lb.bridge_left_if, lb.bridge_right_if):
             lb.ip(lb.ns_bridge, "link", "set", "dev", ifname, "master", "br0")
         lb.set_up(lb.ns_bridge, "br0")
-        frames, secs, gen, drops = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu)
+        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle)
     finally:
         lb.ip(lb.ns_bridge, "link", "del", "br0", check=False)
-    return Round("linux", frames, secs, frames / secs, gen / secs, {"backlog_drops": drops})
+    return make_round("linux", w, {})
 
 
-def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
+def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace, kind: str) -> Round:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    opts = "?" + args.options if args.options else ""
+    query = args.afxdp_options if kind == "afxdp" else args.options
+    opts = "?" + query if query else ""
     child = lb.popen(lb.ns_bridge, *pinned(args.bridge_cpu, sys.executable), "-c", CHILD, lb.bridge_left_if,
-                     lb.bridge_right_if, str(args.burst), str(args.slots), opts,
+                     lb.bridge_right_if, str(args.burst), str(args.slots), opts, kind,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert child.stdout is not None
@@ -161,15 +216,13 @@ def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
             child.wait(5)
             err = child.stderr.read() if child.stderr else ""
             raise SystemExit(f"nmbridge did not start: {err.strip().splitlines()[-1:] or line}")
-        frames, secs, gen, drops = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu)
+        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle)
     finally:
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=20)
     if child.returncode != 0:
-        raise SystemExit(f"nmbridge failed: {err.strip()}")
-    report = json.loads(out.strip().splitlines()[-1])
-    report["backlog_drops"] = drops
-    return Round("nmbridge", frames, secs, frames / secs, gen / secs, report)
+        raise SystemExit(f"nmbridge ({kind}) failed: {err.strip()}")
+    return make_round(kind, w, json.loads(out.strip().splitlines()[-1]))
 
 
 def trafgen_conf(lb: netns.Lab, directory: str) -> str:
@@ -182,72 +235,111 @@ def trafgen_conf(lb: netns.Lab, directory: str) -> str:
     return path
 
 
+BRIDGES = ("linux", "afpacket", "afxdp")
+
+
+def run_one(name: str, lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
+    return run_linux(lb, conf, args) if name == "linux" else run_nmbridge(lb, conf, args, name)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="measuring window per round")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before the window opens")
+    ap.add_argument("--idle", type=float, default=1.0,
+                    help="seconds of background-load measurement before each round (0: none)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per bridge, alternating")
+    ap.add_argument("--bridges", default=",".join(BRIDGES),
+                    help="which of linux, afpacket, afxdp to run (comma-separated)")
     ap.add_argument("--burst", type=int, default=256, help="nmbridge forwarder burst")
     ap.add_argument("--slots", type=int, default=1024, help="nmbridge ring slots")
     ap.add_argument("--options", default="", help="afpacket port options, e.g. tx_ring=0&blocks=128")
+    ap.add_argument("--afxdp-options", default="", help="afxdp port options, e.g. mode=skb")
     ap.add_argument("--pin", action="store_true",
-                    help="trafgen on CPU 0 (for both bridges), nmbridge's process on CPU 1")
+                    help="trafgen on CPU 0 (for every bridge), nmbridge's process on CPU 1")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     args.gen_cpu, args.bridge_cpu = ("0", "1") if args.pin else (None, None)
+    names = [b.strip() for b in args.bridges.split(",") if b.strip()]
+    bad = [b for b in names if b not in BRIDGES]
+    if bad or not names:
+        print(f"--bridges: unknown {', '.join(bad) or '(none)'}; use {', '.join(BRIDGES)}", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
-        print("veth.py needs root (network namespaces, veth, AF_PACKET)", file=sys.stderr)
+        print("veth.py needs root (network namespaces, veth, AF_PACKET, AF_XDP)", file=sys.stderr)
         return 1
     rounds: list[Round] = []
     with netns.lab() as lb, tempfile.TemporaryDirectory() as tmp:
         conf = trafgen_conf(lb, tmp)
         for i in range(args.rounds):
-            order = (run_linux, run_nmbridge) if i % 2 == 0 else (run_nmbridge, run_linux)
-            for fn in order:
-                r = fn(lb, conf, args)
+            k = i % len(names)
+            for name in names[k:] + names[:k]:  # the order rotates each round
+                r = run_one(name, lb, conf, args)
                 rounds.append(r)
                 if not args.json:
                     print(f"round {i + 1} {r.bridge:9} {r.rate_pps / 1e6:7.3f} Mpps delivered "
-                          f"(generator {r.generator_pps / 1e6:.3f} Mpps)", flush=True)
-    nm = [r for r in rounds if r.bridge == "nmbridge"]
-    lx = [r for r in rounds if r.bridge == "linux"]
-    nm_rate = statistics.median(r.rate_pps for r in nm)
-    lx_rate = statistics.median(r.rate_pps for r in lx)
-    rss_kib = max(int(r.extra["peak_rss_kib"]) for r in nm)
-    summary = {
+                          f"(generator {r.generator_pps / 1e6:.3f} Mpps), "
+                          f"CPU {r.cpu_ns_per_frame:7.0f} ns/frame "
+                          f"({r.net_cpu_ns_per_frame:.0f} less background)", flush=True)
+    per: dict[str, dict[str, Any]] = {}
+    for name in names:
+        rs = [r for r in rounds if r.bridge == name]
+        per[name] = {
+            "pps": statistics.median(r.rate_pps for r in rs),
+            "pps_all": sorted(r.rate_pps for r in rs),
+            "cpu_ns_per_frame": statistics.median(r.cpu_ns_per_frame for r in rs),
+            "net_cpu_ns_per_frame": statistics.median(r.net_cpu_ns_per_frame for r in rs),
+        }
+        if name != "linux":
+            per[name]["peak_rss_mib"] = max(int(r.extra["peak_rss_kib"]) for r in rs) / 1024
+            per[name]["mode"] = rs[-1].extra.get("mode")
+
+    def ratio(a: str, b: str) -> float | None:
+        if a in per and b in per and per[b]["pps"]:
+            return float(per[a]["pps"] / per[b]["pps"])
+        return None
+
+    summary: dict[str, Any] = {
         "frame_bytes": 60,
         "seconds": args.seconds,
         "rounds": args.rounds,
         "pinned": args.pin,
         "options": args.options,
-        "nmbridge_pps_all": sorted(r.rate_pps for r in nm),
-        "linux_bridge_pps_all": sorted(r.rate_pps for r in lx),
-        "nmbridge_pps": nm_rate,
-        "linux_bridge_pps": lx_rate,
-        "ratio": nm_rate / lx_rate if lx_rate else None,
-        "nmbridge_peak_rss_mib": rss_kib / 1024,
+        "afxdp_options": args.afxdp_options,
+        "bridges": per,
+        "ratios": {"afxdp/linux": ratio("afxdp", "linux"), "afxdp/afpacket": ratio("afxdp", "afpacket"),
+                   "afpacket/linux": ratio("afpacket", "linux")},
         "runs": [asdict(r) for r in rounds],
     }
+    # kept for readers of the earlier output (afpacket against the Linux bridge)
+    if "afpacket" in per and "linux" in per:
+        summary.update(nmbridge_pps=per["afpacket"]["pps"], linux_bridge_pps=per["linux"]["pps"],
+                       ratio=ratio("afpacket", "linux"),
+                       nmbridge_peak_rss_mib=per["afpacket"]["peak_rss_mib"])
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
-        last = nm[-1].extra
-
-        def spread(rs: list[Round]) -> str:
-            lo, hi = min(r.rate_pps for r in rs), max(r.rate_pps for r in rs)
-            return f"(rounds {lo / 1e6:.3f} .. {hi / 1e6:.3f})"
-
-        print(f"nmbridge (afpacket)  {nm_rate / 1e6:7.3f} Mpps median {spread(nm)}")
-        print(f"Linux bridge         {lx_rate / 1e6:7.3f} Mpps median {spread(lx)}")
-        print(f"ratio nmbridge/Linux {summary['ratio']:7.3f}")
-        print(f"nmbridge peak RSS    {rss_kib / 1024:7.1f} MiB")
-        cpu = last["cpu_user_s"] + last["cpu_sys_s"]
-        lp, rp = last["left_port"], last["right_port"]
-        print(f"last nmbridge round: cpu {last['cpu_user_s']:.2f}s user + {last['cpu_sys_s']:.2f}s sys "
-              f"= {cpu:.2f}s; rx ring drops {lp['rx_kernel_drops']}, rx blocks {lp['blocks']}, "
-              f"tx calls {rp['tx_calls']} for {rp['tx_frames']} frames, "
-              f"EAGAIN {rp['tx_again']}, polls {last['polls']}, context switches "
-              f"{last['ctx_voluntary']} voluntary / {last['ctx_involuntary']} involuntary")
+        return 0
+    for name, p in per.items():
+        lo, hi = min(p["pps_all"]), max(p["pps_all"])
+        label = {"linux": "Linux bridge", "afpacket": "nmbridge afpacket", "afxdp": "nmbridge afxdp"}[name]
+        if p.get("mode"):
+            label += f" ({p['mode']})"
+        rss = f", peak RSS {p['peak_rss_mib']:.1f} MiB" if "peak_rss_mib" in p else ""
+        print(f"{label:26} {p['pps'] / 1e6:7.3f} Mpps median (rounds {lo / 1e6:.3f} .. {hi / 1e6:.3f}), "
+              f"CPU {p['cpu_ns_per_frame']:.0f} ns/frame "
+              f"({p['net_cpu_ns_per_frame']:.0f} less background){rss}")
+    for key, v in summary["ratios"].items():
+        if v is not None:
+            print(f"ratio {key:15} {v:7.3f}")
+    for name in ("afxdp", "afpacket"):
+        rs = [r for r in rounds if r.bridge == name]
+        if not rs:
+            continue
+        last = rs[-1].extra
+        print(f"last {name} round: process cpu {last['cpu_user_s']:.2f}s user + "
+              f"{last['cpu_sys_s']:.2f}s sys, "
+              f"polls {last['polls']}, context switches {last['ctx_voluntary']} voluntary / "
+              f"{last['ctx_involuntary']} involuntary")
     return 0
 
 

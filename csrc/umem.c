@@ -47,7 +47,8 @@ nmb_umem *nmb_umem_create(size_t obj_bytes, uint32_t nbufs, uint32_t buf_size)
     if (!m)
         return NULL;
     m->obj_bytes = ALIGN_UP(obj_bytes, 4096);
-    m->size = m->obj_bytes + ALIGN_UP((size_t)nbufs * buf_size, 4096);
+    /* the pool starts NMB_UMEM_BUF_LEAD bytes into a page, with room for one more buffer */
+    m->size = m->obj_bytes + ALIGN_UP((size_t)(nbufs + 1) * buf_size + NMB_UMEM_BUF_LEAD, 4096);
     void *p = mmap(NULL, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (p == MAP_FAILED) {
         int e = errno;
@@ -56,7 +57,7 @@ nmb_umem *nmb_umem_create(size_t obj_bytes, uint32_t nbufs, uint32_t buf_size)
         return NULL;
     }
     m->base = p;
-    m->bufs = m->base + m->obj_bytes;
+    m->bufs = m->base + m->obj_bytes + NMB_UMEM_BUF_LEAD;
     m->nbufs = nbufs;
     m->buf_size = buf_size;
     m->free_stack = malloc(sizeof(uint32_t) * nbufs);
@@ -192,6 +193,7 @@ uint32_t nmb_umem_buf_size(const nmb_umem *m) { return m->buf_size; }
 uint32_t nmb_umem_free_bufs(const nmb_umem *m) { return m->nfree; }
 size_t nmb_umem_size(const nmb_umem *m) { return m->size; }
 const char *nmb_umem_base(const nmb_umem *m) { return m->base; }
+char *nmb_umem_bufs(const nmb_umem *m) { return m->bufs; }
 
 /* is i in the cyclic interval [lo, hi] of a ring of n slots? */
 static int in_cyclic(uint32_t i, uint32_t lo, uint32_t hi)

@@ -379,7 +379,12 @@ class Bridge:
         """Every pair's C counters, filters and rule hits, and the link states, now."""
         pairs: list[PairStats] = []
         links: dict[str, bool] = {}
+        modes: dict[str, str] = {}
         for p in list(self.pairs):
+            for spec, port in zip(p.config.ports, (p.a, p.b), strict=True):
+                mode = getattr(port, "mode", None) if not port.closed else None
+                if isinstance(mode, str):
+                    modes[str(spec)] = mode
             dirs: dict[str, DirectionStats] = {}
             for d, counters in p.fwd.stats().items():
                 s = DirectionStats(**counters)  # type: ignore[typeddict-item]
@@ -393,7 +398,7 @@ class Bridge:
                                    zerocopy=bool(p.fwd.zerocopy), directions=dirs))
             if p.watcher is not None:
                 links.update({ev.port: ev.up for ev in dict(p.watcher.state).values()})
-        return Snapshot(time=time.monotonic(), pairs=pairs, links=links)
+        return Snapshot(time=time.monotonic(), pairs=pairs, links=links, modes=modes)
 
 
 def required_capabilities(config: Config, link_setup: bool) -> list[tuple[int, str]]:
@@ -402,6 +407,13 @@ def required_capabilities(config: Config, link_setup: bool) -> list[tuple[int, s
     specs = [s for p in config.pairs for s in p.ports]
     if any(s.backend == "afpacket" for s in specs):
         need.append((caps.CAP_NET_RAW, "afpacket: ports"))
+    if any(s.backend == "afxdp" for s in specs):
+        from nmbridge.backends.afxdp_backend import needed_capabilities
+
+        # the UMEM is the region's buffer pool: room for twice the user-memory ports (reload)
+        b = config.bridge
+        n_user = sum(1 for s in specs if backend(s.backend).user_memory)
+        need.extend(needed_capabilities(2 * n_user * 2 * b.ring_slots * b.buf_size))
     if link_setup and any(p.link_setup and any(backend(s.backend).interface(s.name) for s in p.ports)
                           for p in config.pairs):
         need.append((caps.CAP_NET_ADMIN, "link set-up; or run --no-link-setup"))

@@ -6,7 +6,20 @@ import os
 
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
-NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW"}
+CAP_IPC_LOCK = 14
+CAP_SYS_ADMIN = 21
+CAP_BPF = 39  # Linux 5.8+; before it, loading BPF programs needs CAP_SYS_ADMIN
+NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW", CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
+         CAP_BPF: "CAP_BPF", CAP_IPC_LOCK: "CAP_IPC_LOCK"}
+
+
+def kernel_has_cap_bpf(last_cap_path: str = "/proc/sys/kernel/cap_last_cap") -> bool:
+    """Whether this kernel knows CAP_BPF (5.8+)."""
+    try:
+        with open(last_cap_path) as f:
+            return int(f.read()) >= CAP_BPF
+    except (OSError, ValueError):
+        return True
 
 
 def effective(status_path: str = "/proc/self/status") -> int:

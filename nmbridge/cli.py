@@ -184,7 +184,8 @@ def ports_command(args: argparse.Namespace) -> int:
     rows = [["PAIR", "PORT", "BACKEND", "RINGS", "SLOTS", "BUF_SIZE", "ZERO-COPY", "LINK"]]
     for p in result["ports"]:
         link = p.get("link")
-        rows.append([p["pair"], p["port"], p["backend"], f"{p['rx_rings']}/{p['tx_rings']}",
+        backend = p["backend"] + (f" ({p['mode']})" if p.get("mode") else "")  # afxdp: zc/native/skb
+        rows.append([p["pair"], p["port"], backend, f"{p['rx_rings']}/{p['tx_rings']}",
                      f"{p['rx_slots']}/{p['tx_slots']}", str(p["buf_size"]),
                      "yes" if p["zerocopy"] else "no",
                      "-" if link is None else f"{'up' if link['up'] else 'down'} ({link['operstate']})"])
@@ -291,12 +292,14 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave the lab up afterwards (the bridge stopped) and print how to use and remove it")
     p.add_argument("--json", action="store_true",
                    help="a JSON summary on stdout (the step-by-step progress goes to stderr)")
+    p.add_argument("--backend", choices=("afpacket", "afxdp"), default="afpacket",
+                   help="the bridge's ports: afpacket: (default) or afxdp: (AF_XDP)")
 
 
 def demo_command(args: argparse.Namespace) -> int:
     from nmbridge.demo import run_demo
 
-    return run_demo(args.frames, keep=args.keep, as_json=args.json)
+    return run_demo(args.frames, keep=args.keep, as_json=args.json, backend=args.backend)
 
 
 # --- version -----------------------------------------------------------------------------

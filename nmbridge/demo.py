@@ -6,7 +6,8 @@
 
 1. build the lab (:mod:`nmbridge.netns`): three namespaces, two veth pairs, addresses on the
    left and right ends only, TSO/GSO off there;
-2. write a config with two ``afpacket:`` ports on the bridge-side veths and start the real
+2. write a config with two ``afpacket:`` (or, ``--backend afxdp``, ``afxdp:``) ports on the
+   bridge-side veths and start the real
    ``nmbridge run -c CONFIG`` inside the bridge namespace (``ip netns exec``), with JSON logs
    on its stdout; wait for its ``forwarding`` event;
 3. ping left -> right and right -> left (ICMP echo from each namespace's own stack, so ARP
@@ -294,17 +295,20 @@ def burst(lb: netns.Lab, frames: int) -> BurstResult:
 # --- the demo ------------------------------------------------------------------------------
 
 
-def config_text(lb: netns.Lab) -> str:
+DEMO_BACKENDS = ("afpacket", "afxdp")
+
+
+def config_text(lb: netns.Lab, backend: str = "afpacket") -> str:
     return (
-        "# written by `nmbridge demo`: two afpacket: ports on the bridge-side veths of the lab\n"
+        f"# written by `nmbridge demo`: two {backend}: ports on the bridge-side veths of the lab\n"
         "[bridge]\n"
         'name = "demo"\n'
-        'backend = "afpacket"\n'
+        f'backend = "{backend}"\n'
         "stats_interval = 0\n"
         "\n"
         "[[pair]]\n"
         'name = "demo"\n'
-        f'ports = ["afpacket:{lb.bridge_left_if}", "afpacket:{lb.bridge_right_if}"]\n'
+        f'ports = ["{backend}:{lb.bridge_left_if}", "{backend}:{lb.bridge_right_if}"]\n'
         'direction = "both"\n'
     )
 
@@ -336,8 +340,10 @@ def _signals_ignored() -> Iterator[None]:
 
 
 class Demo:
-    def __init__(self, frames: int, keep: bool, as_json: bool, out: TextIO, progress: TextIO) -> None:
+    def __init__(self, frames: int, keep: bool, as_json: bool, out: TextIO, progress: TextIO,
+                 backend: str = "afpacket") -> None:
         self.frames = frames
+        self.backend = backend
         self.keep = keep
         self.as_json = as_json
         self.out = out
@@ -401,13 +407,13 @@ class Demo:
         self.tmpdir = tempfile.mkdtemp(prefix=f"{lb.prefix}-demo-")
         config_path = os.path.join(self.tmpdir, "bridge.toml")
         with open(config_path, "w") as f:
-            f.write(config_text(lb))
+            f.write(config_text(lb, self.backend))
         self.step("Starting the bridge: the real `nmbridge run`, inside the bridge namespace")
         self.bridge = br = BridgeProcess(lb, config_path)
         s.bridge_command = ["ip", "netns", "exec", lb.ns_bridge, *br.command]
         s.bridge_pid = br.proc.pid
-        self.say(f"      config {config_path}: one pair, afpacket:{lb.bridge_left_if} <-> "
-                 f"afpacket:{lb.bridge_right_if}\n"
+        self.say(f"      config {config_path}: one pair, {self.backend}:{lb.bridge_left_if} <-> "
+                 f"{self.backend}:{lb.bridge_right_if}\n"
                  f"      $ {shlex.join(s.bridge_command)}")
         t0 = time.monotonic()
         fwd = br.wait_event("forwarding", FORWARDING_TIMEOUT)
@@ -431,9 +437,14 @@ class Demo:
             rtts = netns.ping(src_ns, dst_ip, PING_COUNT, PING_TIMEOUT, on_reply=show)
             s.pings.append(PingResult(src_name, dst_name, dst_ip,
                                       [None if r is None else round(r * 1000, 3) for r in rtts]))
-        self.say("      (a lone frame waits in the afpacket: port's receive block until the block times\n"
-                 "       out, block_timeout_ms=2 by default, twice per round trip: that is most of the\n"
-                 "       time above; a port spec like afpacket:eth1?block_timeout_ms=1 trades CPU for it)")
+        if self.backend == "afpacket":
+            self.say("      (a lone frame waits in the afpacket: port's receive block until the block\n"
+                     "       times out, block_timeout_ms=2 by default, twice per round trip: that is most\n"
+                     "       of the time above; a port spec like afpacket:eth1?block_timeout_ms=1 trades\n"
+                     "       CPU for it)")
+        else:
+            self.say("      (afxdp: each frame reaches the bridge's ring as it arrives: no receive block\n"
+                     "       to wait for, so the round trip is the two stacks plus two wake-ups)")
 
         self.step(f"Burst: {self.frames} frames of {BURST_FRAME} bytes from left to right (AF_PACKET, "
                   f"ethertype {BURST_ETHERTYPE:#06x}), counted on the right")
@@ -574,7 +585,7 @@ def privilege_problem() -> str | None:
 
 
 def run_demo(frames: int = 10000, keep: bool = False, as_json: bool = False,
-             out: TextIO | None = None) -> int:
+             out: TextIO | None = None, backend: str = "afpacket") -> int:
     """``nmbridge demo``; returns the exit status."""
     out = out if out is not None else sys.stdout
     problem = privilege_problem()
@@ -588,4 +599,7 @@ def run_demo(frames: int = 10000, keep: bool = False, as_json: bool = False,
         print("nmbridge demo: --frames must be at least 1", file=sys.stderr)
         return 2
     progress = sys.stderr if as_json else out
-    return Demo(frames, keep, as_json, out, progress).run()
+    if backend not in DEMO_BACKENDS:
+        print(f"nmbridge demo: --backend {backend}: use one of {', '.join(DEMO_BACKENDS)}", file=sys.stderr)
+        return 2
+    return Demo(frames, keep, as_json, out, progress, backend).run()

@@ -71,6 +71,34 @@ def netmap_mode(ifname: str, driver: str | None, sys_root: str = "/sys") -> Find
                                    f"{driver or 'unknown'} (heuristic; slower, hides VLAN tags)")
 
 
+# Drivers with AF_XDP zero-copy in mainline Linux (a heuristic: `afxdp:` tries zero-copy first
+# whatever the driver, and the port's `mode` says what it got).
+AF_XDP_ZC_DRIVERS = frozenset({"ice", "i40e", "ixgbe", "igc", "igb", "mlx5_core", "stmmac", "ena",
+                               "bnxt_en", "idpf", "gve", "virtio_net", "netdevsim"})
+
+
+def afxdp_mode(ifname: str, driver: str | None, mtu: int, buf_size: int) -> Finding:
+    """Which AF_XDP mode an ``afxdp:`` port would likely get, and whether its MTU fits."""
+    room = buf_size - 256
+    if buf_size not in (2048, 4096):
+        return Finding(ifname, "error",
+                       f"afxdp: needs bridge.buf_size 2048 or 4096 (a UMEM chunk), not {buf_size}",
+                       "set buf_size = 2048 in [bridge]")
+    if mtu + 22 > room:
+        return Finding(ifname, "error", f"afxdp: MTU {mtu} does not fit one buffer less 256 bytes of XDP "
+                                        f"headroom ({room} bytes; multi-buffer AF_XDP is not supported)",
+                       f"ip link set dev {ifname} mtu {room - 22}  # or buf_size = 4096")
+    drv = (driver or "").replace("-", "_")
+    if drv in AF_XDP_ZC_DRIVERS:
+        return Finding(ifname, "note", f"afxdp: driver {driver} has AF_XDP zero-copy: mode zc expected "
+                                       "(the port's mode in `nmbridge ports` and its port_opened log say)")
+    if drv == "veth":
+        return Finding(ifname, "note", "afxdp: veth has driver-mode XDP but no AF_XDP zero-copy: mode "
+                                       "native (the kernel copies each frame in and out)")
+    return Finding(ifname, "note", f"afxdp: no AF_XDP zero-copy known for driver {driver or 'unknown'}: "
+                                   "mode native if it has driver-mode XDP, else skb (generic XDP)")
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -125,6 +153,8 @@ def collect_findings(config: DoctorConfig, link_setup: Sequence[bool] | None = N
                 found += check_state(st, setup)
             if spec.backend == "netmap":
                 found.append(netmap_mode(ifname, st.driver))
+            if spec.backend == "afxdp":
+                found.append(afxdp_mode(ifname, st.driver, st.mtu, buf_size))
         if sides:
             chains = all(s.backend in CHAINING_BACKENDS for s in pair.ports)
             found += check_mtu(sides[0], sides[1] if len(sides) > 1 else None, buf_size, chains)

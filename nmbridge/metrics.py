@@ -36,6 +36,9 @@ class BridgeCollector(Collector):
         zc = GaugeMetricFamily("nmbridge_zerocopy", "1 when the pair swaps buffers, 0 when it copies",
                                labels=["pair"])
         link = GaugeMetricFamily("nmbridge_link_up", "1 when the port's link is up", labels=["port"])
+        mode = GaugeMetricFamily("nmbridge_port_mode",
+                                 "1 for the mode the port runs in (afxdp: zc, native, skb)",
+                                 labels=["port", "mode"])
         for p in snap["pairs"]:
             zc.add_metric([p["pair"]], 1.0 if p["zerocopy"] else 0.0)
             for d, s in p["directions"].items():
@@ -51,7 +54,9 @@ class BridgeCollector(Collector):
                         hits.add_metric([*labels, filt, rule], float(n))
         for port, up in snap["links"].items():
             link.add_metric([port], 1.0 if up else 0.0)
-        yield from (frames, nbytes, batches, drops, hits, zc, link)
+        for port, m in snap.get("modes", {}).items():
+            mode.add_metric([port, m], 1.0)
+        yield from (frames, nbytes, batches, drops, hits, zc, link, mode)
 
 
 class MetricsServer:

@@ -10,7 +10,7 @@ A snapshot is plain JSON-ready data, taken from the forwarders' C counters in on
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 DROP_REASONS = ("filtered", "tx_full", "oversize", "broken_chain")
 
@@ -38,6 +38,7 @@ class Snapshot(TypedDict):
     time: float
     pairs: list[PairStats]
     links: dict[str, bool]
+    modes: NotRequired[dict[str, str]]  # port -> mode, for backends that have one (afxdp: zc/native/skb)
 
 
 def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, dict[str, dict[str, float]]]:

@@ -25,6 +25,7 @@ from nmbridge.port import Port, Region
 _BACKEND_MODULES = {
     "mem": "nmbridge.backends.mem_backend",
     "afpacket": "nmbridge.backends.afpacket_backend",
+    "afxdp": "nmbridge.backends.afxdp_backend",
     "netmap": "nmbridge.backends.netmap_backend",
 }
 

@@ -15,6 +15,10 @@
 #include "nmb_netmap.h"
 
 #define NMB_UMEM_MAX_IFS 256
+/* The buffer pool starts this many bytes into a page: AF_XDP (afxdp:) writes a received frame
+ * XDP_PACKET_HEADROOM (256) bytes into a UMEM chunk, so with the UMEM registered from the
+ * page before buffer 0, chunk b's frame lands exactly at buffer b. */
+#define NMB_UMEM_BUF_LEAD 256
 
 typedef struct nmb_umem nmb_umem;
 
@@ -45,6 +49,8 @@ uint32_t nmb_umem_buf_size(const nmb_umem *m);
 uint32_t nmb_umem_free_bufs(const nmb_umem *m);
 size_t nmb_umem_size(const nmb_umem *m);
 const char *nmb_umem_base(const nmb_umem *m);
+/* Buffer 0 (NMB_UMEM_BUF_LEAD bytes after a page boundary). */
+char *nmb_umem_bufs(const nmb_umem *m);
 
 /* Kernel prologue checks (as nm_txsync_prologue / nm_rxsync_prologue): head and cur of
  * the ring lie in the user's part, [hwcur, hwtail] cyclically, and cur is not behind head.

@@ -208,7 +208,7 @@ def test_out_of_range(line: str, reason: str) -> None:
 
 def test_bad_backend() -> None:
     assert error('[bridge]\nbackend = "dpdk"\n' + PAIR) == (
-        'b.toml:2: bridge.backend = "dpdk": must be one of auto, afpacket, mem, netmap')
+        'b.toml:2: bridge.backend = "dpdk": must be one of auto, afpacket, afxdp, mem, netmap')
 
 
 def test_bad_log_level_suggests() -> None:

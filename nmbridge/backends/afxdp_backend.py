@@ -1,0 +1,129 @@
+"""The afxdp: backend: rings in user memory whose NIC side is AF_XDP sockets (one per RX queue).
+
+Port names: ``afxdp:IFNAME`` (a Linux interface in nmbridge's network namespace), with options
+after ``?``: ``mode=auto|zc|native|skb`` (default auto: driver XDP with zero-copy sockets where
+the driver has them, else driver XDP with copy sockets, else generic (skb) XDP; a named mode
+is insisted on), ``queues=N`` (receive queues to bind, default all; fewer than the interface
+has is refused, since frames of an unbound queue would reach the host stack), ``promisc=0|1``
+(default 1, held by a socket: the kernel undoes it on close), ``need_wakeup=0|1`` (default 1),
+``csum_fix=0|1`` (default 1: finish the TCP/UDP checksums a veth peer's stack leaves partial;
+AF_XDP does not pass the kernel's CHECKSUM_PARTIAL mark, so a frame whose checksum field
+equals its pseudo-header sum is completed).
+Example: ``afxdp:eth1?mode=native``.
+
+The bridge's buffer pool is the UMEM shared by every afxdp: port, so forwarding between them
+is a buffer swap.  Frames must fit one buffer less 256 bytes of XDP headroom (1792 bytes with
+the default 2048-byte buffers): a larger MTU is refused at open.  Needs CAP_NET_RAW (the
+sockets), CAP_NET_ADMIN (attaching the XDP program), CAP_BPF (loading it; CAP_SYS_ADMIN
+before Linux 5.8), and locked memory for the UMEM where RLIMIT_MEMLOCK still counts it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from urllib.parse import parse_qsl
+
+from nmbridge import caps
+from nmbridge.backends import OpenOptions
+from nmbridge.backends.afpacket_backend import check_ifname
+from nmbridge.errors import PortError
+from nmbridge.port import Port, Region
+
+MODES = ("auto", "zc", "native", "skb")
+_BOOL_OPTIONS = ("promisc", "need_wakeup", "csum_fix")
+AF_XDP = 44
+
+
+def parse(name: str) -> tuple[str, dict[str, str]]:
+    """Split ``IFNAME?opt=v&...`` into the interface name and checked options."""
+    ifname, _, query = name.partition("?")
+    check_ifname(ifname)
+    opts: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key == "mode":
+            if value not in MODES:
+                raise ValueError(f"afxdp option mode={value!r}: use one of {', '.join(MODES)}")
+        elif key == "queues":
+            if not value.isdigit() or not 1 <= int(value) <= 64:
+                raise ValueError(f"afxdp option queues={value!r}: a whole number from 1 to 64")
+        elif key in _BOOL_OPTIONS:
+            if value not in ("0", "1"):
+                raise ValueError(f"afxdp option {key}={value!r}: use 0 or 1")
+        else:
+            known = ", ".join(("mode", "queues", *_BOOL_OPTIONS))
+            raise ValueError(f"unknown afxdp option {key!r} (known: {known})")
+        opts[key] = value
+    return ifname, opts
+
+
+def needed_capabilities(umem_bytes: int = 0) -> list[tuple[int, str]]:
+    """(capability, what needs it) for afxdp: ports on this kernel; with the UMEM's size,
+    CAP_IPC_LOCK when RLIMIT_MEMLOCK cannot hold it (the kernel counts the UMEM there unless
+    the process has CAP_IPC_LOCK)."""
+    import resource
+
+    bpf = caps.CAP_BPF if caps.kernel_has_cap_bpf() else caps.CAP_SYS_ADMIN
+    need = [(caps.CAP_NET_RAW, "afxdp: sockets"), (caps.CAP_NET_ADMIN, "afxdp: XDP program attach"),
+            (bpf, "afxdp: XDP program load")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if umem_bytes and soft != resource.RLIM_INFINITY and soft < umem_bytes:
+        need.append((caps.CAP_IPC_LOCK, f"afxdp: a {umem_bytes >> 20} MiB UMEM over RLIMIT_MEMLOCK "
+                                        f"{soft >> 20} MiB; or raise LimitMEMLOCK"))
+    return need
+
+
+def kernel_lacks_af_xdp() -> str | None:
+    """None when this kernel has AF_XDP sockets, else why not."""
+    try:
+        s = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.EAFNOSUPPORT:
+            return "this kernel has no AF_XDP sockets (CONFIG_XDP_SOCKETS)"
+        if e.errno in (errno.EPERM, errno.EACCES):
+            return None  # exists; the capability check says what is missing
+        return f"socket(AF_XDP): {e.strerror}"
+    s.close()
+    return None
+
+
+class _AfXdpBackend:
+    name = "afxdp"
+    user_memory = True
+
+    def unavailable(self) -> str | None:
+        if not sys.platform.startswith("linux"):
+            return "AF_XDP exists only on Linux"
+        try:
+            import nmbridge.backends.afxdp  # noqa: F401
+        except ImportError as e:
+            return f"the afxdp extension is not built ({e}); run ./scripts/build"
+        lacking = kernel_lacks_af_xdp()
+        if lacking:
+            return lacking
+        return caps.require_for(needed_capabilities(), "afxdp: ports")
+
+    def check_name(self, name: str) -> None:
+        parse(name)
+
+    def interface(self, name: str) -> str | None:
+        return parse(name)[0]
+
+    def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
+        from nmbridge.backends.afxdp import AfXdpPort
+
+        if region is None:
+            raise PortError(f"afxdp:{name}: needs a user-memory region")
+        try:
+            ifname, opts = parse(name)
+        except ValueError as e:
+            raise PortError(f"afxdp:{name}: {e}") from None
+        return AfXdpPort(region, ifname, slots=options.slots, mode=opts.get("mode", "auto"),
+                         queues=int(opts.get("queues", "0")), promisc=opts.get("promisc", "1") == "1",
+                         need_wakeup=opts.get("need_wakeup", "1") == "1",
+                         csum_fix=opts.get("csum_fix", "1") == "1")
+
+
+BACKEND = _AfXdpBackend()
