@@ -34,8 +34,8 @@ from nmbridge.fastfwd import Forwarder
 
 
 def run_once(pipe: str, frames: int, frame_len: int, burst: int, zerocopy: bool | None) -> dict[str, object]:
-    gen = open_port(f"netmap:{pipe}{{0", tx_poll=True)
-    sink = open_port(f"netmap:{pipe}{{1", tx_poll=True)
+    gen = open_port(f"netmap:{pipe}{{0")
+    sink = open_port(f"netmap:{pipe}{{1")
     src = open_port(f"netmap:{pipe}}}0")
     dst = open_port(f"netmap:{pipe}}}1")
     try:
