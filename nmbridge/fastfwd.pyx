@@ -508,7 +508,7 @@ cdef class Forwarder:
     def __cinit__(self):
         self.st.stop_fd = -1
 
-    def __init__(self, Port a not None, Port b not None, *, int burst=256, str direction="both",
+    def __init__(self, Port a not None, Port b not None, *, int burst=1024, str direction="both",
                  int poll_timeout_ms=1000, zerocopy=None):
         """`zerocopy`: None swaps buffers when both ports share a memory region (else copies),
         False forces copying (benchmarks), True insists on swapping (ValueError if impossible)."""
