@@ -132,3 +132,17 @@ def test_a_second_bridge_on_the_same_rings_is_refused(ns: str, tmp_path: Path, f
         wait_ready(again)
     finally:
         stop(again)
+
+
+@needs_gcc
+def test_one_interface_on_both_sides_gets_one_mtu_error(ns: str, tmp_path: Path,
+                                                        fake: dict[str, str]) -> None:
+    # lo's MTU (65536) fits no 2048-byte buffer: one error, naming both ports of the pair
+    cfg = config(tmp_path, "lo", "netmap:lo", "netmap:lo^")
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "nmbridge", "run", "-c",
+                           str(cfg), "--control", ""], env=fake, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 1
+    assert done.stderr.count("MTU 65536") == 1, done.stderr
+    assert done.stderr.startswith("nmbridge: pair lo: ports netmap:lo and netmap:lo^: lo: MTU 65536 needs"), \
+        done.stderr
