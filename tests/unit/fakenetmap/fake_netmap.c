@@ -19,7 +19,8 @@
  *   txsynced when POLLOUT is asked or the port was registered without NR_NO_TX_POLL (then only
  *   rings with new slots), RX rings are rxsynced only when POLLIN is asked;
  * - what the "wire" does: by default a txsync loops a TX ring's frames into the same-numbered
- *   RX ring of the adapter; names starting with "sink" consume every transmitted frame;
+ *   RX ring of the adapter, or of the other end of a pipe (`p{0` -> `p}0`, and back) once
+ *   that end has been registered; names starting with "sink" consume every transmitted frame;
  *   names starting with "src" also refill their RX rings to full at every rxsync (an endless
  *   source of 60-byte frames) — together a forwarder can be driven without any other thread;
  * - names starting with "nosuch", "busy" or "oldapi" fail with ENOENT, EBUSY, or EINVAL and
@@ -399,26 +400,54 @@ static void unregister(int fd)
 
 /* ---- the "NIC" ----------------------------------------------------------------------------- */
 
+/* Where a TX ring's frames go: the same adapter's RX ring, or for a pipe end (`p{0`) the
+ * other end's (`p}0`), when that one exists; -1 when nowhere yet. */
+static int peer_of(uint32_t a)
+{
+    struct fk_adapter *ad = &shared()->ad[a];
+    char peer[NETMAP_REQ_IFNAMSIZ];
+    char *brace;
+    memcpy(peer, ad->name, sizeof(peer));
+    if (!(brace = strpbrk(peer, "{}")))
+        return (int)a;
+    *brace = *brace == '{' ? '}' : '{';
+    for (uint32_t k = 0; k < MAX_AD; k++)
+        if (shared()->ad[k].used && !strncmp(shared()->ad[k].name, peer, sizeof(peer)))
+            return (int)k;
+    return -1;
+}
+
 static void txsync_ring(struct fk_binding *b, uint32_t i)
 {
     struct fk_adapter *ad = &shared()->ad[b->ad];
     struct netmap_ring *tx = kring(b->ad, TX, i);
     uint32_t *hwcur = &ad->hwcur[TX][i];
+    int peer = peer_of(b->ad);
     if (!strncmp(ad->name, "sink", 4) || !strncmp(ad->name, "src", 3)) {
         *hwcur = tx->head; /* the wire took every frame */
-    } else {
-        struct netmap_ring *rx = kring(b->ad, RX, i);
+    } else if (peer >= 0 && i <= shared()->ad[peer].nic) {
+        struct netmap_ring *rx = kring((uint32_t)peer, RX, i);
         while (*hwcur != tx->head) {
             uint32_t t = rx->tail, next = (t + 1) % SLOTS;
-            if (next == ad->hwcur[RX][i])
+            if (next == __atomic_load_n(&shared()->ad[peer].hwcur[RX][i], __ATOMIC_ACQUIRE))
                 break; /* RX full: the rest waits */
             struct netmap_slot *s = &tx->slot[*hwcur], *d = &rx->slot[t];
             memcpy(nmb_buf(rx, d->buf_idx), nmb_buf(tx, s->buf_idx), s->len);
             d->len = s->len;
             d->flags = s->flags & NS_MOREFRAG;
-            rx->tail = next;
+            __atomic_store_n(&rx->tail, next, __ATOMIC_RELEASE);
             *hwcur = (*hwcur + 1) % SLOTS;
         }
+        if (*hwcur == tx->head) {
+            /* room to send = room to receive, as where netmap's pipe ends share one ring: what
+             * a txsync accepts is always delivered (nothing waits in a TX ring) */
+            uint32_t room = (__atomic_load_n(&shared()->ad[peer].hwcur[RX][i], __ATOMIC_ACQUIRE) + SLOTS - 1 -
+                             rx->tail) % SLOTS;
+            tx->tail = (tx->head + room) % SLOTS;
+        } else {
+            tx->tail = tx->head; /* cannot happen with the room above; kept safe */
+        }
+        return;
     }
     tx->tail = (*hwcur + SLOTS - 1) % SLOTS;
 }
@@ -428,7 +457,7 @@ static void rxsync_ring(struct fk_binding *b, uint32_t i)
     static const unsigned char head[14] = {0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x88, 0xb5};
     struct fk_adapter *ad = &shared()->ad[b->ad];
     struct netmap_ring *rx = kring(b->ad, RX, i);
-    ad->hwcur[RX][i] = rx->head; /* the slots the user released */
+    __atomic_store_n(&ad->hwcur[RX][i], rx->head, __ATOMIC_RELEASE); /* the slots the user released */
     if (strncmp(ad->name, "src", 3))
         return;
     for (uint32_t t = rx->tail; (t + 1) % SLOTS != ad->hwcur[RX][i]; t = (t + 1) % SLOTS) {

@@ -141,6 +141,7 @@ def exclusive() -> None:
     # the two ends of a pipe are two ports: one process may hold both exclusively
     m, s = open_port("netmap:px{1", device=DEV), open_port("netmap:px}1", device=DEV)
     assert BUSY in refused("netmap:px}1")
+    assert m.send([b"\x01" * 60, b"\x02" * 70]) == 2 and s.recv() == [b"\x01" * 60, b"\x02" * 70]
     # VALE ports: per port
     v1, v2 = open_port("vale0:e1", device=DEV), open_port("vale0:e2", device=DEV)
     assert BUSY in refused("vale0:e1")
