@@ -100,7 +100,8 @@ static unsigned char last_req[sizeof(struct nmreq_header) + sizeof(struct nmreq_
 /* ---- the exported test hooks ---------------------------------------------------------- */
 
 /* out[0] poll() calls that included a fake port, out[1] NIOCTXSYNC, out[2] NIOCRXSYNC,
- * out[3] NIOCCTRL, out[4] TX rings synced inside poll(), out[5] RX rings synced inside poll() */
+ * out[3] NIOCCTRL, out[4] TX rings synced inside poll(), out[5] RX rings synced inside poll(),
+ * out[6] / out[7] fake fds a poll() asked for POLLIN / POLLOUT */
 void fake_netmap_counters(uint64_t out[8])
 {
     memcpy(out, counters, sizeof(counters));
@@ -561,6 +562,12 @@ int poll(struct pollfd *fds, nfds_t nfds, int timeout)
     if (!any_fake)
         return real_poll(fds, nfds, timeout);
     counters[0]++;
+    for (nfds_t i = 0; i < nfds; i++) {
+        if (is_fake(fds[i].fd)) {
+            counters[6] += (fds[i].events & POLLIN) != 0;
+            counters[7] += (fds[i].events & POLLOUT) != 0;
+        }
+    }
     long long end = timeout < 0 ? -1 : now_ms() + timeout;
     for (;;) {
         int ready = 0;

@@ -33,7 +33,7 @@ def counters() -> dict[str, int]:
     out = (ctypes.c_uint64 * 8)()
     FAKE.fake_netmap_counters(out)
     return {"poll": out[0], "txsync": out[1], "rxsync": out[2], "ctrl": out[3],
-            "poll_tx_rings": out[4], "poll_rx_rings": out[5]}
+            "poll_tx_rings": out[4], "poll_rx_rings": out[5], "pollin": out[6], "pollout": out[7]}
 
 
 def last_request() -> tuple[bytes, bytes]:
@@ -190,6 +190,7 @@ def round_counts(burst: int, direction: str, discipline: str, frames: int) -> di
     calls = c["poll"] + c["txsync"] + c["rxsync"]
     return {"burst": burst, "direction": direction, "discipline": discipline, "frames": moved,
             "rounds": rounds, "poll": c["poll"], "txsync": c["txsync"], "rxsync": c["rxsync"],
+            "pollin": c["pollin"], "pollout": c["pollout"], "poll_tx_rings": c["poll_tx_rings"],
             "syscalls_per_round": round(calls / rounds, 3),
             "syscalls_per_mframe": round(calls * 1e6 / moved),
             "frames_per_round": round(moved / rounds, 1)}
@@ -199,7 +200,7 @@ def syscalls() -> list[dict[str, float]]:
     n = 200_000
     out = [round_counts(256, "both", "sync", n), round_counts(1024, "both", "sync", n),
            round_counts(256, "both", "poll", n), round_counts(1024, "both", "poll", n),
-           round_counts(1024, "a-to-b", "poll", n)]
+           round_counts(1024, "a-to-b", "poll", n), round_counts(256, "a-to-b", "poll", n)]
     before, after = out[0], out[3]
     # before: two ioctls per direction per round, at most 256 frames a round
     assert round(before["syscalls_per_round"]) == 4 and before["frames_per_round"] == 256, before
@@ -214,6 +215,16 @@ def syscalls() -> list[dict[str, float]]:
     # bridge.c on the same rings: a poll() that rxsyncs (POLLIN) and one that moves (POLLOUT)
     # per ring-full: 2 polls per 1023 frames
     assert after["syscalls_per_mframe"] <= 2 * 1e6 / 1023
+    # the pattern of a round: the source emptied -> POLLIN on it (release + refill), and the
+    # frames just moved go out through the sink's TX poll (no POLLOUT needed while it has room)
+    one = out[4]
+    assert one["pollin"] == one["poll"] and one["pollout"] == 0, one
+    assert one["poll_tx_rings"] >= one["poll"] - 1, one  # every round pushed the sink's TX ring
+    # burst 256 of a 1023-frame ring: three rounds of four leave frames -> POLLOUT on the sink
+    # (returns at once while it has room), the fourth empties the source -> POLLIN on it
+    quarter = out[5]
+    assert abs(quarter["pollout"] - 3 * quarter["poll"] / 4) <= 2, quarter
+    assert abs(quarter["pollin"] - quarter["poll"] / 4) <= 2, quarter
     return out
 
 
