@@ -90,8 +90,10 @@ void nmb_nmport_strerror(int what, int err, const char *dev, const char *nr_name
                  nr_name);
         break;
     case EBUSY:
+        /* NR_EXCLUSIVE: a ring we asked for is held by another registration (netmap_krings_get) */
         snprintf(out, outlen,
-                 "interface '%s' is busy: another netmap client holds it (exclusively, or the same rings)",
+                 "its rings are in use by another netmap program (or by another port of this bridge "
+                 "on the same rings of '%s'): stop it or pick other rings",
                  nr_name);
         break;
     case EINVAL:

@@ -47,7 +47,7 @@ NAME_RULE = "1-64 letters, digits, '_' or '-'"
 class BridgeConfig:
     name: str = "br0"
     backend: str = "auto"  # default backend of a port string without "BACKEND:"
-    burst: int = 256  # slots per direction per batch
+    burst: int = 1024  # slots per direction per batch (bridge.c's default); a ring holds num_slots - 1
     poll_timeout_ms: int = 1000
     stats_interval: float = 10.0  # seconds between stats events; 0 = none
     ring_slots: int = 1024  # slots per ring of user-memory ports

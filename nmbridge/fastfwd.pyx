@@ -5,10 +5,13 @@ Per direction and batch: for each RX ring with frames and TX ring with room, tak
 ``min(rx avail, tx room, burst)`` slots; per frame run the filter (if any) on its first slot,
 then either swap ``buf_idx`` between the RX and TX slot and set ``NS_BUF_CHANGED`` on both
 (ports in one memory region: zero-copy) or copy the bytes.  ``NS_MOREFRAG`` chains move whole
-or not at all.  Then txsync the destination and rxsync the source; when nothing could move,
-poll() the way netmap's bridge does: POLLIN on a source with nothing to read, POLLOUT on a
-destination that was full.  The loop runs without the GIL and checks its stop flag (and an
-eventfd that wakes poll) once per batch.
+or not at all.  Then the rings are synced, by one of two disciplines chosen by the ports'
+``poll_syncs``: when both ports are the kernel's netmap, every round ends in one poll() that
+syncs every ring and sleeps only when nothing can progress (POLLIN on a source with nothing
+left to read, POLLOUT on a destination that is full), as netmap's bridge.c does; otherwise
+(user memory) the loop txsyncs the destination and rxsyncs the source after a batch, and
+poll()s the same way, then syncs, only when nothing could move.  The loop runs without the
+GIL and checks its stop flag (and an eventfd that wakes poll) once per batch.
 """
 
 from libc.errno cimport EINTR, errno
@@ -31,6 +34,8 @@ cdef extern from "<poll.h>" nogil:
     enum:
         POLLIN
         POLLOUT
+        POLLERR
+        POLLNVAL
     int poll(pollfd *fds, unsigned long nfds, int timeout)
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -86,6 +91,7 @@ cdef struct fwd_dir:
     uint32_t burst
     nmb_filter *filter
     uint64_t skipping      # bit r: RX ring r is dropping the rest of a broken chain
+    bint chain_wait        # the last batch left a chain whose rest has not arrived yet
     dir_stats st
 
 
@@ -94,6 +100,7 @@ cdef struct fwd_state:
     int stop
     int stop_fd
     int poll_timeout_ms
+    bint poll_syncs        # both ports' poll() syncs their rings (the kernel's netmap)
     uint64_t epoch         # loop iterations; a filter swap waits for it to move
     uint64_t polls
     uint64_t max_frames    # stop after this many frames (0: run until stopped)
@@ -297,6 +304,7 @@ cdef uint32_t move_dir(fwd_dir *d) noexcept nogil:
     cdef netmap_ring *rx
     cdef int blocked
     cdef nmb_filter *filt = NMB_LOAD_PTR(d.filter)
+    d.chain_wait = False
     while si < src.rx_last and di < dst.tx_last and done < d.burst:
         rx = nmb_rxring(src.nifp, si)
         if nmb_ring_empty(rx):
@@ -310,6 +318,7 @@ cdef uint32_t move_dir(fwd_dir *d) noexcept nogil:
             di += 1                     # this TX ring is full: try the next one
         elif blocked == 2:
             si += 1                     # an unfinished chain: the rest of it comes later
+            d.chain_wait = True
     if done:
         d.st.batches += 1
     if di >= dst.tx_last:
@@ -403,6 +412,49 @@ cdef int wait(fwd_state *f) noexcept nogil:
     return 0
 
 
+cdef inline void want(fwd_dir *d, pollfd *src, pollfd *dst) noexcept nogil:
+    """What one direction waits for: room on the destination while the source holds frames
+    it can move, else new frames (and the release of the consumed ones) on the source."""
+    if not d.enabled:
+        return
+    if rx_pending(d.src) and not d.chain_wait:
+        dst.events |= POLLOUT
+    else:
+        src.events |= POLLIN
+
+
+cdef int poll_round(fwd_state *f) noexcept nogil:
+    """Both ports are the kernel's netmap: one poll() per round, as netmap's bridge.c does.
+    The kernel's netmap_poll() txsyncs every TX ring with new slots (ports are registered
+    without NR_NO_TX_POLL), txsyncs all TX rings of an fd asked for POLLOUT, and rxsyncs the
+    RX rings of an fd asked for POLLIN -- so the frames just moved go out, the slots just
+    consumed go back, and the call sleeps only when no direction can progress: a source with
+    nothing to read waits for frames, a destination that is full waits for room."""
+    cdef pollfd fds[3]
+    cdef nmb_port *a = f.d[0].src
+    cdef nmb_port *b = f.d[0].dst
+    cdef int rc
+    cdef uint64_t v
+    fds[0].fd = a.fd
+    fds[1].fd = b.fd
+    fds[2].fd = f.stop_fd
+    fds[0].events = fds[1].events = fds[0].revents = fds[1].revents = fds[2].revents = 0
+    fds[2].events = POLLIN
+    want(&f.d[0], &fds[0], &fds[1])
+    want(&f.d[1], &fds[1], &fds[0])
+    f.polls += 1
+    rc = poll(fds, 3, f.poll_timeout_ms)
+    if rc < 0 and errno != EINTR:
+        rc = -errno
+        return port_failed(f, a, b"poll", rc)
+    if fds[2].revents & POLLIN:
+        read(f.stop_fd, &v, sizeof(v))
+    # POLLERR: a sync inside poll() failed; the ioctls say why (and fail the pair if it lasts)
+    if fds[0].revents & (POLLERR | POLLNVAL) or fds[1].revents & (POLLERR | POLLNVAL):
+        return sync_all(f)
+    return 0
+
+
 cdef int run_loop(fwd_state *f) noexcept nogil:
     cdef uint32_t moved
     while not NMB_LOAD_INT(f.stop):
@@ -412,11 +464,14 @@ cdef int run_loop(fwd_state *f) noexcept nogil:
             moved += move_dir(&f.d[0])
         if f.d[1].enabled:
             moved += move_dir(&f.d[1])
-        if moved:
-            if sync_all(f) < 0:
+        if moved and f.max_frames and f.d[0].st.frames + f.d[1].st.frames >= f.max_frames:
+            return sync_all(f)          # push the last frames out without waiting
+        if f.poll_syncs:
+            if poll_round(f) < 0:       # the one system call of a round: syncs and waits
                 return -1
-            if f.max_frames and f.d[0].st.frames + f.d[1].st.frames >= f.max_frames:
-                break
+        elif moved:
+            if sync_all(f) < 0:         # user memory: the backend plays the NIC at sync time
+                return -1
         elif wait(f) < 0:
             return -1
     return 0
@@ -453,7 +508,7 @@ cdef class Forwarder:
     def __cinit__(self):
         self.st.stop_fd = -1
 
-    def __init__(self, Port a not None, Port b not None, *, int burst=256, str direction="both",
+    def __init__(self, Port a not None, Port b not None, *, int burst=1024, str direction="both",
                  int poll_timeout_ms=1000, zerocopy=None):
         """`zerocopy`: None swaps buffers when both ports share a memory region (else copies),
         False forces copying (benchmarks), True insists on swapping (ValueError if impossible)."""
@@ -485,6 +540,7 @@ cdef class Forwarder:
             self.st.d[i].burst = burst
             self.st.d[i].filter = NULL
         self.st.poll_timeout_ms = poll_timeout_ms
+        self.st.poll_syncs = a.c.poll_syncs != 0 and b.c.poll_syncs != 0
         self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.st.stop_fd < 0:
             raise OSError(errno, strerror(errno).decode())

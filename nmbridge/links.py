@@ -283,6 +283,8 @@ def check_mtu(a: tuple[str, int], b: tuple[str, int] | None, buf_size: int,
       out — a warning naming the side to raise.
     """
     out: list[Finding] = []
+    if b is not None and b[0] == a[0]:
+        b = None  # one interface on both sides (its NIC and its host rings): check it once
     sides = [a] if b is None else [a, b]
     for ifname, mtu in sides:
         need = frame_limit(mtu)
@@ -571,10 +573,14 @@ class LinkManager:
             names: dict[str, bool] = {}  # ifname -> set it up (only if every pair using it agrees)
             where: dict[str, str] = {}  # ifname -> "pair lan: port afpacket:eth1" (first user)
             for pair in pairs:
+                users: dict[str, list[str]] = {}  # both ports of netmap:eth1 <-> netmap:eth1^
                 for pl in pair.ports:
                     if pl.ifname is not None:
                         names[pl.ifname] = names.get(pl.ifname, True) and pair.link_setup
-                        where.setdefault(pl.ifname, f"pair {pair.name}: port {pl.port}")
+                        users.setdefault(pl.ifname, []).append(str(pl.port))
+                for ifname, ports in users.items():
+                    where.setdefault(ifname, f"pair {pair.name}: port{'s' * (len(ports) > 1)} "
+                                             f"{' and '.join(ports)}")
             missing: list[str] = []
             for name in names:
                 st = k.lookup(name)

@@ -11,12 +11,19 @@ Port names (the ``netmap:`` prefix is optional here; ``valeX:`` ports are writte
     netmap:pipe}N      its slave end
     vale0:port         port "port" of VALE switch "vale0" (both created when missing)
 
-then optionally ``/`` and flags: ``x`` exclusive, ``R`` RX rings only, ``T`` TX rings only;
-then optionally ``@N``: use memory region N (nr_mem_id).
+then optionally ``/`` and flags: ``x`` exclusive (always on, see below), ``R`` RX rings only,
+``T`` TX rings only; then optionally ``@N``: use memory region N (nr_mem_id).
 
-Every port is registered with ``NR_NO_TX_POLL``: fastfwd calls NIOCTXSYNC itself after every
-batch, so a poll() that waits for frames (POLLIN) need not push the port's TX rings again;
-poll(POLLOUT) still does when a destination is full.
+Every port is registered with ``NR_EXCLUSIVE``: the kernel then refuses (EBUSY) any later
+registration of the same rings, by this process or another, until the port closes, and
+refuses ours when another registration holds them -- two programs moving one ring's head/cur
+would corrupt each other silently.  Exclusivity is per kernel ring: ``eth1`` (NIC rings) and
+``eth1^`` (host rings) of one bridge do not conflict, ``eth1*`` conflicts with both; the two
+ends of a pipe are separate ports.
+
+``NR_NO_TX_POLL`` is not set, as in netmap's bridge: a poll() on a port's fd also pushes its
+TX rings out, which fastfwd relies on when both ports of a pair are netmap ports (one poll()
+per round syncs every ring).
 """
 
 from __future__ import annotations
@@ -76,8 +83,8 @@ class NetmapName:
 
     @property
     def register_flags(self) -> int:
-        """nr_flags as sent: the name's flags plus NR_NO_TX_POLL (see the module docstring)."""
-        return self.nr_flags | NR_NO_TX_POLL
+        """nr_flags as sent: the name's flags plus NR_EXCLUSIVE (see the module docstring)."""
+        return self.nr_flags | NR_EXCLUSIVE
 
 
 def _number(text: str, spec: str, what: str, sep: str, limit: int) -> tuple[int, str]:
@@ -233,9 +240,8 @@ class _NetmapBackend:
         return open_port(name)
 
 
-def open_port(name: str, *, device: str = DEVICE, tx_poll: bool = False) -> NetmapPort:
-    """Open one netmap port by name; PortError naming the port and the reason when it cannot.
-    `tx_poll` leaves NR_NO_TX_POLL off (for a port driven by hand rather than by fastfwd)."""
+def open_port(name: str, *, device: str = DEVICE) -> NetmapPort:
+    """Open one netmap port by name; PortError naming the port and the reason when it cannot."""
     spec = name if ":" in name else f"netmap:{name}"
     try:
         parsed = parse_name(name)
@@ -243,8 +249,8 @@ def open_port(name: str, *, device: str = DEVICE, tx_poll: bool = False) -> Netm
         raise PortError(str(e)) from None
     from nmbridge.backends.netmap import NetmapPort  # the extension only when a port opens
 
-    flags = parsed.nr_flags if tx_poll else parsed.register_flags
-    return NetmapPort(spec, parsed.nr_name, mode=parsed.nr_mode, ringid=parsed.nr_ringid, flags=flags,
+    return NetmapPort(spec, parsed.nr_name, mode=parsed.nr_mode, ringid=parsed.nr_ringid,
+                      flags=parsed.register_flags,
                       mem_id=parsed.mem_id, device=device)
 
 

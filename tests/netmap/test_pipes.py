@@ -53,7 +53,7 @@ def slave(p: Port) -> NetmapPort:
 def pipe_bridge(uniq: Callable[[str], str]) -> Iterator[Bridge]:
     parent = uniq("t")
     ports = PortSet(OpenOptions())
-    masters = [open_port(f"netmap:{parent}{{0", tx_poll=True), open_port(f"netmap:{parent}{{1", tx_poll=True)]
+    masters = [open_port(f"netmap:{parent}{{0"), open_port(f"netmap:{parent}{{1")]
     opened = ports.open([PortSpec("netmap", f"{parent}}}0"), PortSpec("netmap", f"{parent}}}1")])
     s0, s1 = (slave(p) for p in opened)
     try:
@@ -156,8 +156,10 @@ def test_failing_second_port_leaks_nothing(uniq: Callable[[str], str]) -> None:
     parent = uniq("w")
     before = mapped_regions()
     ports = PortSet()
-    with pytest.raises(PortError, match=r"busy|refused"):
-        # the same slave end twice: the kernel refuses the second registration
+    with pytest.raises(PortError, match="its rings are in use by another netmap program") as e:
+        # the same slave end twice: registered with NR_EXCLUSIVE, the first holds the rings and
+        # the kernel refuses the second (EBUSY)
         ports.open([PortSpec("netmap", f"{parent}}}0"), PortSpec("netmap", f"{parent}}}0")])
+    assert str(e.value).startswith(f"netmap:{parent}}}0: ")
     assert ports.ports == []
     assert mapped_regions() == before

@@ -23,8 +23,8 @@ FRAME = 64
 
 def test_soak_exact_counts(uniq: Callable[[str], str]) -> None:
     parent = uniq("s")
-    gen = open_port(f"netmap:{parent}{{0", tx_poll=True)
-    sink = open_port(f"netmap:{parent}{{1", tx_poll=True)
+    gen = open_port(f"netmap:{parent}{{0")
+    sink = open_port(f"netmap:{parent}{{1")
     ports = PortSet()
     src, dst = ports.open([PortSpec("netmap", f"{parent}}}0"), PortSpec("netmap", f"{parent}}}1")])
     fwd = Forwarder(src, dst, direction="a-to-b", poll_timeout_ms=100)

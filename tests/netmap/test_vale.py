@@ -39,8 +39,8 @@ def exchange(tx: NetmapPort, rx: NetmapPort, fwd: Forwarder, frames: list[bytes]
 
 def test_vale_copy_mode(uniq: Callable[[str], str], deadline: Callable[[float], Deadline]) -> None:
     sw_a, sw_b = uniq("vale"), uniq("vale")
-    ta = open_port(f"{sw_a}:ta", tx_poll=True)
-    tb = open_port(f"{sw_b}:tb", tx_poll=True)
+    ta = open_port(f"{sw_a}:ta")
+    tb = open_port(f"{sw_b}:tb")
     ports = PortSet()
     try:
         a, b = ports.open([PortSpec("netmap", f"{sw_a}:a"), PortSpec("netmap", f"{sw_b}:b")])

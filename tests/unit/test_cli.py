@@ -43,11 +43,11 @@ def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_check_a_typo_is_one_line_with_key_path_and_line(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    text = Path(BRIDGE_TOML).read_text().replace("\nburst = 256\n", "\nbrust = 256\n")
+    text = Path(BRIDGE_TOML).read_text().replace("\nburst = 1024\n", "\nbrust = 1024\n")
     f = write(tmp_path, text)
-    line = text.splitlines().index("brust = 256") + 1
+    line = text.splitlines().index("brust = 1024") + 1
     assert run(capsys, "check", "-c", f) == (
-        78, "", f'nmbridge: {f}:{line}: bridge.brust = 256: unknown key; did you mean "burst"?\n')
+        78, "", f'nmbridge: {f}:{line}: bridge.brust = 1024: unknown key; did you mean "burst"?\n')
 
 
 def test_check_a_syntax_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -164,6 +164,12 @@ def test_mtu_too_large_for_the_buffer_is_an_error_unless_chains_are_allowed() ->
     assert [f.ifname for f in check_mtu(("eth1", 2031), None, buf_size=2048)] == ["eth1"]
 
 
+def test_mtu_of_one_interface_on_both_sides_is_checked_once() -> None:
+    # netmap:lo <-> netmap:lo^: the NIC and host rings of one interface
+    found = check_mtu(("lo", 65536), ("lo", 65536), buf_size=2048)
+    assert [(f.ifname, f.severity) for f in found] == [("lo", "error")]
+
+
 def test_mtu_mismatch_warns_on_the_smaller_side() -> None:
     found = check_mtu(("eth1", 1500), ("eth2", 1400), buf_size=2048)
     assert len(found) == 1

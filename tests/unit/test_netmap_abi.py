@@ -144,7 +144,7 @@ def test_open_errors_in_words() -> None:
     [
         (errno.ENOENT, 14, "no such interface 'eth9'"),
         (errno.ENXIO, 14, "no such interface 'eth9'"),
-        (errno.EBUSY, 14, "interface 'eth9' is busy"),
+        (errno.EBUSY, 14, "its rings are in use by another netmap program"),
         (errno.EINVAL, 13, "nmbridge speaks NETMAP_API 14, the kernel answered nr_version 13"),
         (errno.EINVAL, 14, "NETMAP_API 14"),
         (errno.EPERM, 14, "CAP_NET_ADMIN"),

@@ -12,7 +12,7 @@ from nmbridge.backends import PortSpec, parse_spec
 from nmbridge.backends.netmap_backend import BACKEND, NetmapName, parse_name
 
 ALL_NIC, SW, NIC_SW, ONE_NIC, ONE_SW = 1, 2, 3, 4, 8
-EXCLUSIVE, RX_ONLY, TX_ONLY, NO_TX_POLL = 0x800, 0x2000, 0x4000, 0x20000
+EXCLUSIVE, RX_ONLY, TX_ONLY = 0x800, 0x2000, 0x4000
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_good_names(name: str, nr_name: str, mode: int, ringid: int, flags: int,
     assert isinstance(p, NetmapName)
     assert (p.nr_name, p.nr_mode, p.nr_ringid, p.nr_flags, p.mem_id, p.kind, p.interface) == (
         nr_name, mode, ringid, flags, mem_id, kind, interface)
-    assert p.register_flags == flags | NO_TX_POLL
+    assert p.register_flags == flags | EXCLUSIVE  # always exclusive; NR_NO_TX_POLL never
     assert BACKEND.interface(name) == interface
 
 

@@ -1,37 +1,60 @@
 """Run under LD_PRELOAD=fake_netmap.so with NMB_FAKE_DEV=<file>: the netmap backend's open,
-region sharing, ring ranges, syncs, errors and close, end to end. Exits non-zero on failure."""
+region sharing, ring ranges, syncs, errors, exclusive rings, the system calls of a forwarding
+round, and close, end to end.  Prints "ok" (and one JSON line of syscall counts) or fails.
+
+    python scenario.py [all|counts]
+"""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import struct
 import sys
 
 import pytest
 
-from nmbridge.backends.netmap import mapped_regions
-from nmbridge.backends.netmap_backend import open_port
+from nmbridge.backends.netmap import NetmapPort, mapped_regions
+from nmbridge.backends.netmap_backend import NR_EXCLUSIVE, NR_NO_TX_POLL, open_port
 from nmbridge.errors import PortError
 from nmbridge.fastfwd import Forwarder
 
 DEV = os.environ["NMB_FAKE_DEV"]
+FAKE = ctypes.CDLL(None)  # the preloaded fake's test hooks are global symbols
+BUSY = "its rings are in use by another netmap program"
 
 
 def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def main() -> None:
+def counters() -> dict[str, int]:
+    out = (ctypes.c_uint64 * 8)()
+    FAKE.fake_netmap_counters(out)
+    return {"poll": out[0], "txsync": out[1], "rxsync": out[2], "ctrl": out[3],
+            "poll_tx_rings": out[4], "poll_rx_rings": out[5], "pollin": out[6], "pollout": out[7]}
+
+
+def last_request() -> tuple[bytes, bytes]:
+    buf = (ctypes.c_ubyte * (88 + 56))()
+    FAKE.fake_netmap_last_request(buf)
+    raw = bytes(buf)
+    return raw[:88], raw[88:]
+
+
+def basics() -> None:
     fd0 = fds()
     a = open_port("netmap:fa", device=DEV)
     b = open_port("netmap:fb", device=DEV)
     assert mapped_regions() == 1, "two ports of region 1 share one mapping"
     ra = a.registration()
-    assert ra["mem_id"] == 1 and ra["region_users"] == 2 and ra["memsize"] == 4 << 20
+    assert ra["mem_id"] == 1 and ra["region_users"] == 2
     assert ra["tx_range"] == (0, 1) and ra["rx_range"] == (0, 1)
     assert ra["host_tx_rings"] == 1 and ra["reply_host_tx_rings"] == 0
-    assert ra["nr_flags"] & 0x20000, "NR_NO_TX_POLL is set"
+    assert ra["nr_flags"] == NR_EXCLUSIVE
     assert a.mem_key == b.mem_key == (1 << 63) | 1
-    assert a.name == "fa" and a.info()["tx_slots"] == 64 and a.info()["buf_size"] == 2048
+    assert a.name == "fa" and a.info()["tx_slots"] == 1024 and a.info()["buf_size"] == 2048
 
     # the fake loops TX back into RX: a port talks to itself
     frames = [bytes([i]) * (60 + i) for i in range(10)]
@@ -68,7 +91,7 @@ def main() -> None:
     # errors in words, and nothing left behind
     fd1, regions = fds(), mapped_regions()
     for name, words in [("netmap:nosuch0", "no such interface 'nosuch0'"),
-                        ("netmap:busy0", "interface 'busy0' is busy"),
+                        ("netmap:busy0", BUSY),
                         ("netmap:oldapi0", "NETMAP_API 14, the kernel answered nr_version 11")]:
         with pytest.raises(PortError) as e:
             open_port(name, device=DEV)
@@ -85,6 +108,133 @@ def main() -> None:
     v.close()
     assert mapped_regions() == 0 and fds() == fd0
     a.close()  # idempotent
+
+
+def refused(name: str) -> str:
+    before_fds, before_regions = fds(), mapped_regions()
+    with pytest.raises(PortError) as e:
+        open_port(name, device=DEV)
+    assert fds() == before_fds and mapped_regions() == before_regions, "a refused port leaks nothing"
+    return str(e.value)
+
+
+def exclusive() -> None:
+    # the request the kernel gets: NR_EXCLUSIVE set, NR_NO_TX_POLL not
+    p = open_port("netmap:ex0", device=DEV)
+    hdr, reg = last_request()
+    assert hdr[8:8 + 4] == b"ex0\0" and struct.unpack_from("<I", reg, 36)[0] == 1  # ALL_NIC
+    flags = struct.unpack_from("<Q", reg, 48)[0]
+    assert flags & NR_EXCLUSIVE and not flags & NR_NO_TX_POLL, hex(flags)
+
+    # the same rings again, from this process: EBUSY, in words, nothing leaked
+    msg = refused("netmap:ex0")
+    assert msg.startswith("netmap:ex0: ") and BUSY in msg, msg
+    # the host rings are other krings: no conflict; NIC + host overlaps both
+    host = open_port("netmap:ex0^", device=DEV)
+    assert BUSY in refused("netmap:ex0*")
+    assert BUSY in refused("netmap:ex0^")
+    # one NIC ring of a two-ring interface vs the other ring, and vs all of them
+    q0 = open_port("netmap:mq0-0", device=DEV)
+    q1 = open_port("netmap:mq0-1", device=DEV)
+    assert BUSY in refused("netmap:mq0")
+    assert BUSY in refused("netmap:mq0-1/R")
+    # the two ends of a pipe are two ports: one process may hold both exclusively
+    m, s = open_port("netmap:px{1", device=DEV), open_port("netmap:px}1", device=DEV)
+    assert BUSY in refused("netmap:px}1")
+    assert m.send([b"\x01" * 60, b"\x02" * 70]) == 2 and s.recv() == [b"\x01" * 60, b"\x02" * 70]
+    # VALE ports: per port
+    v1, v2 = open_port("vale0:e1", device=DEV), open_port("vale0:e2", device=DEV)
+    assert BUSY in refused("vale0:e1")
+
+    # a non-exclusive user (pkt-gen without /x, say) blocks our exclusive registration ...
+    other = NetmapPort("netmap:sh0", "sh0", mode=1, flags=0, device=DEV)
+    assert BUSY in refused("netmap:sh0")
+    # ... and may share with other non-exclusive users, as netmap allows
+    other2 = NetmapPort("netmap:sh0", "sh0", mode=1, flags=0, device=DEV)
+    other.close()
+    other2.close()
+    mine = open_port("netmap:sh0", device=DEV)
+    # our exclusive mark refuses a later non-exclusive registration too
+    with pytest.raises(PortError, match=BUSY):
+        NetmapPort("netmap:sh0", "sh0", mode=1, flags=0, device=DEV)
+
+    # closing releases: the rings can be registered again
+    p.close()
+    again = open_port("netmap:ex0", device=DEV)
+    for port in (again, host, q0, q1, m, s, v1, v2, mine):
+        port.close()
+    assert mapped_regions() == 0
+
+
+def round_counts(burst: int, direction: str, discipline: str, frames: int) -> dict[str, float]:
+    """Forward `frames` from an endless source to a sink; system calls per round and per
+    million frames. `discipline` "poll" is run(); "sync" is the txsync + rxsync after every
+    batch that run() did for netmap ports before (Forwarder.step(): a batch, then sync_all)."""
+    src = open_port("netmap:src0", device=DEV)
+    dst = open_port("netmap:sink0", device=DEV)
+    fwd = Forwarder(src, dst, burst=burst, direction=direction)
+    FAKE.fake_netmap_reset_counters()
+    if discipline == "poll":
+        fwd.run(max_frames=frames)
+        rounds = fwd.polls
+    else:
+        src.rxsync()
+        rounds = 0
+        while fwd.stats()["a_to_b"]["frames"] < frames:
+            fwd.step()
+            rounds += 1
+    c = counters()
+    moved = fwd.stats()["a_to_b"]["frames"]
+    src.close()
+    dst.close()
+    calls = c["poll"] + c["txsync"] + c["rxsync"]
+    return {"burst": burst, "direction": direction, "discipline": discipline, "frames": moved,
+            "rounds": rounds, "poll": c["poll"], "txsync": c["txsync"], "rxsync": c["rxsync"],
+            "pollin": c["pollin"], "pollout": c["pollout"], "poll_tx_rings": c["poll_tx_rings"],
+            "syscalls_per_round": round(calls / rounds, 3),
+            "syscalls_per_mframe": round(calls * 1e6 / moved),
+            "frames_per_round": round(moved / rounds, 1)}
+
+
+def syscalls() -> list[dict[str, float]]:
+    n = 200_000
+    out = [round_counts(256, "both", "sync", n), round_counts(1024, "both", "sync", n),
+           round_counts(256, "both", "poll", n), round_counts(1024, "both", "poll", n),
+           round_counts(1024, "a-to-b", "poll", n), round_counts(256, "a-to-b", "poll", n)]
+    before, after = out[0], out[3]
+    # before: two ioctls per direction per round, at most 256 frames a round
+    assert round(before["syscalls_per_round"]) == 4 and before["frames_per_round"] == 256, before
+    # after: one poll() per round (plus the sync at start and after the last frame), and a
+    # round moves what the ring holds (1023 of 1024 slots)
+    for r in out[2:]:
+        assert r["poll"] == r["rounds"], r
+        assert r["txsync"] <= 4 and r["rxsync"] <= 4, r
+        assert r["frames"] >= n
+    assert after["frames_per_round"] > 1000, after
+    assert after["syscalls_per_mframe"] * 4 < before["syscalls_per_mframe"], (before, after)
+    # bridge.c on the same rings: a poll() that rxsyncs (POLLIN) and one that moves (POLLOUT)
+    # per ring-full: 2 polls per 1023 frames
+    assert after["syscalls_per_mframe"] <= 2 * 1e6 / 1023
+    # the pattern of a round: the source emptied -> POLLIN on it (release + refill), and the
+    # frames just moved go out through the sink's TX poll (no POLLOUT needed while it has room)
+    one = out[4]
+    assert one["pollin"] == one["poll"] and one["pollout"] == 0, one
+    assert one["poll_tx_rings"] >= one["poll"] - 1, one  # every round pushed the sink's TX ring
+    # burst 256 of a 1023-frame ring: three rounds of four leave frames -> POLLOUT on the sink
+    # (returns at once while it has room), the fourth empties the source -> POLLIN on it
+    quarter = out[5]
+    assert abs(quarter["pollout"] - 3 * quarter["poll"] / 4) <= 2, quarter
+    assert abs(quarter["pollin"] - quarter["poll"] / 4) <= 2, quarter
+    return out
+
+
+def main() -> None:
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what == "all":
+        basics()
+        exclusive()
+    counts = syscalls()
+    print(json.dumps(counts))
     print("ok")
 
 
