@@ -169,7 +169,7 @@ class Bridge:
                 a, b = ports[2 * i], ports[2 * i + 1]
                 for spec, port in ((p.a, a), (p.b, b)):
                     self.log.info("port_opened", pair=p.name, port=str(spec), **_port_info(port))
-                fwd = Forwarder(a, b, burst=c.bridge.burst, direction=p.direction,
+                fwd = Forwarder(a, b, burst=c.bridge.burst, direction=p.direction.replace("_", "-"),
                                 poll_timeout_ms=c.bridge.poll_timeout_ms)
                 links, watcher = self._links.pop(p.name, (None, None))
                 opened.append(_Pair(p, a, b, fwd, links=links, watcher=watcher))

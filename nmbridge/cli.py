@@ -124,7 +124,7 @@ def stats_table(result: dict[str, Any]) -> str:
         for d, s in p["directions"].items():
             r = result["rates"].get(p["pair"], {}).get(d, {})
             why = drops(s)
-            rows.append([p["pair"], d.replace("_", "-"), str(s.get("frames", 0)),
+            rows.append([p["pair"], d, str(s.get("frames", 0)),
                          _si(r.get("frames_per_s", 0.0)), _si(r.get("bits_per_s", 0.0), "b/s"),
                          str(sum(why.values())),
                          ", ".join(f"{k} {n}" for k, n in why.items() if n) or "-"])
@@ -220,9 +220,9 @@ def summary(cfg: config.Config) -> str:
         f"bridge {b.name}: default backend {backend}, burst {b.burst}, poll timeout {b.poll_timeout_ms} ms, "
         f"{stats}, user-memory rings of {b.ring_slots} slots x {b.buf_size} bytes",
     ]
-    arrows = {"both": "<->", "a-to-b": "->", "b-to-a": "<-"}
+    arrows = {"both": "<->", "a_to_b": "->", "b_to_a": "<-"}
     for p in cfg.pairs:
-        filters = ", ".join(f"{d.replace('_', '-')}: {name}" for d, name in p.filters.items()) or "none"
+        filters = ", ".join(f"{d}: {name}" for d, name in p.filters.items()) or "none"
         lines.append(f"pair {p.name}: {p.a} {arrows[p.direction]} {p.b}; filters: {filters}; "
                      f"link set-up {'on' if p.link_setup else 'off'}")
     for f in cfg.filters.values():
