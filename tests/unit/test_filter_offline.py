@@ -217,3 +217,45 @@ def test_warnings_go_to_stderr_and_into_the_json(capsys: pytest.CaptureFixture[s
     doc = json.loads(out)
     assert [(w["kind"], w["rule_number"], w.get("shadowed_by_number")) for w in doc["warnings"]] == [
         ("never_matches", 1, None), ("shadowed", 3, 2)]
+
+
+# --- the README's example is a real run ---------------------------------------------------
+
+
+def readme_capture(path: Path) -> None:
+    """The five frames of the README's capture.pcap."""
+    from scapy.layers.l2 import LLC, Dot3
+
+    a, b = "02:00:00:00:00:01", "02:00:00:00:00:02"
+    wrpcap(str(path), [
+        Ether(src=a, dst=b) / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=40000, dport=22),
+        Ether(src=b, dst="ff:ff:ff:ff:ff:ff") / ARP(hwsrc=b, psrc="10.0.0.2", pdst="10.0.0.1"),
+        Ether(src=a, dst=b) / IP(src="10.0.0.1", dst="10.0.0.53") / UDP(sport=5353, dport=53),
+        Ether(src=a, dst=b) / Dot1Q(vlan=20) / IP(src="10.0.0.1", dst="192.0.2.80")
+        / TCP(sport=40001, dport=443),
+        Dot3(src=a, dst="01:80:c2:00:00:00") / LLC(dsap=0x42, ssap=0x42, ctrl=3) / (b"\0" * 35),
+    ])
+
+
+def test_the_readme_example(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    m = re.search(r"<!-- filter-test-example:.*?-->(.*?)<!-- /filter-test-example -->", readme, re.S)
+    assert m
+    session = "".join(re.findall(r"```\n(.*?)```", m.group(1), re.S))
+    runs = re.findall(r"^\$ (.*)\n((?:(?!\$ ).*\n)*)", session, re.M)
+    assert len(runs) == 3
+    monkeypatch.chdir(tmp_path)
+    readme_capture(tmp_path / "capture.pcap")
+    for command, expected in runs:
+        argv = shlex.split(command)
+        if argv[0] == "cat":
+            (tmp_path / argv[1]).write_text(expected)
+            continue
+        assert argv[0] == "nmbridge"
+        assert cli.main(argv[1:]) == 0
+        out, err = capsys.readouterr()
+        assert err + out == expected  # the warnings come first, as on a terminal
