@@ -151,26 +151,6 @@ def _pair_dict(p: PairConfig) -> dict[str, object]:
 # loading
 
 
-def _read(path: str | Path) -> str:
-    name = str(path)
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
-
-
-def _parse(text: str, path: str) -> dict[str, object]:
-    try:
-        return tomli.loads(text)
-    except tomli.TOMLDecodeError as e:
-        line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
-        if line is None:  # tomli < 2.1: the position is only in the message
-            raise ConfigError(f"{path}: {e}") from None
-        raise ConfigError(f"{path}:{line}:{col}: {e.msg}") from None
-
-
 def load(path: str | Path, bridge_overrides: Mapping[str, object] | None = None, *,
          require_pairs: bool = True) -> Config:
     """Read and validate a configuration file; raise ConfigError.
@@ -178,31 +158,58 @@ def load(path: str | Path, bridge_overrides: Mapping[str, object] | None = None,
     `bridge_overrides` replaces ``[bridge]`` keys after the file is checked (a reload keeps
     the values that cannot change while running, and ports are then parsed with them).
     ``require_pairs=False`` accepts a file of filters only (``nmbridge filter test``)."""
-    return loads(_read(path), str(path), bridge_overrides, require_pairs=require_pairs)
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
+    return loads(text, name, bridge_overrides, require_pairs=require_pairs)
 
 
 def loads(text: str, path: str = "<string>", bridge_overrides: Mapping[str, object] | None = None, *,
           require_pairs: bool = True) -> Config:
     """Parse and validate TOML text; `path` names it in errors."""
-    data = _parse(text, path)
-    cfg = _Loader(path, text, require_pairs).config(data)
+    try:
+        data = tomli.loads(text)
+    except tomli.TOMLDecodeError as e:
+        line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
+        if line is None:  # tomli < 2.1: the position is only in the message
+            raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}:{line}:{col}: {e.msg}") from None
+    cfg = from_dict(data, path, text, require_pairs=require_pairs)
     if bridge_overrides:
         bridge = data.get("bridge", {})
         data["bridge"] = {**(bridge if isinstance(bridge, Mapping) else {}), **bridge_overrides}
-        cfg = _Loader(path, text, require_pairs).config(data)
+        cfg = from_dict(data, path, text, require_pairs=require_pairs)
     return cfg
 
 
 def load_rules(path: str | Path) -> tuple[FilterConfig, tuple[FilterWarning, ...]]:
     """A rule file: what goes under ``[filter.NAME]`` in a config, alone in a file (``default``
     and ``[[rule]]`` tables), for ``nmbridge filter test --rules``: the filter (named after
-    the file; key paths ``rule[1]``, ``rule[2]``...) and its warnings.  Raises ConfigError."""
-    return loads_rules(_read(path), str(path))
+    the file; key paths ``rule[1]``, ``rule[2]``...) and its warnings.  Raises ConfigError,
+    worded as :func:`load`'s."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
+    return loads_rules(text, name)
 
 
 def loads_rules(text: str, path: str = "<string>") -> tuple[FilterConfig, tuple[FilterWarning, ...]]:
+    """:func:`load_rules` on TOML text; `path` names it in errors."""
+    try:
+        data = tomli.loads(text)
+    except tomli.TOMLDecodeError as e:
+        line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
+        raise ConfigError(f"{path}:{line}:{col}: {e.msg}" if line else f"{path}: {e}") from None
     loader = _Loader(path, text)
-    f = loader.filter("", path, _parse(text, path))
+    f = loader.filter("", path, data)
     return f, tuple(loader.check_filter(f))
 
 
@@ -238,9 +245,10 @@ def is_loopback(host: str) -> bool:
     return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
-def from_dict(data: Mapping[str, object], path: str = "<dict>", text: str | None = None) -> Config:
+def from_dict(data: Mapping[str, object], path: str = "<dict>", text: str | None = None, *,
+              require_pairs: bool = True) -> Config:
     """Validate TOML-shaped data (`text`, the file it came from, gives errors their line)."""
-    return _Loader(path, text).config(data)
+    return _Loader(path, text, require_pairs).config(data)
 
 
 # ---------------------------------------------------------------------------------------

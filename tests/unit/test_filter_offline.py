@@ -199,6 +199,20 @@ def test_errors_are_one_line_on_stderr_also_with_json(
             status, "", f"nmbridge: {message.format(conf=conf)}\n")
 
 
+def test_a_rule_file_that_does_not_load(capsys: pytest.CaptureFixture[str], pcap: Path,
+                                        tmp_path: Path) -> None:
+    missing = tmp_path / "none.toml"
+    assert run(capsys, "--pcap", str(pcap), "--rules", str(missing)) == (
+        78, "", f"nmbridge: {missing}: cannot read: No such file or directory\n")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[[rule]\n")
+    status, out, err = run(capsys, "--pcap", str(pcap), "--rules", str(broken))
+    assert (status, out) == (78, "") and err.startswith(f"nmbridge: {broken}:1:") and err.count("\n") == 1
+    broken.write_text("[[rule]]\naction = \"drop\"\n[filter.x]\n")  # a config, not a rule file
+    assert run(capsys, "--pcap", str(pcap), "--rules", str(broken))[2] == (
+        f'nmbridge: {broken}: filter = {{x = {{}}}}: unknown key; known keys: default, rule\n')
+
+
 def test_a_bad_capture(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.pcap"
     bad.write_bytes(b"\x0a\x0d\x0d\x0a" + bytes(40))
