@@ -79,6 +79,8 @@ def run_command(args: argparse.Namespace) -> int:
         control = os.path.abspath(control)
     check_capabilities(cfg, link_setup=not args.no_link_setup)  # before touching anything
     configure_logs(args, cfg)
+    for w in cfg.warnings:  # what `check` warns about: rules that never match or never decide
+        logs.get_logger(bridge=cfg.bridge.name).warning("filter_warning", **w.as_dict())
     Bridge(cfg, link_setup=not args.no_link_setup, control_path=control,
            log_level_fixed=bool(getattr(args, "log_level", None))).run()
     return EX_OK

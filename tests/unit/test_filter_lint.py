@@ -3,6 +3,7 @@ of values people bring from other tools (accepted or refused with a hint), and `
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,31 @@ def test_check_warns_on_stderr_with_file_line_and_both_rules(
                            "keypath": "filter.f.rule[2]", "message": w.message, "shadowed_by_number": 1,
                            "shadowed_by": "any tcp", "shadowed_by_keypath": "filter.f.rule[1]",
                            "where": f"{path}:6"}
+
+
+def test_run_logs_the_warnings(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
+    from nmbridge import app
+
+    ran: list[object] = []
+
+    class FakeBridge:  # the config is all this test needs: nothing is opened
+        def __init__(self, cfg: object, **_: object) -> None:
+            self.cfg = cfg
+
+        def run(self) -> None:
+            ran.append(self.cfg)
+
+    monkeypatch.setattr(app, "check_capabilities", lambda cfg, link_setup: None)
+    monkeypatch.setattr(app, "Bridge", FakeBridge)
+    path = tmp_path / "b.toml"
+    path.write_text('[filter.f]\n[[filter.f.rule]]\naction = "pass"\n[[filter.f.rule]]\naction = "drop"\n'
+                    'pcap = "tcp"\n' + PAIR + 'filter = "f"\n')
+    assert cli.main(["--log-format", "json", "run", "-c", str(path)]) == 0 and ran
+    (event,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (event["event"], event["level"], event["kind"], event["rule_number"], event["keypath"],
+            event["shadowed_by_number"], event["where"]) == (
+        "filter_warning", "warning", "shadowed", 2, "filter.f.rule[2]", 1, f"{path}:4")
 
 
 # --- forms people type ------------------------------------------------------------------
