@@ -6,10 +6,10 @@ guesses from traffic):
 * ``never_matches``: no frame can ever match the rule.  Structured rules: ``ethertype`` is
   the innermost type, so 0x8100/0x88a8 never match; fields that need different ethertypes,
   IP families or protocols (``ethertype = "arp"`` with ``dst_ip``, an IPv4 with an IPv6 prefix,
-  ports with ``ip_proto = "icmp"``, ``vlan = false`` with a ``vlan_*`` field, an IPv6 prefix with
-  an ``ip_proto`` that is an IPv6 extension header).  pcap rules: libpcap's program has no way
-  to a match (a load of kernel metadata — ``inbound``, ``outbound``, ``ifindex`` — ends the
-  program with no match on a bridge, as a load past the frame does).
+  ports with ``ip_proto = "icmp"``, ``vlan = false`` with a ``vlan_*`` field).  pcap rules:
+  libpcap's program has no way to a match (a load of kernel metadata — ``inbound``,
+  ``outbound``, ``ifindex`` — ends the program with no match on a bridge, as a load past the
+  frame does).
 * ``shadowed``: an earlier rule matches every frame this one matches, so this one never
   decides.  Proved for: an earlier rule that matches every frame (no fields, or a pcap
   program that returns a match without looking at the frame), an earlier pcap rule with the
@@ -19,7 +19,8 @@ guesses from traffic):
   not claimed: no warning is not a proof that a rule can decide.
 
 Also ``partial``: the rule can match, but part of it cannot (kernel metadata inside a larger
-pcap expression; an extension-header ``ip_proto`` matches IPv4 only).
+pcap expression; an ``ip_proto`` that is an IPv6 extension header matches IPv6 frames only
+when the walk stops at a non-first fragment whose next header it is).
 """
 
 from __future__ import annotations
@@ -150,13 +151,11 @@ def _shape(rule: RuleConfig, spec: Mapping[str, Any]) -> _Shape:
         s.never.append("its fields need different IP protocols: " + "; ".join(s.proto_why))
     proto = spec.get("ip_proto")
     if proto in IPV6_EXT and not s.never and s.eth is not None and IPV6 in s.eth:
-        ext = f"for IPv6, ip_proto is the protocol after the extension headers, never {proto} " \
-              f"({IPV6_EXT[proto]} is walked past)"
-        if IPV4 in s.eth:
-            s.partial.append(f"matches IPv4 only: {ext}")
-            s.eth = frozenset((IPV4,))
-        else:
-            s.never.append(f"{ext}, and its other fields match IPv6 only")
+        # The walk goes past this header; it stops early only at a Fragment header with a
+        # non-zero offset, whose next-header (possibly this value) is then the protocol.
+        s.partial.append(f"on IPv6 it matches non-first fragments only: elsewhere ip_proto is the "
+                         f"protocol after the extension headers, never {proto} ({IPV6_EXT[proto]} "
+                         "is walked past)" + ("; IPv4 frames match as usual" if IPV4 in s.eth else ""))
     return s
 
 

@@ -57,8 +57,6 @@ NEVER = [
     ({"vlan": False, "vlan_id": 3}, "vlan = false, and vlan_id = 3 needs a tag"),
     ({"vlan": False, "inner_vlan_pcp": 1}, "needs a tag"),
     ({"vlan": False, "vlan_tpid": "802.1ad"}, "needs a tag"),
-    ({"dst_ip": "2001:db8::/32", "ip_proto": "ah"}, "never 51 (AH is walked past)"),
-    ({"ethertype": "ipv6", "ip_proto": 44}, "never 44 (fragment is walked past)"),
 ]
 
 
@@ -74,7 +72,10 @@ def test_never_matches(rule: dict[str, Any], why: str) -> None:
 PARTIAL = [
     ({"pcap": "tcp or inbound"}, "part of it can never be true: it reads kernel metadata (inbound/outbound)"),
     ({"pcap": "arp or ifindex 2"}, "(ifindex)"),
-    ({"ip_proto": "ah"}, "matches IPv4 only: for IPv6, ip_proto is the protocol after the extension"),
+    ({"ip_proto": "ah"}, "on IPv6 it matches non-first fragments only: elsewhere ip_proto is the "
+                         "protocol after the extension headers, never 51 (AH is walked past); IPv4 frames"),
+    ({"dst_ip": "2001:db8::/32", "ip_proto": "ah"}, "never 51 (AH is walked past)"),
+    ({"ethertype": "ipv6", "ip_proto": 44}, "never 44 (fragment is walked past)"),
     ({"ip_proto": 0, "dst_port": 5}, None),  # hop-by-hop with ports: no ports on protocol 0
 ]
 
@@ -156,7 +157,9 @@ rule_st = st.one_of(
         lambda d: st.fixed_dictionaries({k: st.sampled_from(FIELD_VALUES[k]) for k in d})),
     st.sampled_from(PCAP_RULES).map(lambda e: {"pcap": e}),
     st.sampled_from([{"dst_port": [1, 100]}, {"dst_ip": "10.0.0.0/16"}, {"src_ip": "0.0.0.0/0"},
-                     {"ip_proto": 51}, {"dst_mac": "02:00:00:00:00:00/46"}]))
+                     {"ip_proto": 51}, {"ip_proto": 60, "src_ip": "::/0"},
+                     {"ethertype": "ipv6", "ip_proto": 0},
+                     {"dst_mac": "02:00:00:00:00:00/46"}]))
 
 
 def matches(rule: dict[str, Any], frame: bytes) -> bool:
