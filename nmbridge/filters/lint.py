@@ -232,6 +232,8 @@ def analyse_bpf(insns: bytes) -> _Program:
             continue
         if cls in (0, 1) and mode in (0x20, 0x40, 0xA0):  # a frame byte: the load can fail
             all_match = False
+        if cls == 0x04 and code & 0x08 and code & 0xF0 in (0x30, 0x90):  # div/mod by x: may be 0
+            all_match = False
         if cls == 0x06:  # ret
             rval = code & 0x18
             if rval == 0x10 or k != 0:  # ret a: unknown; ret #k: k
@@ -242,7 +244,7 @@ def analyse_bpf(insns: bytes) -> _Program:
         if cls == 0x05:  # jumps
             op, src = code & 0xF0, code & 0x08
             if op == 0x00:  # ja
-                todo.append(pc + 1 + k)
+                todo.append((pc + 1 + k) & 0xFFFFFFFF)  # a backward jump is a wrap-around
                 continue
             always: bool | None = None
             if src == 0 and op == 0x30 and k == 0:  # jge #0

@@ -288,3 +288,28 @@ def test_directions_read_both_ways_and_written_one_way() -> None:
         c = config.loads('[filter.f]\n' + PAIR + f'direction = "{spelling}"\nfilter = "f"\n')
         assert (c.pairs[0].direction, c.pairs[0].filters) == ("a_to_b", {"a_to_b": "f"})
         assert c.as_dict()["pair"][0]["direction"] == "a_to_b"  # type: ignore[index]
+
+
+def insns(*prog: tuple[int, int, int, int]) -> bytes:
+    import struct
+
+    return b"".join(struct.pack("=HBBI", *i) for i in prog)
+
+
+@pytest.mark.parametrize("prog, can, every, meta", [
+    ([(0x06, 0, 0, 65535)], True, True, ()),  # ret #65535
+    ([(0x06, 0, 0, 0)], False, False, ()),  # ret #0
+    ([(0x40, 0, 0, 0xFFFFF008), (0x06, 0, 0, 1)], False, False, ("ifindex",)),  # ld [x + ifindex]
+    ([(0x28, 0, 0, 12), (0x06, 0, 0, 1)], True, False, ()),  # a frame load can fail
+    ([(0x80, 0, 0, 0), (0x35, 0, 1, 0), (0x06, 0, 0, 9), (0x06, 0, 0, 0)], True, True, ()),  # len >= 0
+    ([(0x00, 0, 0, 1), (0x07, 0, 0, 0), (0x3C, 0, 0, 0), (0x06, 0, 0, 1)], True, False, ()),  # a / x
+    ([(0x05, 0, 0, 1), (0x06, 0, 0, 0), (0x06, 0, 0, 5)], True, True, ()),  # ja over ret #0
+    ([(0x28, 0, 0, 12), (0x15, 0, 1, 0x86DD), (0x05, 0, 0, 0xFFFFFFFD), (0x16, 0, 0, 0)],
+     True, False, ()),  # a backward jump (wraps around): still ends; ret a may be a match
+])
+def test_program_analysis(prog: list[tuple[int, int, int, int]], can: bool, every: bool,
+                          meta: tuple[str, ...]) -> None:
+    from nmbridge.filters.lint import analyse_bpf
+
+    got = analyse_bpf(insns(*prog))
+    assert (got.can_match, got.matches_all, got.metadata) == (can, every, meta)
