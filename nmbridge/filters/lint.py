@@ -38,9 +38,7 @@ Kind = Literal["never_matches", "shadowed", "partial"]
 IPV4, IPV6, TAG_TYPES = 0x0800, 0x86DD, (0x8100, 0x88A8)
 PORT_PROTOS = frozenset((6, 17, 132))
 IPV6_EXT = {0: "hop-by-hop options", 43: "routing", 44: "fragment", 51: "AH", 60: "destination options"}
-_EXACT = ("vlan_id", "vlan_pcp", "vlan_tpid", "inner_vlan_id", "inner_vlan_pcp")
-_TAG_FIELDS = _EXACT
-_PROTO_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
+_TAG_FIELDS = ("vlan_id", "vlan_pcp", "vlan_tpid", "inner_vlan_id", "inner_vlan_pcp")  # need a tag
 
 # Linux's ancillary loads (SKF_AD_OFF + n): kernel metadata, never in a bridge's frames
 SKF_AD_OFF = 0xFFFFF000
@@ -176,7 +174,7 @@ def _implies(j: _Shape, i: _Shape) -> bool:
                 return False
         elif have is None:
             return False
-        elif key in _EXACT:
+        elif key in _TAG_FIELDS:
             if have != want:
                 return False
         elif key in ("src_mac", "dst_mac"):
@@ -265,7 +263,8 @@ def analyse_bpf(insns: bytes) -> _Program:
 # --- the filter -----------------------------------------------------------------------
 
 
-def _matches_all(rule: RuleConfig, spec: Mapping[str, Any], prog: _Program | None) -> str | None:
+def _matches_all(spec: Mapping[str, Any], prog: _Program | None) -> str | None:
+    """Why the rule matches every frame, or None."""
     if prog is not None:
         return "its program does not look at the frame" if prog.matches_all else None
     return "it has no fields" if len(spec) == 1 else None
@@ -315,7 +314,7 @@ def lint(f: FilterConfig, specs: Sequence[Mapping[str, Any]]) -> list[FilterWarn
         for m in range(n):
             if never[m]:
                 continue
-            all_why = _matches_all(f.rules[m], specs[m], progs[m])
+            all_why = _matches_all(specs[m], progs[m])
             if all_why is not None:
                 label = rule_label(_keypath(f, m), m + 1, f.rules[m].name)
                 warn("shadowed", n, f"never decides: {label} before it matches every frame ({all_why})", m)
