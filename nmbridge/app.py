@@ -153,7 +153,6 @@ class Bridge:
 
     def open_pairs(self, pcs: tuple[PairConfig, ...] | list[PairConfig]) -> list[_Pair]:
         """Open the ports of some pairs, all or nothing, and watch their links."""
-        c = self.config
         owner: dict[PortSpec, PairConfig] = {}
         for p in pcs:
             for spec in p.ports:
@@ -174,9 +173,7 @@ class Bridge:
                 a, b = ports[2 * i], ports[2 * i + 1]
                 for spec, port in ((p.a, a), (p.b, b)):
                     self.log.info("port_opened", pair=p.name, port=str(spec), **port_info(port))
-                fwd = Forwarder(a, b, burst=c.bridge.burst, direction=p.direction,
-                                poll_timeout_ms=c.bridge.poll_timeout_ms)
-                pair = _Pair(p, a, b, fwd)
+                pair = _Pair(p, a, b, self._forwarder(a, b, p))
                 opened.append(pair)
                 self._watch(pair)
         except BaseException:
@@ -282,13 +279,18 @@ class Bridge:
         the kernel's rings)."""
         self.join(pairs)
 
+    def _forwarder(self, a: Port, b: Port, pc: PairConfig) -> Forwarder:
+        """A forwarder for pair `pc` over ports a, b (the config says ``a_to_b``; fastfwd
+        takes ``a-to-b``)."""
+        return Forwarder(a, b, burst=self.config.bridge.burst, direction=pc.direction.replace("_", "-"),
+                         poll_timeout_ms=self.config.bridge.poll_timeout_ms)
+
     def resume_pair(self, p: _Pair) -> None:
         """Forward again on a paused pair's open ports (a forwarder's stop is final: a new one,
         whose counters start at 0; the old one's are logged)."""
         self.log.warning("pair_resumed", pair=p.config.name, counters=p.fwd.stats(),
                          note="forwarding again on the same ports; counters restart")
-        p.fwd = Forwarder(p.a, p.b, burst=self.config.bridge.burst, direction=p.config.direction,
-                          poll_timeout_ms=self.config.bridge.poll_timeout_ms)
+        p.fwd = self._forwarder(p.a, p.b, p.config)
         compiled, p.filters = p.filters, {}
         self.set_filters(p, compiled)
         self.start_pair(p)

@@ -83,6 +83,8 @@ def run_command(args: argparse.Namespace) -> int:
         control = os.path.abspath(control)
     check_capabilities(cfg, link_setup=not args.no_link_setup)  # before touching anything
     configure_logs(args, cfg)
+    for w in cfg.warnings:  # what `check` warns about: rules that never match or never decide
+        logs.get_logger(bridge=cfg.bridge.name).warning("filter_warning", **w.as_dict())
     Bridge(cfg, link_setup=not args.no_link_setup, control_path=control,
            log_level_fixed=bool(getattr(args, "log_level", None)),
            state_directory=getattr(args, "state_dir", None)).run()
@@ -129,7 +131,7 @@ def stats_table(result: dict[str, Any]) -> str:
         for d, s in p["directions"].items():
             r = result["rates"].get(p["pair"], {}).get(d, {})
             why = drops(s)
-            rows.append([p["pair"], d.replace("_", "-"), str(s.get("frames", 0)),
+            rows.append([p["pair"], d, str(s.get("frames", 0)),
                          _si(r.get("frames_per_s", 0.0)), _si(r.get("bits_per_s", 0.0), "b/s"),
                          str(sum(why.values())),
                          ", ".join(f"{k} {n}" for k, n in why.items() if n) or "-"])
@@ -226,19 +228,24 @@ def summary(cfg: config.Config) -> str:
         f"bridge {b.name}: default backend {backend}, burst {b.burst}, poll timeout {b.poll_timeout_ms} ms, "
         f"{stats}, user-memory rings of {b.ring_slots} slots x {b.buf_size} bytes",
     ]
-    arrows = {"both": "<->", "a-to-b": "->", "b-to-a": "<-"}
+    arrows = {"both": "<->", "a_to_b": "->", "b_to_a": "<-"}
     for p in cfg.pairs:
-        filters = ", ".join(f"{d.replace('_', '-')}: {name}" for d, name in p.filters.items()) or "none"
+        filters = ", ".join(f"{d}: {name}" for d, name in p.filters.items()) or "none"
         lines.append(f"pair {p.name}: {p.a} {arrows[p.direction]} {p.b}; filters: {filters}; "
                      f"link set-up {'on' if p.link_setup else 'off'}")
     for f in cfg.filters.values():
         n = len(f.rules)
-        lines.append(f"filter {f.name}: {n} rule{'s' if n != 1 else ''}, default {f.default}")
+        w = sum(1 for x in cfg.warnings if x.filter == f.name)
+        warned = f", {w} warning{'s' if w != 1 else ''} (below)" if w else ""
+        lines.append(f"filter {f.name}: {n} rule{'s' if n != 1 else ''}, default {f.default}{warned}")
     return "\n".join(lines)
 
 
 def check_command(args: argparse.Namespace) -> int:
-    print(summary(config.load(args.config)))
+    cfg = config.load(args.config)
+    print(summary(cfg))
+    for w in cfg.warnings:  # after the summary, on stderr; a config with warnings is still ok
+        fail(str(w))
     return EX_OK
 
 
@@ -261,25 +268,93 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
 # --- filter test -------------------------------------------------------------------------
 
 
+FILTER_TEST_EPILOG = """\
+where the filters come from (one of):
+  -c FILE --filter NAME          one filter of a config (a pair need not use it)
+  -c FILE [--pair P] [--direction D]
+                                 the filters of a config's pairs (default: every pair, then
+                                 every filter no pair uses)
+  --rules FILE                   a rule file: `default = ...` and [[rule]] tables, the body of
+                                 a [filter.NAME] table alone in a file
+  -e EXPR [-e EXPR ...]          tcpdump expressions: a frame one matches passes, else drops
+
+Rules, pairs and frames are numbered from 1: rule 3 is rule[3] in error messages (the third
+[[rule]]), frame 1 the capture's first (as Wireshark numbers it). Directions are written
+a_to_b / b_to_a; a-to-b / b-to-a are read the same. Warnings about rules that can never match
+or never decide go to stderr (and into the JSON document); they do not change the exit status.
+Errors are one line on stderr, never on stdout (also with --json): exit status 1 for a missing
+capture, pair or filter, 78 for a config, rule file or expression that does not compile.
+examples:
+  nmbridge filter test --pcap capture.pcap -e 'tcp port 22'
+  nmbridge filter test --pcap capture.pcap --rules web.toml --json | jq .results[0].totals
+  nmbridge filter test --pcap capture.pcap -c bridge.toml --pair lan --direction a_to_b
+"""
+
+
 def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(title="filter commands", metavar="SUBCOMMAND", dest="filter_command",
                            required=True)
-    t = sub.add_parser("test", help="run a capture file through the configured filters offline",
-                       description="Run each frame of a pcap file through the filters of the config "
-                                   "(the fast path's own code) and print its verdict and the rule that "
-                                   "decided, then per-rule totals.")
-    add_config_argument(t)
+    t = sub.add_parser("test", help="run a capture file through filters offline",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FILTER_TEST_EPILOG,
+                       description="Run each frame of a pcap file through filters (the fast path's own "
+                                   "code) and print its verdict and the rule that decided, then "
+                                   "per-rule totals.")
     t.add_argument("--pcap", required=True, metavar="CAPTURE", help="a pcap file (Ethernet)")
-    t.add_argument("--pair", metavar="P", help="only this pair (default: every pair with a filter)")
-    t.add_argument("--direction", choices=("a-to-b", "b-to-a"), help="only this direction")
+    source = t.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--config", metavar="FILE", help="the filters of this config")
+    source.add_argument("--rules", metavar="FILE", help="a rule file ([[rule]] tables)")
+    source.add_argument("-e", "--expression", metavar="EXPR", action="append",
+                        help="a tcpdump expression (repeat for more rules, tried in order)")
+    t.add_argument("--filter", metavar="NAME", help="with -c: only this filter")
+    t.add_argument("--pair", metavar="P", help="with -c: only this pair's filters")
+    t.add_argument("--direction", metavar="D", help="with -c: only this direction (a_to_b, b_to_a)")
+    t.add_argument("--totals", action="store_true", help="only the totals, no line per frame")
     t.add_argument("--json", action="store_true", help="one JSON document instead of text")
 
 
 def filter_command(args: argparse.Namespace) -> int:
-    from nmbridge.filters.offline import filter_test
+    from nmbridge.filters import FilterError, FilterWarning, check_filter
+    from nmbridge.filters.compiler import CompiledFilter
+    from nmbridge.filters.offline import Target, config_targets, expression_filter, report, run_capture
 
-    return filter_test(config.load(args.config), args.pcap, args.pair, args.direction, args.json,
-                       sys.stdout)
+    if args.config is None:
+        misplaced = [o for o, v in (("--filter", args.filter), ("--pair", args.pair),
+                                    ("--direction", args.direction)) if v is not None]
+        if misplaced:
+            fail(f"filter test: {misplaced[0]} chooses among the filters of a config: add -c FILE")
+            return EX_USAGE
+    elif args.filter is not None and (args.pair is not None or args.direction is not None):
+        fail("filter test: --filter names one filter; --pair/--direction choose by pair: use one or "
+             "the other")
+        return EX_USAGE
+    warnings: list[FilterWarning]
+    if args.config is not None:
+        cfg = config.load(args.config, require_pairs=False)
+        targets = config_targets(cfg, args.pair, args.direction, args.filter)
+        names = {t.flt.config.name for t in targets}
+        warnings = [w for w in cfg.warnings if w.filter in names]
+    elif args.rules is not None:
+        f, found = config.load_rules(args.rules)
+        targets = [Target(CompiledFilter(f), source=f"rules {args.rules}")]
+        warnings = list(found)
+    else:
+        f = expression_filter(args.expression)
+        for n, r in enumerate(f.rules, 1):
+            if not (r.pcap or "").strip():
+                raise ConfigError(f"-e[{n}] {json.dumps(r.pcap)}: an empty expression (leave -e out "
+                                  "to match nothing)")
+        try:
+            warnings = check_filter(f)
+        except FilterError as e:
+            n = int(e.keypath.split("[")[1].split("]")[0])
+            raise ConfigError(f"-e[{n}] {json.dumps(f.rules[n - 1].pcap)}: "
+                              f"{e.reason.removeprefix(f'rule {f.rules[n - 1].name!r}: ')}") from None
+        targets = [Target(CompiledFilter(f), source="-e")]
+    for w in warnings:
+        fail(str(w))
+    nframes = run_capture(targets, args.pcap)
+    report(targets, args.pcap, nframes, warnings, args.json, sys.stdout, per_frame=not args.totals)
+    return EX_OK
 
 
 # --- demo --------------------------------------------------------------------------------
@@ -321,7 +396,8 @@ COMMANDS: list[Command] = [
             add_doctor_arguments, doctor_command,
             epilog="Exit status 0 when nothing needs fixing, 1 otherwise. What `run` sets itself\n"
                    "(up, promiscuous, offloads; unless link_setup = false) is printed as a note."),
-    Command("filter", "try filters: `filter test -c FILE --pcap CAPTURE` runs a capture through them",
+    Command("filter", "try filters: `filter test --pcap CAPTURE -e EXPR` (or -c FILE, --rules FILE) "
+                      "runs a capture through them",
             add_filter_arguments, filter_command),
     Command("demo", "build a throw-away network-namespace lab, bridge it and send real traffic (root)",
             add_demo_arguments, demo_command,

@@ -4,15 +4,17 @@ Every error is one :class:`~nmbridge.errors.ConfigError` whose message names the
 line where the file has one, the key path, the value and the reason::
 
     bridge.toml:4: bridge.brust = 256: unknown key; did you mean "burst"?
-    bridge.toml:12: pair[1].ports[0] = "eth1": afpacket:eth1 is already in pair "lan" (pair[0].ports[0])
+    bridge.toml:12: pair[2].ports[1] = "eth1": afpacket:eth1 is already in pair "lan" (pair[1].ports[1])
     bridge.toml:7:9: Invalid value                       (a TOML syntax error: line and column)
 
-Key paths count array entries from 0 (``pair[0]`` is the first ``[[pair]]``); the default
-names an operator sees in logs count from 1 (``pair1``, ``rule 1``).
+One numbering everywhere a person reads it: counted from 1, as lines are.  ``pair[1]`` is
+the first ``[[pair]]`` and is named ``pair1`` unless it has a name; ``filter.f.rule[3]`` is
+the third ``[[filter.f.rule]]``, named ``rule 3`` in logs, counters and ``filter test``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -27,13 +29,13 @@ import tomli
 
 from nmbridge.backends import PortSpec, backend_names, parse_spec, resolve_default
 from nmbridge.errors import ConfigError
-from nmbridge.filters import check_filter
-from nmbridge.filters.model import Action, FilterConfig, FilterError, RuleConfig
+from nmbridge.filters import FilterWarning, check_filter
+from nmbridge.filters.model import Action, FilterConfig, FilterError, RuleConfig, action_hint
 from nmbridge.logs import FORMATS as LOG_FORMATS
 from nmbridge.logs import LEVELS as LOG_LEVELS
 
-Direction = Literal["both", "a-to-b", "b-to-a"]
-DIRECTIONS: tuple[Direction, ...] = ("both", "a-to-b", "b-to-a")
+Direction = Literal["both", "a_to_b", "b_to_a"]
+DIRECTIONS: tuple[Direction, ...] = ("both", "a_to_b", "b_to_a")
 ACTIONS: tuple[Action, ...] = ("pass", "drop")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # pair and filter names: they appear in key paths
 NAME_RULE = "1-64 letters, digits, '_' or '-'"
@@ -89,7 +91,7 @@ class PairConfig:
     filter_a_to_b: str | None = None  # a filter name, a key of Config.filters
     filter_b_to_a: str | None = None
     link_setup: bool = True
-    keypath: str = ""  # pair[0]
+    keypath: str = ""  # pair[1]: counted from 1
 
     @property
     def ports(self) -> tuple[PortSpec, PortSpec]:
@@ -111,6 +113,8 @@ class Config:
     filters: Mapping[str, FilterConfig] = field(default_factory=dict)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    # rules that can never match or never decide (a config with warnings still loads)
+    warnings: tuple[FilterWarning, ...] = field(default=(), compare=False)
 
     def as_dict(self) -> dict[str, object]:
         """The configuration as TOML-shaped data: ``from_dict(c.as_dict())`` equals `c`."""
@@ -147,11 +151,13 @@ def _pair_dict(p: PairConfig) -> dict[str, object]:
 # loading
 
 
-def load(path: str | Path, bridge_overrides: Mapping[str, object] | None = None) -> Config:
+def load(path: str | Path, bridge_overrides: Mapping[str, object] | None = None, *,
+         require_pairs: bool = True) -> Config:
     """Read and validate a configuration file; raise ConfigError.
 
     `bridge_overrides` replaces ``[bridge]`` keys after the file is checked (a reload keeps
-    the values that cannot change while running, and ports are then parsed with them)."""
+    the values that cannot change while running, and ports are then parsed with them).
+    ``require_pairs=False`` accepts a file of filters only (``nmbridge filter test``)."""
     name = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -159,10 +165,11 @@ def load(path: str | Path, bridge_overrides: Mapping[str, object] | None = None)
         raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
-    return loads(text, name, bridge_overrides)
+    return loads(text, name, bridge_overrides, require_pairs=require_pairs)
 
 
-def loads(text: str, path: str = "<string>", bridge_overrides: Mapping[str, object] | None = None) -> Config:
+def loads(text: str, path: str = "<string>", bridge_overrides: Mapping[str, object] | None = None, *,
+          require_pairs: bool = True) -> Config:
     """Parse and validate TOML text; `path` names it in errors."""
     try:
         data = tomli.loads(text)
@@ -171,12 +178,46 @@ def loads(text: str, path: str = "<string>", bridge_overrides: Mapping[str, obje
         if line is None:  # tomli < 2.1: the position is only in the message
             raise ConfigError(f"{path}: {e}") from None
         raise ConfigError(f"{path}:{line}:{col}: {e.msg}") from None
-    cfg = from_dict(data, path, text)
+    cfg = from_dict(data, path, text, require_pairs=require_pairs)
     if bridge_overrides:
         bridge = data.get("bridge", {})
         data["bridge"] = {**(bridge if isinstance(bridge, Mapping) else {}), **bridge_overrides}
-        cfg = from_dict(data, path, text)
+        cfg = from_dict(data, path, text, require_pairs=require_pairs)
     return cfg
+
+
+def load_rules(path: str | Path) -> tuple[FilterConfig, tuple[FilterWarning, ...]]:
+    """A rule file: what goes under ``[filter.NAME]`` in a config, alone in a file (``default``
+    and ``[[rule]]`` tables), for ``nmbridge filter test --rules``: the filter (named after
+    the file; key paths ``rule[1]``, ``rule[2]``...) and its warnings.  Raises ConfigError,
+    worded as :func:`load`'s."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
+    return loads_rules(text, name)
+
+
+def loads_rules(text: str, path: str = "<string>") -> tuple[FilterConfig, tuple[FilterWarning, ...]]:
+    """:func:`load_rules` on TOML text; `path` names it in errors."""
+    try:
+        data = tomli.loads(text)
+    except tomli.TOMLDecodeError as e:
+        line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
+        raise ConfigError(f"{path}:{line}:{col}: {e.msg}" if line else f"{path}: {e}") from None
+    loader = _Loader(path, text)
+    f = loader.filter("", path, data)
+    return f, tuple(loader.check_filter(f))
+
+
+def parse_direction(text: str) -> Direction | None:
+    """One spelling of directions, two accepted: ``a_to_b`` (what nmbridge writes: JSON, logs,
+    metrics, tables) and ``a-to-b``; also ``both``.  None when `text` is neither."""
+    d = text.strip().lower().replace("-", "_")
+    return d if d in DIRECTIONS else None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -204,9 +245,10 @@ def is_loopback(host: str) -> bool:
     return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
-def from_dict(data: Mapping[str, object], path: str = "<dict>", text: str | None = None) -> Config:
+def from_dict(data: Mapping[str, object], path: str = "<dict>", text: str | None = None, *,
+              require_pairs: bool = True) -> Config:
     """Validate TOML-shaped data (`text`, the file it came from, gives errors their line)."""
-    return _Loader(path, text).config(data)
+    return _Loader(path, text, require_pairs).config(data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,7 +308,7 @@ class _Lines:
             if m := self._HEADER.match(line):
                 table = ".".join(self._split(m.group(2)))
                 if m.group(1) == "[[":
-                    arrays[table] = arrays.get(table, -1) + 1
+                    arrays[table] = arrays.get(table, 0) + 1
                 table = self._indexed(table, arrays)
                 self.lines.setdefault(table, n)
             elif m := self._KEY.match(line):
@@ -284,7 +326,8 @@ class _Lines:
 
     @staticmethod
     def _indexed(table: str, arrays: dict[str, int]) -> str:
-        """``filter.x.rule`` -> ``filter.x.rule[2]``: every array-of-tables prefix gets its index."""
+        """``filter.x.rule`` -> ``filter.x.rule[2]``: every array-of-tables prefix gets its
+        number, counted from 1 like every number in messages."""
         parts = table.split(".")
         out: list[str] = []
         for i in range(len(parts)):
@@ -302,9 +345,10 @@ class _Lines:
 
 
 class _Loader:
-    def __init__(self, path: str, text: str | None) -> None:
+    def __init__(self, path: str, text: str | None, require_pairs: bool = True) -> None:
         self.path = path
         self.lines = _Lines(text)
+        self.require_pairs = require_pairs
 
     def error(self, keypath: str, reason: str, value: object = ...) -> ConfigError:
         """``FILE:LINE: KEYPATH = VALUE: REASON`` (no ``= VALUE`` when the key is missing)."""
@@ -339,10 +383,12 @@ class _Loader:
         metrics = self.metrics(top.sub("metrics", ("listen",)))
         control = self.control(top.sub("control", ("socket",)))
         filters = self.filters(top.raw.get("filter", {}))
-        pairs = self.pairs(top.raw.get("pair"), bridge, filters)
-        for f in filters.values():
-            self.check_filter(f)
-        return Config(self.path, bridge, log, pairs, filters, metrics, control)
+        if self.require_pairs or "pair" in top.raw:
+            pairs = self.pairs(top.raw.get("pair"), bridge, filters)
+        else:
+            pairs = ()
+        warnings = [w for f in filters.values() for w in self.check_filter(f)]
+        return Config(self.path, bridge, log, pairs, filters, metrics, control, tuple(warnings))
 
     def metrics(self, t: _Table) -> MetricsConfig:
         listen = t.get_optional_str("listen")
@@ -400,18 +446,22 @@ class _Loader:
             keypath = f"filter.{name}"
             if not NAME_RE.match(name):
                 raise self.error(keypath, f"a filter name must be {NAME_RULE}")
-            t = self.table(keypath, body, ("default", "rule"))
-            default = cast(Action, t.get_choice("default", ACTIONS, "pass"))
-            rules = tuple(self.rule(f"{keypath}.rule[{i}]", i, r)
-                          for i, r in enumerate(t.get_array("rule")))
-            seen: dict[str, int] = {}
-            for i, r in enumerate(rules):
-                if r.name in seen:
-                    raise self.error(f"{keypath}.rule[{i}].name",
-                                     f"rule[{seen[r.name]}] has this name already", r.name)
-                seen[r.name] = i
-            out[name] = FilterConfig(name=name, default=default, rules=rules, keypath=keypath)
+            out[name] = self.filter(keypath, name, body)
         return out
+
+    def filter(self, keypath: str, name: str, body: object) -> FilterConfig:
+        """One filter: `body` is a ``[filter.NAME]`` table (keypath "filter.NAME") or a whole
+        rule file (keypath "")."""
+        t = self.table(keypath, body, ("default", "rule"))
+        default = self.action(t, "default")
+        rules = tuple(self.rule(t.path(f"rule[{i + 1}]"), i, r) for i, r in enumerate(t.get_array("rule")))
+        seen: dict[str, int] = {}
+        for i, r in enumerate(rules):
+            if r.name in seen:
+                raise self.error(t.path(f"rule[{i + 1}].name"),
+                                 f"rule[{seen[r.name] + 1}] has this name already", r.name)
+            seen[r.name] = i
+        return FilterConfig(name=name, default=default, rules=rules, keypath=keypath)
 
     def rule(self, keypath: str, i: int, value: object) -> RuleConfig:
         t = self.table(keypath, value, (), open_keys=True)
@@ -422,7 +472,7 @@ class _Loader:
             typo = difflib.get_close_matches("action", list(t.raw), n=1)
             hint = f' (is "{typo[0]}" a misspelling?)' if typo else ""
             raise self.error(f"{keypath}.action", f'required: "pass" or "drop"{hint}')
-        action = cast(Action, t.get_choice("action", ACTIONS, "pass"))
+        action = self.action(t, "action")
         pcap = t.get_optional_str("pcap")
         fields = {k: v for k, v in t.raw.items() if k not in ("name", "action", "pcap")}
         if pcap is not None:
@@ -435,13 +485,30 @@ class _Loader:
                                  "write two rules", fields[first])
         return RuleConfig(name=name, action=action, fields=fields, pcap=pcap, keypath=keypath)
 
-    def check_filter(self, f: FilterConfig) -> None:
+    def action(self, t: _Table, key: str) -> Action:
+        """A rule's action or a filter's default: "pass" or "drop", one spelling; the words
+        other tools use ("accept", "deny", ...) are refused with the one to write."""
+        value = t.get_str(key, "pass")
+        if value in ACTIONS:
+            return value
+        hint = action_hint(value)
+        if not hint:
+            close = difflib.get_close_matches(value.strip().lower(), ACTIONS, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+        raise self.error(t.path(key), f'must be "pass" or "drop"{hint}', value)
+
+    def check_filter(self, f: FilterConfig) -> list[FilterWarning]:
+        """Compile `f` (errors become ConfigErrors at their key path); its warnings, each with
+        the file and line of its rule."""
         try:
-            check_filter(f)
+            found = check_filter(f) or []
         except FilterError as e:
             raise self.error(e.keypath, e.reason, e.value) from None
-        except NotImplementedError:
-            pass  # the filter compiler is not in yet (issue 5): field values stay unchecked
+        out = []
+        for w in found:
+            line = self.lines.find(w.keypath)
+            out.append(dataclasses.replace(w, where=f"{self.path}:{line}" if line else self.path))
+        return out
 
     def pairs(self, value: object, bridge: BridgeConfig, filters: Mapping[str, FilterConfig]
               ) -> tuple[PairConfig, ...]:
@@ -455,13 +522,13 @@ class _Loader:
         names: dict[str, str] = {}  # pair name -> its key path
         owners: dict[tuple[str, str], tuple[str, str]] = {}  # (backend, interface) -> (pair, key path)
         for i, body in enumerate(value):
-            p = self.pair(f"pair[{i}]", i, body, bridge, filters)
+            p = self.pair(f"pair[{i + 1}]", i, body, bridge, filters)
             if p.name in names:
                 raise self.error(f"{p.keypath}.name", f"{names[p.name]} has this name already", p.name)
             names[p.name] = p.keypath
             written = cast(Mapping[str, list[str]], body)["ports"]
             for j, spec in enumerate(p.ports):
-                where = f"{p.keypath}.ports[{j}]"
+                where = f"{p.keypath}.ports[{j + 1}]"
                 interface = (spec.backend, spec.name.partition("?")[0])  # mem: options are not the port
                 if interface in owners:
                     pair, other = owners[interface]
@@ -485,8 +552,8 @@ class _Loader:
         ports = t.raw["ports"]
         if not isinstance(ports, list) or len(ports) != 2:
             raise self.error(f"{keypath}.ports", "must be an array of two ports", ports)
-        a, b = (self.port(f"{keypath}.ports[{j}]", p, bridge.backend) for j, p in enumerate(ports))
-        direction = cast(Direction, t.get_choice("direction", DIRECTIONS, "both"))
+        a, b = (self.port(f"{keypath}.ports[{j + 1}]", p, bridge.backend) for j, p in enumerate(ports))
+        direction = self.direction(t)
         chosen = {d: self.pair_filter(t, d, direction, filters) for d in ("a_to_b", "b_to_a")}
         return PairConfig(name=name, a=a, b=b, direction=direction,
                           filter_a_to_b=chosen["a_to_b"], filter_b_to_a=chosen["b_to_a"],
@@ -508,12 +575,23 @@ class _Loader:
             defined = f" (defined: {', '.join(filters)})" if filters else " (no [filter.NAME] in the file)"
             hint = f'; did you mean "{close[0]}"?' if close else defined
             raise self.error(t.path(key), f"no such filter{hint}", name)
-        if direction not in ("both", d.replace("_", "-")):
+        if direction not in ("both", d):
             if own is not None:
                 raise self.error(t.path(key), f'direction is "{direction}": nothing is forwarded '
                                  f"{d.replace('_', ' ')}", own)
             return None  # `filter` applies to the directions that forward
         return name
+
+    def direction(self, t: _Table) -> Direction:
+        """``pair[].direction``: both, a_to_b or b_to_a; a-to-b and b-to-a are read the same."""
+        value = t.get_str("direction", "both")
+        d = parse_direction(value)
+        if d is None:
+            close = difflib.get_close_matches(value.replace("-", "_"), DIRECTIONS, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            raise self.error(t.path("direction"), f"must be one of {', '.join(DIRECTIONS)} "
+                             f"(a-to-b and b-to-a are read the same){hint}", value)
+        return d
 
     def port(self, keypath: str, value: object, default_backend: str) -> PortSpec:
         if not isinstance(value, str):

@@ -7,12 +7,26 @@ found here, at load time, as a FilterError naming the filter, the rule and the f
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from nmbridge.filters.fields import FIELDS, PARSERS
-from nmbridge.filters.model import FilterConfig, FilterError, RuleConfig
+from nmbridge.filters.model import ACTIONS, FilterConfig, FilterError, RuleConfig, action_hint
 
-_ACTIONS = ("pass", "drop")
+# keys people write for a field (from tcpdump, nftables, other firewalls) -> what to write
+FIELD_HINTS: dict[str, str] = {
+    "port": "the fields of a rule all match, so either port is two rules: one with src_port, "
+            "one with dst_port (or pcap = \"port N\")",
+    "dport": "dst_port", "sport": "src_port", "proto": "ip_proto", "protocol": "ip_proto",
+    "ip_protocol": "ip_proto", "l4_proto": "ip_proto", "src_addr": "src_ip", "dst_addr": "dst_ip",
+    "saddr": "src_ip", "daddr": "dst_ip", "src": "write src_ip or src_mac", "dst": "write dst_ip or dst_mac",
+    "host": "write src_ip or dst_ip (a rule for each, or pcap = \"host A\")",
+    "net": "write src_ip or dst_ip (a rule for each, or pcap = \"net N\")",
+    "ip": "write src_ip, dst_ip or ethertype = \"ipv4\"", "mac": "write src_mac or dst_mac",
+    "vid": "vlan_id", "vlan_tag": "vlan_id", "pcp": "vlan_pcp", "tpid": "vlan_tpid",
+    "ether_type": "ethertype", "eth_type": "ethertype", "ethtype": "ethertype",
+    "expr": "pcap", "expression": "pcap", "bpf": "pcap", "tcpdump": "pcap", "filter": "pcap",
+}
 
 
 def _filter_keypath(f: FilterConfig) -> str:
@@ -20,7 +34,7 @@ def _filter_keypath(f: FilterConfig) -> str:
 
 
 def _rule_keypath(f: FilterConfig, i: int, r: RuleConfig) -> str:
-    return r.keypath or f"{_filter_keypath(f)}.rule[{i}]"
+    return r.keypath or f"{_filter_keypath(f)}.rule[{i + 1}]"
 
 
 def _label(i: int, r: RuleConfig) -> str:
@@ -31,14 +45,14 @@ def _label(i: int, r: RuleConfig) -> str:
 def _rule_spec(f: FilterConfig, i: int, r: RuleConfig) -> dict[str, Any]:
     """The engine's dict for rule `i` of `f`; raises FilterError."""
     path = _rule_keypath(f, i, r)
-    if r.action not in _ACTIONS:
-        raise FilterError(f"{path}.action", r.action, f"{_label(i, r)}the action must be pass or drop")
+    if r.action not in ACTIONS:
+        raise FilterError(f"{path}.action", r.action,
+                          f"{_label(i, r)}the action must be pass or drop{action_hint(r.action)}")
     spec: dict[str, Any] = {"action": r.action}
     for key, raw in r.fields.items():
         parse = PARSERS.get(key)
         if parse is None:
-            raise FilterError(f"{path}.{key}", raw, f"{_label(i, r)}unknown field "
-                              f"(known: {', '.join(FIELDS)}, pcap)")
+            raise FilterError(f"{path}.{key}", raw, f"{_label(i, r)}unknown field; {_field_hint(key)}")
         try:
             spec[key] = parse(raw)
         except ValueError as e:
@@ -46,6 +60,15 @@ def _rule_spec(f: FilterConfig, i: int, r: RuleConfig) -> dict[str, Any]:
     if r.pcap is not None:
         spec["bpf"] = _compile_pcap(path, i, r)
     return spec
+
+
+def _field_hint(key: str) -> str:
+    """What to write instead of the unknown field `key`."""
+    hint = FIELD_HINTS.get(key.strip().lower())
+    if hint is not None:
+        return hint if " " in hint else f'write "{hint}"'
+    close = difflib.get_close_matches(key, [*FIELDS, "pcap", "name", "action"], n=1)
+    return f'did you mean "{close[0]}"?' if close else f"known: {', '.join(FIELDS)}, pcap"
 
 
 def _compile_pcap(path: str, i: int, r: RuleConfig) -> bytes:
@@ -71,14 +94,15 @@ def _compile_pcap(path: str, i: int, r: RuleConfig) -> bytes:
 def rule_specs(f: FilterConfig) -> list[dict[str, Any]]:
     """Validate `f` and return the engine's rule dicts; raises FilterError."""
     fpath = _filter_keypath(f)
-    if f.default not in _ACTIONS:
-        raise FilterError(f"{fpath}.default", f.default, "the default action must be pass or drop")
+    if f.default not in ACTIONS:
+        raise FilterError(f"{fpath}.default", f.default,
+                          f"the default action must be pass or drop{action_hint(f.default)}")
     seen: dict[str, int] = {}
     specs = []
     for i, r in enumerate(f.rules):
         if r.name in seen or r.name == "default":
             why = ("the name 'default' is reserved for the default action's counter"
-                   if r.name == "default" else f"this name is already used by rule[{seen[r.name]}]")
+                   if r.name == "default" else f"this name is already used by rule[{seen[r.name] + 1}]")
             raise FilterError(f"{_rule_keypath(f, i, r)}.name", r.name, why)
         seen[r.name] = i
         specs.append(_rule_spec(f, i, r))

@@ -20,7 +20,8 @@ FIELDS: dict[str, str] = {
     "vlan_tpid": "TPID of the outermost tag: 0x8100 (802.1q) or 0x88a8 (802.1ad)",
     "inner_vlan_id": "VLAN id (0-4095) of the second tag (the C-tag of a QinQ frame)",
     "inner_vlan_pcp": "priority (0-7) of the second tag",
-    "dst_mac": "destination MAC: \"aa:bb:cc:dd:ee:ff\", \"value/mask\", \"broadcast\" or "
+    "dst_mac": "destination MAC: \"aa:bb:cc:dd:ee:ff\" (also aa-bb-..., aabb.ccdd.eeff), "
+               "\"value/mask\" (mask as a MAC or a length: /24), \"broadcast\" or "
                "\"multicast\" (group bit set, includes broadcast)",
     "src_mac": "source MAC, same forms as dst_mac",
     "src_ip": "IPv4 or IPv6 source prefix (\"10.0.0.0/8\", \"2001:db8::/32\") or address; "
@@ -28,8 +29,8 @@ FIELDS: dict[str, str] = {
     "dst_ip": "IPv4 or IPv6 destination prefix or address",
     "ip_proto": "IP protocol: a number 0-255 or a name (tcp, udp, icmp, icmpv6, sctp, gre, ...); "
                 "for IPv6 the protocol after the extension headers",
-    "src_port": "TCP/UDP/SCTP source port: a number or an inclusive range [lo, hi]; "
-                "never on non-first fragments",
+    "src_port": "TCP/UDP/SCTP source port: a number or an inclusive range [lo, hi] (a range, "
+                "not a list); never on non-first fragments",
     "dst_port": "TCP/UDP/SCTP destination port: a number or an inclusive range [lo, hi]",
 }
 
@@ -100,7 +101,8 @@ def parse_tpid(value: object) -> int:
 
 
 def parse_mac(value: object) -> tuple[bytes, bytes]:
-    """(value, mask), 6 bytes each."""
+    """(value, mask), 6 bytes each.  The address as six bytes separated by ':' or '-', or
+    Cisco's three dotted groups (0180.c200.0000); the mask as a MAC or a length (/24)."""
     if not isinstance(value, str):
         raise ValueError("a MAC address must be a string like \"aa:bb:cc:dd:ee:ff\"")
     text = value.strip().lower()
@@ -110,19 +112,38 @@ def parse_mac(value: object) -> tuple[bytes, bytes]:
         return b"\x01" + bytes(5), b"\x01" + bytes(5)
     addr, slash, mask = text.partition("/")
     mac = _mac_bytes(addr)
-    m = _mac_bytes(mask) if slash else b"\xff" * 6
+    m = _mac_mask(mask) if slash else b"\xff" * 6
     return bytes(a & b for a, b in zip(mac, m, strict=True)), m
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def _mac_bytes(text: str) -> bytes:
+    text = text.strip()
+    groups = text.split(".")
+    if len(groups) == 3 and all(len(g) == 4 and set(g) <= _HEX for g in groups):  # Cisco
+        return bytes.fromhex("".join(groups))
     parts = text.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(1 <= len(p) <= 2 for p in parts):
-        raise ValueError(f"{text!r} is not a MAC address (six hex bytes separated by ':'), "
-                         "\"broadcast\" or \"multicast\"")
-    try:
+    if len(parts) == 6 and all(1 <= len(p) <= 2 and set(p) <= _HEX for p in parts):
         return bytes(int(p, 16) for p in parts)
+    raise ValueError(f"{text!r} is not a MAC address: write six hex bytes as \"aa:bb:cc:dd:ee:ff\" "
+                     "(or aa-bb-cc-dd-ee-ff, aabb.ccdd.eeff), \"broadcast\" or \"multicast\"")
+
+
+def _mac_mask(text: str) -> bytes:
+    """A mask written as a MAC (ff:ff:ff:00:00:00) or as a length of leading one bits (/24)."""
+    text = text.strip()
+    if text.isdigit():
+        bits = int(text)
+        if bits > 48:
+            raise ValueError(f"a MAC mask length is 0 to 48, not {bits}")
+        return (((1 << bits) - 1) << (48 - bits)).to_bytes(6, "big")
+    try:
+        return _mac_bytes(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not a MAC address") from None
+        raise ValueError(f"{text!r} is not a MAC mask: write a length (/24) or a mask like "
+                         "ff:ff:ff:00:00:00") from None
 
 
 def parse_ip(value: object) -> tuple[bool, bytes, bytes]:
@@ -142,10 +163,23 @@ def parse_ip_proto(value: object) -> int:
 
 
 def parse_port(value: object) -> tuple[int, int]:
-    """(lo, hi), inclusive."""
+    """(lo, hi), inclusive.  One spelling of each: 443, [1000, 2000]; the forms people bring
+    from elsewhere ("1000-2000", [443], "443") are refused with the spelling to use."""
+    if isinstance(value, str):
+        lo_text, dash, hi_text = value.strip().partition("-")
+        if dash and lo_text.strip().isdigit() and hi_text.strip().isdigit():
+            raise ValueError(f"write a range as an array: [{int(lo_text)}, {int(hi_text)}]")
+        if value.strip().isdigit():
+            raise ValueError(f"write a port as a number, without quotes: {int(value)}")
+        raise ValueError("a port is a number (443) or an inclusive range [lo, hi]; service names "
+                         "are not looked up")
     if isinstance(value, list | tuple):
+        if len(value) == 1:
+            raise ValueError(f"[{_show_port(value[0])}] is an array of one: write one port as a number "
+                             f"({_show_port(value[0])}); an array is a range [lo, hi]")
         if len(value) != 2:
-            raise ValueError("a port range is [lo, hi]")
+            raise ValueError("an array is an inclusive range [lo, hi], not a list of ports: "
+                             "write one rule per port or range")
         lo = _int(value[0], 0, 65535, "a port")
         hi = _int(value[1], 0, 65535, "a port")
         if lo > hi:
@@ -153,6 +187,10 @@ def parse_port(value: object) -> tuple[int, int]:
         return lo, hi
     port = _int(value, 0, 65535, "a port")
     return port, port
+
+
+def _show_port(value: object) -> str:
+    return str(value) if isinstance(value, int) else repr(value)
 
 
 PARSERS: dict[str, Callable[[object], object]] = {

@@ -1,29 +1,43 @@
-"""``nmbridge filter test``: run a capture file through the configured filters, offline.
+"""``nmbridge filter test``: run a capture file through filters, offline.
 
-Each frame of a pcap file (Ethernet link type) goes through the filter of each selected
-(pair, direction) by the same C code as the fast path; the output is each frame's verdict and
-the rule that decided it, then per-rule totals.  Frames are judged on their captured bytes
-(a capture cut by a snap length is judged on what was captured).
+The filters come from a config (one by name, a pair's, or all of them), from a rule file (the
+body of a ``[filter.NAME]`` table alone in a file) or from tcpdump expressions on the command
+line.  Each frame of a pcap file (Ethernet link type) goes through each filter by the same C
+code as the fast path; the output is each frame's verdict and the rule that decided it, then
+per-rule totals.  Frames, rules and pairs are numbered from 1 (frame 1 is the capture's first,
+as Wireshark numbers it; rule 1 is ``rule[1]`` in key paths).  Frames are judged on their
+captured bytes (a capture cut by a snap length is judged on what was captured).
 """
 
 from __future__ import annotations
 
 import json
 import struct
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from nmbridge.errors import NmbridgeError
 from nmbridge.filters.compiler import CompiledFilter
-from nmbridge.filters.model import FilterError
+from nmbridge.filters.lint import FilterWarning
+from nmbridge.filters.model import FilterConfig, RuleConfig
 
 if TYPE_CHECKING:
     from nmbridge.config import Config
 
 LINKTYPE_ETHERNET = 1
-DIRECTIONS = ("a_to_b", "b_to_a")
+
+
+def parse_direction(text: str) -> str | None:
+    from nmbridge.config import parse_direction as parse  # config imports the filters package
+
+    return parse(text)
+
+
+class FilterTestError(NmbridgeError):
+    """What `filter test` was asked for is not there (a pair, a filter, a readable capture):
+    one line; exit status 1."""
 
 
 class CaptureError(Exception):
@@ -73,78 +87,138 @@ def read_pcap(path: str | Path) -> Iterator[bytes]:
 
 
 @dataclass
-class _Target:
-    pair: str
-    direction: str
+class Target:
+    """One filter to run the capture through, and where it came from."""
+
     flt: CompiledFilter
+    pair: str | None = None  # the pair and direction it filters, when it came from one
+    direction: str | None = None
+    source: str = ""  # "rules FILE", "-e", or "" for a config's filter
+    used: bool = True  # a config's filter that some pair uses
     totals: dict[str, int] = field(default_factory=dict)
     verdicts: dict[str, int] = field(default_factory=lambda: {"pass": 0, "drop": 0})
     frames: list[dict[str, object]] = field(default_factory=list)
 
+    @property
+    def title(self) -> str:
+        f = self.flt.config
+        what = (f"pair {self.pair} {self.direction}: filter {f.name}" if self.pair is not None else
+                self.source or f"filter {f.name}{'' if self.used else ' (used by no pair)'}")
+        n = len(f.rules)
+        return f"{what} ({n} rule{'s' if n != 1 else ''}, default {f.default})"
 
-def _targets(cfg: Config, pair: str | None, direction: str | None) -> list[_Target]:
+
+def rule_title(number: int, name: str) -> str:
+    """``rule 3``, or ``rule 3 "ssh"`` when the rule has a name of its own."""
+    return f"rule {number}" if name == f"rule {number}" else f"rule {number} {json.dumps(name)}"
+
+
+def config_targets(cfg: Config, pair: str | None = None, direction: str | None = None,
+                   filter_name: str | None = None) -> list[Target]:
+    """What `filter test -c` runs: the filter named `filter_name`; else the filters of `pair`
+    (in `direction`); else every pair's filters and then every filter no pair uses.  Raises
+    FilterTestError when the selection names nothing."""
+    compiled: dict[str, CompiledFilter] = {}
+
+    def get(name: str) -> CompiledFilter:
+        if name not in compiled:
+            compiled[name] = CompiledFilter(cfg.filters[name])
+        return compiled[name]
+
+    if filter_name is not None:
+        if filter_name not in cfg.filters:
+            known = ", ".join(cfg.filters) or "none"
+            raise FilterTestError(f"no filter named {filter_name!r} in {cfg.path} (filters: {known})")
+        in_use = any(filter_name in p.filters.values() for p in cfg.pairs)
+        return [Target(get(filter_name), used=in_use)]
     if direction is not None:
-        direction = direction.replace("-", "_")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"--direction must be a-to-b or b-to-a, not {direction!r}")
+        d = parse_direction(direction)
+        if d is None or d == "both":
+            raise FilterTestError(f"--direction is a_to_b or b_to_a (a-to-b, b-to-a also read), "
+                                  f"not {direction!r}")
+        direction = d
     pairs = [p for p in cfg.pairs if pair is None or p.name == pair]
     if pair is not None and not pairs:
         known = ", ".join(p.name for p in cfg.pairs) or "none"
-        raise ValueError(f"no pair named {pair!r} in {cfg.path} (pairs: {known})")
-    compiled: dict[str, CompiledFilter] = {}
-    out = []
-    for p in pairs:
-        for d, name in p.filters.items():
-            if direction is not None and d != direction:
-                continue
-            if name not in compiled:
-                compiled[name] = CompiledFilter(cfg.filters[name])
-            flt = compiled[name]
-            out.append(_Target(p.name, d, flt, {r.name: 0 for r in flt.config.rules} | {"default": 0}))
+        raise FilterTestError(f"no pair named {pair!r} in {cfg.path} (pairs: {known})")
+    out = [Target(get(name), p.name, d) for p in pairs for d, name in p.filters.items()
+           if direction is None or d == direction]
+    if pair is None and direction is None:
+        used = {name for p in cfg.pairs for name in p.filters.values()}
+        out += [Target(get(name), used=False) for name in cfg.filters if name not in used]
     if not out:
-        where = f"pair {pair!r}" if pair else "any pair"
-        raise ValueError(f"{where} has no filter{' for ' + direction if direction else ''} "
-                         f"in {cfg.path}")
+        way = f" for {direction}" if direction else ""
+        if pair is not None:
+            why = f"pair {pair!r} has no filter{way} in {cfg.path}: it forwards every frame"
+        elif direction is not None:
+            why = f"no pair of {cfg.path} has a filter{way}"
+        else:
+            why = f"{cfg.path} defines no filter ([filter.NAME])"
+        hint = f"; try a filter by name: --filter {next(iter(cfg.filters))}" if cfg.filters else ""
+        raise FilterTestError(why + hint)
     return out
 
 
-def filter_test(cfg: Config, pcap_path: str | Path, pair: str | None, direction: str | None,
-                as_json: bool, out: TextIO) -> int:
-    """Run the capture through the filters; print verdicts and totals on `out`. Returns 0, or
-    1 for a bad capture, pair or direction: one line on stderr (with `as_json`, an
-    ``{"error": ...}`` object on `out`)."""
+def expression_filter(exprs: list[str]) -> FilterConfig:
+    """``-e EXPR`` (one or more): one pcap rule each, named by its expression, action pass;
+    the default drop: a frame passes when an expression matches it, as tcpdump would print it."""
+    names: set[str] = set()
+    rules = []
+    for n, expr in enumerate(exprs, 1):
+        name = expr if expr.strip() and expr not in names and expr != "default" else f"rule {n}"
+        names.add(name)
+        rules.append(RuleConfig(name=name, action="pass", pcap=expr, keypath=f"-e[{n}]"))
+    return FilterConfig(name="-e", default="drop", rules=tuple(rules), keypath="-e")
+
+
+def run_capture(targets: list[Target], pcap_path: str | Path) -> int:
+    """Judge every frame of the capture by every target (the fast path's C code); returns
+    the number of frames.  Raises FilterTestError for a capture that cannot be read."""
     try:
-        targets = _targets(cfg, pair, direction)
         frames = list(read_pcap(pcap_path))
-    except (ValueError, CaptureError, FilterError) as e:
-        if as_json:
-            out.write(json.dumps({"error": str(e)}) + "\n")
-        else:
-            print(f"nmbridge filter test: {e}", file=sys.stderr)
-        return 1
+    except CaptureError as e:
+        raise FilterTestError(str(e)) from None
     for t in targets:
         names = [r.name for r in t.flt.config.rules]
+        t.totals = {name: 0 for name in names} | {"default": 0}
         for n, frame in enumerate(frames, 1):
             verdict, index = t.flt.evaluate(frame)
             rule = "default" if index is None else names[index]
             t.totals[rule] += 1
             t.verdicts[verdict] += 1
             t.frames.append({"frame": n, "len": len(frame), "verdict": verdict, "rule": rule,
-                             "index": index})
+                             "rule_number": None if index is None else index + 1})
+    return len(frames)
+
+
+def report(targets: list[Target], pcap_path: str | Path, nframes: int,
+           warnings: list[FilterWarning], as_json: bool, out: TextIO, per_frame: bool = True) -> None:
+    """Print the verdicts and totals (text, or one JSON document) on `out`."""
     if as_json:
-        doc = {"capture": str(pcap_path), "frames": len(frames), "results": [
+        doc = {"capture": str(pcap_path), "frames": nframes, "results": [
             {"pair": t.pair, "direction": t.direction, "filter": t.flt.config.name,
-             "default": t.flt.config.default, "frames": t.frames, "totals": t.totals,
-             "passed": t.verdicts["pass"], "dropped": t.verdicts["drop"]} for t in targets]}
+             "source": t.source or "config", "default": t.flt.config.default,
+             "rules": [{"rule_number": n, "rule": r.name, "action": r.action, "frames": t.totals[r.name]}
+                       for n, r in enumerate(t.flt.config.rules, 1)],
+             **({"frames": t.frames} if per_frame else {}),
+             "totals": t.totals, "passed": t.verdicts["pass"], "dropped": t.verdicts["drop"]}
+            for t in targets], "warnings": [w.as_dict() for w in warnings]}
         out.write(json.dumps(doc, indent=2) + "\n")
-        return 0
+        return
     for t in targets:
-        out.write(f"pair {t.pair} {t.direction.replace('_', '-')}: filter {t.flt.config.name} "
-                  f"(default {t.flt.config.default}), {len(frames)} frames from {pcap_path}\n")
-        for fr in t.frames:
-            out.write(f"  {fr['frame']:6d} {fr['len']:5d} B  {fr['verdict']:4s}  {fr['rule']}\n")
+        f = t.flt.config
+        titles = [rule_title(n, r.name) for n, r in enumerate(f.rules, 1)]
+        out.write(f"{t.title}: {nframes} frame{'s' if nframes != 1 else ''} from {pcap_path}\n")
+        if per_frame and t.frames:
+            out.write(f"  {'frame':>6}  {'bytes':>5}  verdict  rule\n")
+            for fr in t.frames:
+                number = fr["rule_number"]
+                rule = "default" if not isinstance(number, int) else titles[number - 1]
+                out.write(f"  {fr['frame']:6d}  {fr['len']:5d}  {fr['verdict']:7s}  {rule}\n")
+        rows = [(title, t.totals[r.name]) for title, r in zip(titles, f.rules, strict=True)]
+        rows.append((f"default ({f.default})", t.totals["default"]))
+        width = max(len(title) for title, _ in rows)
         out.write("  totals:\n")
-        for rule, count in t.totals.items():
-            out.write(f"    {rule:30s} {count}\n")
-        out.write(f"    {'(passed / dropped)':30s} {t.verdicts['pass']} / {t.verdicts['drop']}\n")
-    return 0
+        for title, count in rows:
+            out.write(f"    {title:{width}s}  {count}\n")
+        out.write(f"    passed {t.verdicts['pass']}, dropped {t.verdicts['drop']}\n")

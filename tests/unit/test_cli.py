@@ -37,7 +37,7 @@ def test_check_the_shipped_example(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "check", "-c", BRIDGE_TOML)
     assert (status, err) == (0, "")
     assert out.splitlines()[0] == f"{BRIDGE_TOML}: ok"
-    assert "pair lan: afpacket:veth1 <-> afpacket:veth2; filters: a-to-b: no-ssh, b-to-a: no-ssh" in out
+    assert "pair lan: afpacket:veth1 <-> afpacket:veth2; filters: a_to_b: no-ssh, b_to_a: no-ssh" in out
     assert "pair mirror: " in out and "filter no-ssh: 2 rules, default pass" in out
 
 

@@ -37,7 +37,7 @@ def test_minimal_config_gets_every_default() -> None:
     assert c.bridge == BridgeConfig()
     assert c.log == LogConfig()
     assert c.filters == {}
-    assert c.pairs == (PairConfig("pair1", PortSpec("mem", "a"), PortSpec("mem", "b"), keypath="pair[0]"),)
+    assert c.pairs == (PairConfig("pair1", PortSpec("mem", "a"), PortSpec("mem", "b"), keypath="pair[1]"),)
 
 
 def test_every_key_is_read() -> None:
@@ -74,11 +74,11 @@ link_setup = true
     assert isinstance(c.bridge.stats_interval, float)
     assert c.log == LogConfig("debug", "json")
     assert c.filters["f"] == FilterConfig(
-        "f", "drop", (RuleConfig("rule 1", "pass", {"dst_port": 22}, None, "filter.f.rule[0]"),
-                      RuleConfig("arp", "pass", {}, "arp", "filter.f.rule[1]")), "filter.f")
+        "f", "drop", (RuleConfig("rule 1", "pass", {"dst_port": 22}, None, "filter.f.rule[1]"),
+                      RuleConfig("arp", "pass", {}, "arp", "filter.f.rule[2]")), "filter.f")
     (p,) = c.pairs
     assert (p.name, p.a, p.b, p.direction, p.link_setup) == ("x", PortSpec("mem", "a"), PortSpec("mem", "b"),
-                                                            "b-to-a", True)
+                                                            "b_to_a", True)
     assert p.filters == {"b_to_a": "f"}
 
 
@@ -116,8 +116,8 @@ def test_round_trip_keeps_filters_and_directions() -> None:
 def test_bare_port_uses_the_default_backend_and_matches_the_prefixed_one() -> None:
     message = error('[bridge]\nbackend = "mem"\n[[pair]]\nports = ["mem:a", "b"]\n'
                     '[[pair]]\nports = ["a", "mem:c"]\n')
-    assert message == ('b.toml:6: pair[1].ports[0] = "a": mem:a is already in pair "pair1" '
-                       "(pair[0].ports[0]); an interface belongs to one pair only")
+    assert message == ('b.toml:6: pair[2].ports[1] = "a": mem:a is already in pair "pair1" '
+                       "(pair[1].ports[1]); an interface belongs to one pair only")
 
 
 # --- errors: the file ------------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_unknown_table() -> None:
 
 def test_unknown_key_in_the_second_pair_points_at_that_pair() -> None:
     text = PAIR + '\n[[pair]]\nports = ["mem:c", "mem:d"]\nfliter = "x"\n'
-    assert error(text) == 'b.toml:6: pair[1].fliter = "x": unknown key; did you mean "filter"?'
+    assert error(text) == 'b.toml:6: pair[2].fliter = "x": unknown key; did you mean "filter"?'
 
 
 def test_unknown_key_in_a_filter() -> None:
@@ -235,78 +235,79 @@ def test_pair_written_as_a_table() -> None:
 
 def test_pair_without_ports() -> None:
     assert error('[[pair]]\nname = "x"\n') == (
-        'b.toml:1: pair[0].ports: required: two ports, e.g. ["afpacket:eth1", "eth2"]')
+        'b.toml:1: pair[1].ports: required: two ports, e.g. ["afpacket:eth1", "eth2"]')
 
 
 @pytest.mark.parametrize("ports", ['["mem:a"]', '"mem:a"', '["mem:a", "mem:b", "mem:c"]'])
 def test_ports_not_two(ports: str) -> None:
-    assert error(f"[[pair]]\nports = {ports}\n").startswith("b.toml:2: pair[0].ports = ")
+    assert error(f"[[pair]]\nports = {ports}\n").startswith("b.toml:2: pair[1].ports = ")
     assert error(f"[[pair]]\nports = {ports}\n").endswith(": must be an array of two ports")
 
 
 def test_port_not_a_string() -> None:
     assert error('[[pair]]\nports = ["mem:a", 3]\n') == (
-        'b.toml:2: pair[0].ports[1] = 3: must be a string like "afpacket:eth1", not an integer')
+        'b.toml:2: pair[1].ports[2] = 3: must be a string like "afpacket:eth1", not an integer')
 
 
 def test_port_with_an_unknown_backend() -> None:
     assert error('[[pair]]\nports = ["mem:a", "dpdk:eth1"]\n').startswith(
-        "b.toml:2: pair[0].ports[1] = \"dpdk:eth1\": unknown backend 'dpdk'")
+        "b.toml:2: pair[1].ports[2] = \"dpdk:eth1\": unknown backend 'dpdk'")
 
 
 def test_port_name_the_backend_refuses() -> None:
     assert error('[[pair]]\nports = ["mem:a", "mem:b?rx=sometimes"]\n') == (
-        "b.toml:2: pair[0].ports[1] = \"mem:b?rx=sometimes\": mem option rx='sometimes': "
+        "b.toml:2: pair[1].ports[2] = \"mem:b?rx=sometimes\": mem option rx='sometimes': "
         "use one of queue, source, none")
 
 
 def test_same_port_twice_in_a_pair() -> None:
     assert error('[[pair]]\nports = ["mem:a", "mem:a?rx=source"]\n') == (
-        'b.toml:2: pair[0].ports[1] = "mem:a?rx=source": mem:a is this pair\'s other port too; '
+        'b.toml:2: pair[1].ports[2] = "mem:a?rx=source": mem:a is this pair\'s other port too; '
         "a pair needs two different ports")
 
 
 def test_interface_in_two_pairs() -> None:
     assert error(PAIR + '[[pair]]\nname = "second"\nports = ["mem:c", "mem:b"]\n') == (
-        'b.toml:5: pair[1].ports[1] = "mem:b": mem:b is already in pair "pair1" (pair[0].ports[1]); '
+        'b.toml:5: pair[2].ports[2] = "mem:b": mem:b is already in pair "pair1" (pair[1].ports[2]); '
         "an interface belongs to one pair only")
 
 
 def test_duplicate_pair_names() -> None:
     text = ('[[pair]]\nname = "x"\nports = ["mem:a", "mem:b"]\n'
             '[[pair]]\nname = "x"\nports = ["mem:c", "mem:d"]\n')
-    assert error(text) == 'b.toml:5: pair[1].name = "x": pair[0] has this name already'
+    assert error(text) == 'b.toml:5: pair[2].name = "x": pair[1] has this name already'
 
 
 def test_bad_pair_name() -> None:
     assert error('[[pair]]\nname = "my pair"\nports = ["mem:a", "mem:b"]\n') == (
-        "b.toml:2: pair[0].name = \"my pair\": a pair name must be 1-64 letters, digits, '_' or '-'")
+        "b.toml:2: pair[1].name = \"my pair\": a pair name must be 1-64 letters, digits, '_' or '-'")
 
 
 def test_bad_direction() -> None:
     assert error(PAIR + 'direction = "a->b"\n') == (
-        'b.toml:3: pair[0].direction = "a->b": must be one of both, a-to-b, b-to-a; did you mean "a-to-b"?')
+        'b.toml:3: pair[1].direction = "a->b": must be one of both, a_to_b, b_to_a '
+        '(a-to-b and b-to-a are read the same); did you mean "a_to_b"?')
 
 
 def test_unknown_filter_suggests_a_defined_one() -> None:
     assert error('[filter.no-ssh]\n' + PAIR + 'filter = "nossh"\n') == (
-        'b.toml:4: pair[0].filter = "nossh": no such filter; did you mean "no-ssh"?')
+        'b.toml:4: pair[1].filter = "nossh": no such filter; did you mean "no-ssh"?')
 
 
 def test_unknown_filter_when_none_is_defined() -> None:
     assert error(PAIR + 'filter_b_to_a = "x"\n') == (
-        'b.toml:3: pair[0].filter_b_to_a = "x": no such filter (no [filter.NAME] in the file)')
+        'b.toml:3: pair[1].filter_b_to_a = "x": no such filter (no [filter.NAME] in the file)')
 
 
 def test_filter_and_per_direction_filter_together() -> None:
     assert error('[filter.f]\n' + PAIR + 'filter = "f"\nfilter_a_to_b = "f"\n') == (
-        'b.toml:5: pair[0].filter_a_to_b = "f": set filter (both directions) or filter_a_to_b/filter_b_to_a, '
+        'b.toml:5: pair[1].filter_a_to_b = "f": set filter (both directions) or filter_a_to_b/filter_b_to_a, '
         "not both")
 
 
 def test_filter_for_a_direction_that_does_not_forward() -> None:
     assert error('[filter.f]\n' + PAIR + 'direction = "a-to-b"\nfilter_b_to_a = "f"\n') == (
-        'b.toml:5: pair[0].filter_b_to_a = "f": direction is "a-to-b": nothing is forwarded b to a')
+        'b.toml:5: pair[1].filter_b_to_a = "f": direction is "a_to_b": nothing is forwarded b to a')
 
 
 # --- errors: filters -------------------------------------------------------------------
@@ -323,7 +324,8 @@ def test_filter_that_is_not_a_table() -> None:
 
 def test_bad_default_action() -> None:
     assert error('[filter.f]\ndefault = "reject"\n' + PAIR) == (
-        'b.toml:2: filter.f.default = "reject": must be one of pass, drop')
+        'b.toml:2: filter.f.default = "reject": must be "pass" or "drop"; write "drop" '
+        "(nmbridge never answers a frame: it passes or drops it)")
 
 
 def test_rules_not_an_array_of_tables() -> None:
@@ -333,34 +335,34 @@ def test_rules_not_an_array_of_tables() -> None:
 
 def test_bad_rule_action_suggests() -> None:
     assert error('[filter.f]\n[[filter.f.rule]]\naction = "dorp"\n' + PAIR) == (
-        'b.toml:3: filter.f.rule[0].action = "dorp": must be one of pass, drop; did you mean "drop"?')
+        'b.toml:3: filter.f.rule[1].action = "dorp": must be "pass" or "drop"; did you mean "drop"?')
 
 
 def test_rule_without_action() -> None:
     assert error('[filter.f]\n[[filter.f.rule]]\ndst_port = 22\n' + PAIR) == (
-        'b.toml:2: filter.f.rule[0].action: required: "pass" or "drop"')
+        'b.toml:2: filter.f.rule[1].action: required: "pass" or "drop"')
 
 
 def test_rule_with_a_misspelled_action() -> None:
     assert error('[filter.f]\n[[filter.f.rule]]\nactoin = "drop"\n' + PAIR) == (
-        'b.toml:2: filter.f.rule[0].action: required: "pass" or "drop" (is "actoin" a misspelling?)')
+        'b.toml:2: filter.f.rule[1].action: required: "pass" or "drop" (is "actoin" a misspelling?)')
 
 
 def test_rule_with_pcap_and_fields() -> None:
     text = '[filter.f]\n[[filter.f.rule]]\naction = "drop"\npcap = "arp"\ndst_port = 22\n' + PAIR
-    assert error(text) == ("b.toml:5: filter.f.rule[0].dst_port = 22: a rule has structured fields or pcap, "
+    assert error(text) == ("b.toml:5: filter.f.rule[1].dst_port = 22: a rule has structured fields or pcap, "
                            "not both; write two rules")
 
 
 def test_rule_with_empty_pcap() -> None:
     assert error('[filter.f]\n[[filter.f.rule]]\naction = "drop"\npcap = " "\n' + PAIR) == (
-        'b.toml:4: filter.f.rule[0].pcap = " ": must not be empty (leave pcap out to match every frame)')
+        'b.toml:4: filter.f.rule[1].pcap = " ": must not be empty (leave pcap out to match every frame)')
 
 
 def test_duplicate_rule_names() -> None:
     text = ('[filter.f]\n[[filter.f.rule]]\nname = "r"\naction = "drop"\n'
             '[[filter.f.rule]]\nname = "r"\naction = "pass"\n' + PAIR)
-    assert error(text) == 'b.toml:6: filter.f.rule[1].name = "r": rule[0] has this name already'
+    assert error(text) == 'b.toml:6: filter.f.rule[2].name = "r": rule[1] has this name already'
 
 
 def test_filter_check_errors_become_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,7 +371,7 @@ def test_filter_check_errors_become_config_errors(monkeypatch: pytest.MonkeyPatc
         raise FilterError(f"{f.rules[0].keypath}.dst_port", 70000, "a port is 0 to 65535")
     monkeypatch.setattr(config, "check_filter", refuse)
     assert error('[filter.f]\n[[filter.f.rule]]\naction = "drop"\ndst_port = 70000\n' + PAIR) == (
-        "b.toml:4: filter.f.rule[0].dst_port = 70000: a port is 0 to 65535")
+        "b.toml:4: filter.f.rule[1].dst_port = 70000: a port is 0 to 65535")
 
 
 def test_filters_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:

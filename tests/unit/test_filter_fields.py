@@ -174,12 +174,12 @@ BAD: list[tuple[str, object, str]] = [
 @pytest.mark.parametrize(("key", "value", "reason"), BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
 def test_bad_value_names_filter_rule_field(key: str, value: object, reason: str) -> None:
     f = FilterConfig("web", "pass", (
-        RuleConfig("rule 1", "pass", {"ethertype": "ipv4"}, keypath="filter.web.rule[0]"),
-        RuleConfig("block", "drop", {key: value}, keypath="filter.web.rule[1]"),
+        RuleConfig("rule 1", "pass", {"ethertype": "ipv4"}, keypath="filter.web.rule[1]"),
+        RuleConfig("block", "drop", {key: value}, keypath="filter.web.rule[2]"),
     ), keypath="filter.web")
     with pytest.raises(FilterError) as e:
         check_filter(f)
-    assert e.value.keypath == f"filter.web.rule[1].{key}"
+    assert e.value.keypath == f"filter.web.rule[2].{key}"
     assert reason in e.value.reason
     assert "'block'" in e.value.reason  # the rule's own name
     assert "\n" not in str(e.value)
@@ -187,10 +187,10 @@ def test_bad_value_names_filter_rule_field(key: str, value: object, reason: str)
 
 def test_bad_pcap_expression_has_libpcaps_message() -> None:
     f = FilterConfig("edge", "pass", (RuleConfig("rule 1", "drop", pcap="tcp prot 22",
-                                                 keypath="filter.edge.rule[0]"),), keypath="filter.edge")
+                                                 keypath="filter.edge.rule[1]"),), keypath="filter.edge")
     with pytest.raises(FilterError) as e:
         check_filter(f)
-    assert e.value.keypath == "filter.edge.rule[0].pcap"
+    assert e.value.keypath == "filter.edge.rule[1].pcap"
     assert "libpcap" in e.value.reason and "syntax error" in e.value.reason
 
 

@@ -321,7 +321,7 @@ def test_the_walkthroughs_filter_step_gives_a_config_nmbridge_accepts(tmp_path: 
     assert data["pair"][0]["filter_a_to_b"] == "no-icmp"
     assert data["filter"]["no-icmp"]["rule"] == [{"action": "drop", "ip_proto": "icmp"}]
     summary = nmbridge_check(out)
-    assert "filters: a-to-b: no-icmp;" in summary
+    assert "filters: a_to_b: no-icmp;" in summary
     assert "filter no-icmp: 1 rule, default pass" in summary
 
 

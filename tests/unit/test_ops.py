@@ -241,8 +241,8 @@ def test_cli_stats_table_and_json(running: tuple[Bridge, str, Path], capsys: pyt
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["PAIR", "DIRECTION", "FRAMES", "FRAMES/S", "BITS/S", "DROPS", "DROPPED", "BY"]
     row = out[1].split()
-    assert row[:3] == ["lan", "a-to-b", str(c["frames"])] and f"filtered {c['filtered']}" in out[1]
-    assert [r.split()[:3] for r in out[2:]] == [["lan", "b-to-a", "0"], ["idle", "b-to-a", "0"]]
+    assert row[:3] == ["lan", "a_to_b", str(c["frames"])] and f"filtered {c['filtered']}" in out[1]
+    assert [r.split()[:3] for r in out[2:]] == [["lan", "b_to_a", "0"], ["idle", "b_to_a", "0"]]
     assert cli.main(["stats", "--json", "--control", sock]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["snapshot"]["pairs"][0]["directions"]["a_to_b"]["frames"] == c["frames"]
