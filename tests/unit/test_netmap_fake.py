@@ -115,9 +115,16 @@ def test_a_second_bridge_on_the_same_rings_is_refused(ns: str, tmp_path: Path, f
         # another bridge wants the same NIC rings of the left interface (and the right one's
         # host rings, which nobody holds): refused in one line naming its pair and port
         cfg = config(tmp_path, "other", left, f"{right}^")
-        second = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "nmbridge", "run",
-                                 "-c", str(cfg), "--control", ""], env=fake, capture_output=True, text=True,
-                                timeout=60, check=False)
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "nmbridge", "run", "-c", str(cfg),
+                "--control", ""]
+        # another nmbridge: its interface lock refuses it before any ring is asked for
+        second = subprocess.run(argv, env=fake, capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 1, second.stderr
+        assert "fk0 is in use by another nmbridge" in second.stderr.strip().splitlines()[-1], second.stderr
+        # a program that takes no nmbridge lock (a different state directory stands in for
+        # pkt-gen): the kernel's exclusive registration refuses it
+        second = subprocess.run([*argv, "--state-dir", str(tmp_path / "elsewhere")], env=fake,
+                                capture_output=True, text=True, timeout=60, check=False)
         assert second.returncode == 1, second.stderr
         err = second.stderr.strip().splitlines()
         assert err[-1] == (f"nmbridge: pair other: port {left}: its rings are in use by another netmap "
