@@ -414,7 +414,10 @@ def test_without_cap_bpf_it_says_so_in_one_line(lab: Lab, public_config: Path) -
 
 
 def test_an_unprivileged_user_with_the_named_capabilities_forwards(lab: Lab, public_config: Path) -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    state = public_config.parent / "state"  # /run/nmbridge is root's: the service gets its own
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), NMBRIDGE_STATE_DIR=str(state))
     argv = [sys.executable, "-m", "nmbridge", "--log-format", "json", "run", "-c", str(public_config),
             "--control", ""]
     proc = lab.popen(lab.ns_bridge, *_as_nobody("net_admin", "net_raw", "bpf", "ipc_lock"), *argv, cwd="/",
