@@ -42,7 +42,15 @@ from nmbridge.links import LinkManager, LinkWatcher, pair_links
 from nmbridge.logs import get_logger
 from nmbridge.port import Port
 from nmbridge.sdnotify import Notifier, watchdog_interval
-from nmbridge.stats import DirectionStats, PairStats, Snapshot, event_fields, rates
+from nmbridge.stats import (
+    DirectionStats,
+    PairStats,
+    Snapshot,
+    event_fields,
+    final_counters,
+    pair_counters,
+    rates,
+)
 
 JOIN_TIMEOUT = 10.0  # seconds a forwarding thread gets to return after stop()
 RATE_SAMPLE = 1.0  # seconds between the samples `nmbridge stats` computes its rates from
@@ -332,8 +340,7 @@ class Bridge:
         links: dict[str, bool] = {}
         for p in list(self.pairs):
             dirs: dict[str, DirectionStats] = {}
-            for d, counters in p.fwd.stats().items():
-                s = DirectionStats(**counters)  # type: ignore[typeddict-item]
+            for d, s in pair_counters(p.fwd, p.a, p.b).items():
                 f = p.filters.get(d)
                 s["filter"] = f.name if f is not None else None
                 if f is not None:
@@ -514,7 +521,7 @@ class Bridge:
         """Stop, close and restore some pairs (a reload removes or restarts them)."""
         self._join(pairs)
         for p in pairs:
-            counters = p.fwd.stats()
+            counters = final_counters(p.fwd, p.a, p.b)
             if p.thread is not None and p.thread.is_alive():
                 self.log.error("threads_stuck", pairs=[p.config.name], note="ports left open")
             else:
@@ -569,7 +576,8 @@ class Bridge:
                 self.stop()
                 self.close()
                 if self.pairs:
-                    self.log.info("stopped", counters={p.config.name: p.fwd.stats() for p in self.pairs})
+                    self.log.info("stopped", counters={p.config.name: final_counters(p.fwd, p.a, p.b)
+                                                       for p in self.pairs})
         failed = [p for p in self.pairs if p.error]
         if failed:
             raise PortError(f"pair {failed[0].config.name}: {failed[0].error}")
