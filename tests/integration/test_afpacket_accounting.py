@@ -180,16 +180,17 @@ def test_frames_larger_than_the_egress_mtu_are_dropped_as_egress_mtu(lab: Lab, s
 # --- egress link down, far end down ------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["egress", "far_end"])
+@pytest.mark.parametrize(("where", "query"), [("egress", ""), ("far_end", ""), ("far_end", "?tx_ring=0")])
 def test_link_down_under_traffic_loses_frames_under_tx_link_down_only(lab: Lab, start_bridge: Any,
-                                                                      where: str) -> None:
+                                                                      where: str, query: str) -> None:
     """3000 frames at ~3 kpps; from frame 1000 to 2000 the bridge's egress veth is down
-    (`egress`) or the far end is (`far_end`: no carrier on the egress veth).  Every frame
+    (`egress`) or the far end is (`far_end`: no carrier on the egress veth); through the TX
+    ring and through sendmmsg (`tx_ring=0`).  Every frame
     is forwarded (and arrives) or counted under tx_link_down; the forwarder waits instead
     of spinning and counts no stall per attempt."""
     ns, ifname = ((lab.ns_bridge, lab.bridge_right_if) if where == "egress"
                   else (lab.ns_right, lab.right_if))
-    rb = start_bridge(lab)
+    rb = start_bridge(lab, query=query)
     token = os.urandom(8)
     tx, rx = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
     got = Collector(rx, token)
@@ -223,7 +224,7 @@ def test_link_down_under_traffic_loses_frames_under_tx_link_down_only(lab: Lab, 
         poll()
         d = {k: after[k] - before[k] for k in ("received", "forwarded", "tx_stalls")}
         dropped = {r: after["dropped"][r] - before["dropped"][r] for r in after["dropped"]}
-        print(f"{where} down: {d}, dropped {dropped}, arrived {len(got.frames)}, "
+        print(f"{where} down{query}: {d}, dropped {dropped}, arrived {len(got.frames)}, "
               f"polls {rb.fwd.polls - polls}")
         assert d["received"] == n
         assert d["received"] == d["forwarded"] + sum(dropped.values())
