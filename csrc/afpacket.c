@@ -512,7 +512,8 @@ static inline int link_gone(int e)
 }
 
 /* Kick the ring. 0: the kernel took everything; 1: frames wait (EAGAIN, ENOBUFS); -1: the
- * link is down or gone (requested frames dropped and counted); -2 another error. */
+ * link is down, without a carrier or gone (requested frames dropped and counted); -2 another
+ * error (the frames stay requested). */
 static int tx_ring_kick(struct afport *ap)
 {
     for (;;) {
@@ -542,7 +543,7 @@ static int tx_ring_kick(struct afport *ap)
             tx_link_lost(ap);
             return -1;
         }
-        ap->st.tx_errors++;
+        ap->st.tx_again++; /* the frames stay requested: no frame is lost, the next kick retries */
         ap->tx_kick = 1;
         return -2;
     }
