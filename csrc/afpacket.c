@@ -42,7 +42,9 @@ struct afport {
     uint32_t tx_pos;                  /* next ring frame we fill */
     uint32_t tx_ring_max;             /* largest untagged frame the ring takes */
     uint32_t tx_vnet;                 /* bytes of virtio_net_hdr before each TX frame (or 0) */
-    int tx_down;                      /* the last kick said the link is down */
+    int tx_down;                      /* the link is down or has no carrier: TX drops */
+    uint32_t tx_req;                  /* ring frames requested that the kernel has not taken */
+    uint32_t tx_kpos;                 /* the oldest of them (the kernel sends in ring order) */
     int tx_kick;                      /* frames may wait in the ring for a kick */
     int mtu;
     uint32_t mtu_age;
@@ -274,6 +276,20 @@ out:
 /* ---------------------------------------------------------------------------------------
  * TX */
 
+/* Whether the interface can transmit: up, and running (a carrier: operstate up).  Without a
+ * carrier the kernel's transmit path drops every frame (__dev_direct_xmit with qdisc bypass:
+ * ENOBUFS, the ring frame requested again; through a qdisc: silently).  An interface that is
+ * gone cannot; one whose flags cannot be read is assumed able to. */
+static int link_ready(struct afport *ap)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_ifindex = ap->ifindex;
+    if (ioctl(ap->port.fd, SIOCGIFNAME, &ifr) || ioctl(ap->port.fd, SIOCGIFFLAGS, &ifr))
+        return errno != ENODEV && errno != ENXIO;
+    return (ifr.ifr_flags & IFF_UP) && (ifr.ifr_flags & IFF_RUNNING);
+}
+
 static inline uint32_t advance(struct afport *ap, struct netmap_ring *ring, uint32_t s, uint32_t nslots)
 {
     for (uint32_t i = 0; i < nslots; i++) {
@@ -369,11 +385,11 @@ static int afp_txsync(struct nmb_port *p)
             int e = r < 0 ? errno : EAGAIN;
             if (e == EINTR)
                 continue;
-            if (e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) {
+            if ((e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) && (e != ENOBUFS || link_ready(ap))) {
                 ap->st.tx_again++;
                 goto done; /* keep the rest for the next txsync */
             }
-            if (e == ENETDOWN || e == ENXIO || e == ENODEV) {
+            if (e == ENETDOWN || e == ENXIO || e == ENODEV || e == ENOBUFS) {
                 /* the link is down or gone: drop what we have, resume when it is back */
                 for (uint32_t k = sent; k < nmsg; k++)
                     s = advance(ap, ring, s, ap->msg_slots[k]);
@@ -382,7 +398,10 @@ static int afp_txsync(struct nmb_port *p)
             } else {
                 /* the kernel refused this frame (e.g. EMSGSIZE): drop it, send the rest */
                 s = advance(ap, ring, s, ap->msg_slots[sent]);
-                ap->st.tx_errors++;
+                if (e == EMSGSIZE)
+                    ap->st.tx_mtu++;
+                else
+                    ap->st.tx_errors++;
                 sent++;
             }
         }
@@ -405,7 +424,7 @@ done:
  * waits for the next txsync (poll() reports POLLOUT when it is free).  PACKET_LOSS is on: the
  * kernel drops a frame it refuses instead of stopping the ring at it, silently, so frames
  * the kernel would refuse for their size (the MTU, read at open and now and then) are counted
- * as tx_errors and dropped here.  A ring frame holds MTU + 18 bytes, at least 2048 minus
+ * as tx_mtu and dropped here.  A ring frame holds MTU + 18 bytes, at least 2048 minus
  * its header. */
 
 #define TX_DATA_OFF TPACKET_ALIGN(sizeof(struct tpacket3_hdr)) /* no PACKET_TX_HAS_OFF */
@@ -444,9 +463,10 @@ static inline struct tpacket3_hdr *tx_frame(struct afport *ap, uint32_t i)
     return (struct tpacket3_hdr *)(ap->txmap + (size_t)i * ap->tx_frame_size);
 }
 
-/* Frames still requested (not yet taken by the kernel) are dropped: a zero length fails the
- * kernel's header check, and with PACKET_LOSS it skips them once the link is back. */
-static uint32_t tx_ring_cancel(struct afport *ap)
+/* Frames still requested (not yet taken by the kernel) are dropped and counted as lost to a
+ * link down: a zero length fails the kernel's header check, and with PACKET_LOSS it skips
+ * them once the link is back. */
+static void tx_ring_cancel(struct afport *ap)
 {
     uint32_t n = 0;
     for (uint32_t i = 0; i < ap->tx_frame_count; i++) {
@@ -456,7 +476,34 @@ static uint32_t tx_ring_cancel(struct afport *ap)
             n++;
         }
     }
-    return n;
+    ap->st.tx_link_down += n;
+    ap->tx_req = 0;
+    ap->tx_kpos = ap->tx_pos;
+}
+
+/* Count what the kernel took since the last look (tx_frames: handed to the kernel): from the
+ * oldest requested frame on, every frame no longer TP_STATUS_SEND_REQUEST.  A frame the
+ * kernel could not send now (ENOBUFS) it marks requested again, so it is still ours. */
+static void tx_ring_reap(struct afport *ap)
+{
+    while (ap->tx_req) {
+        struct tpacket3_hdr *h = tx_frame(ap, ap->tx_kpos);
+        if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) == TP_STATUS_SEND_REQUEST)
+            break;
+        ap->st.tx_frames++;
+        ap->st.tx_bytes += h->tp_len - ap->tx_vnet;
+        ap->tx_req--;
+        ap->tx_kpos = ap->tx_kpos + 1 == ap->tx_frame_count ? 0 : ap->tx_kpos + 1;
+    }
+}
+
+/* The link is down or has no carrier: drop what waits in the ring, and what comes next until
+ * it is back (see tx_still_down). */
+static void tx_link_lost(struct afport *ap)
+{
+    tx_ring_cancel(ap);
+    ap->tx_down = 1;
+    ap->tx_kick = 1; /* the cancelled frames go (skipped) when the link is back */
 }
 
 static inline int link_gone(int e)
@@ -465,12 +512,16 @@ static inline int link_gone(int e)
 }
 
 /* Kick the ring. 0: the kernel took everything; 1: frames wait (EAGAIN, ENOBUFS); -1: the
- * link is down or gone (requested frames dropped and counted); -2 another error. */
+ * link is down, without a carrier or gone (requested frames dropped and counted); -2 another
+ * error (the frames stay requested). */
 static int tx_ring_kick(struct afport *ap)
 {
     for (;;) {
         ap->st.tx_calls++;
-        if (send(ap->port.fd, NULL, 0, MSG_DONTWAIT) >= 0) {
+        int r = (int)send(ap->port.fd, NULL, 0, MSG_DONTWAIT);
+        int e = errno;
+        tx_ring_reap(ap);
+        if (r >= 0) {
             ap->tx_kick = 0;
             if (ap->tx_down) {
                 ap->tx_down = 0;
@@ -479,26 +530,32 @@ static int tx_ring_kick(struct afport *ap)
             }
             return 0;
         }
-        int e = errno;
         if (e == EINTR)
             continue;
-        if (e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) {
+        /* ENOBUFS without a carrier is a link down: the kernel would retry the frame forever
+         * (and poll() says POLLOUT all along: a busy loop) */
+        if ((e == EAGAIN || e == EWOULDBLOCK || e == ENOBUFS) && (e != ENOBUFS || link_ready(ap))) {
             ap->st.tx_again++;
             ap->tx_kick = 1;
             return 1;
         }
-        if (link_gone(e)) {
-            uint32_t n = tx_ring_cancel(ap);
-            ap->st.tx_frames -= n;
-            ap->st.tx_link_down += n;
-            ap->tx_down = 1;
-            ap->tx_kick = 1; /* the cancelled frames go when the link is back */
+        if (link_gone(e) || e == ENOBUFS) {
+            tx_link_lost(ap);
             return -1;
         }
-        ap->st.tx_errors++;
+        ap->st.tx_again++; /* the frames stay requested: no frame is lost, the next kick retries */
         ap->tx_kick = 1;
         return -2;
     }
+}
+
+/* While tx_down: 1 as long as the link is still down or without a carrier; when it is back,
+ * kicks the ring (which skips the cancelled frames) and resumes. */
+static int tx_still_down(struct afport *ap)
+{
+    if (!link_ready(ap))
+        return 1;
+    return tx_ring_kick(ap) == -1;
 }
 
 static int afp_txsync_ring(struct nmb_port *p)
@@ -515,8 +572,10 @@ static int afp_txsync_ring(struct nmb_port *p)
     if (++ap->mtu_age >= 4096) {
         ap->mtu = read_mtu(ap);
         refresh_tx_max(ap);
+        if (!ap->tx_down && !link_ready(ap))
+            tx_link_lost(ap); /* through a qdisc, frames without a carrier vanish silently */
     }
-    if (ap->tx_down && tx_ring_kick(ap) == -1)
+    if (ap->tx_down && tx_still_down(ap))
         down = 1; /* still down: what the user queued is dropped below */
     while (s != head) {
         uint32_t scan = s, nsl = 0, flen = 0;
@@ -540,10 +599,10 @@ static int afp_txsync_ring(struct nmb_port *p)
             ap->st.tx_errors++;
         } else if (down) {
             ap->st.tx_link_down++;
-        } else if (flen < ETH_HLEN ||
-                   (flen > ap->tx_ring_max && (flen > ap->tx_ring_max + 4 || !is_8021q(ring, s)))) {
-            /* what the kernel would refuse (with PACKET_LOSS it would say nothing) */
-            ap->st.tx_errors++;
+        } else if (flen < ETH_HLEN) {
+            ap->st.tx_errors++; /* what the kernel would refuse (with PACKET_LOSS, silently) */
+        } else if (flen > ap->tx_ring_max && (flen > ap->tx_ring_max + 4 || !is_8021q(ring, s))) {
+            ap->st.tx_mtu++; /* larger than the egress MTU allows: the kernel would drop it */
         } else {
             struct tpacket3_hdr *h = tx_frame(ap, ap->tx_pos);
             if (__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) != TP_STATUS_AVAILABLE) {
@@ -575,8 +634,7 @@ static int afp_txsync_ring(struct nmb_port *p)
             h->tp_next_offset = 0;
             __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
             ap->tx_pos = ap->tx_pos + 1 == ap->tx_frame_count ? 0 : ap->tx_pos + 1;
-            ap->st.tx_frames++;
-            ap->st.tx_bytes += flen;
+            ap->tx_req++; /* counted in tx_frames once the kernel takes it (tx_ring_reap) */
             queued++;
         }
         s = advance(ap, ring, s, nsl);
@@ -764,6 +822,12 @@ void nmb_afpacket_close(struct nmb_port *p)
 {
     if (p)
         afp_free((struct afport *)p);
+}
+
+const void *nmb_afpacket_counters(struct nmb_port *p, size_t *len)
+{
+    *len = sizeof(((struct afport *)p)->st);
+    return &((struct afport *)p)->st;
 }
 
 void nmb_afpacket_get_stats(struct nmb_port *p, struct nmb_afpacket_stats *out)

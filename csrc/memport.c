@@ -114,6 +114,7 @@ static int mem_rxsync(struct nmb_port *p)
                 break;
             }
             mp->st.rx_slots++;
+            mp->st.rx_frames += !(slot->flags & NS_MOREFRAG);
             mp->st.rx_bytes += slot->len;
             kr->hwtail = kr->hwtail + 1 == n ? 0 : kr->hwtail + 1;
         }
@@ -171,6 +172,7 @@ static int mem_txsync(struct nmb_port *p)
             }
             slot->flags &= ~NS_BUF_CHANGED; /* the "kernel" has taken the new buffer */
             mp->st.tx_slots++;
+            mp->st.tx_frames += !(slot->flags & NS_MOREFRAG);
             mp->st.tx_bytes += slot->len;
         }
         kr->hwcur = ring->head;
@@ -292,6 +294,12 @@ size_t nmb_memport_pending(struct nmb_port *p)
 void nmb_memport_get_stats(struct nmb_port *p, struct nmb_memport_stats *out)
 {
     *out = ((struct memport *)p)->st;
+}
+
+const void *nmb_memport_counters(struct nmb_port *p, size_t *len)
+{
+    *len = sizeof(((struct memport *)p)->st);
+    return &((struct memport *)p)->st;
 }
 
 int nmb_memport_check(struct nmb_port *p)

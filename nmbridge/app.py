@@ -47,7 +47,7 @@ from nmbridge.ops import Ops, port_info
 from nmbridge.port import Port
 from nmbridge.runstate import InterfaceLocks, state_dir
 from nmbridge.sdnotify import Notifier
-from nmbridge.stats import DirectionStats, PairStats, Snapshot
+from nmbridge.stats import DirectionStats, PairStats, Snapshot, final_counters, pair_counters
 
 JOIN_TIMEOUT = 10.0  # seconds a forwarding thread gets to return after stop()
 DIRECTIONS = ("a_to_b", "b_to_a")
@@ -288,7 +288,7 @@ class Bridge:
     def resume_pair(self, p: _Pair) -> None:
         """Forward again on a paused pair's open ports (a forwarder's stop is final: a new one,
         whose counters start at 0; the old one's are logged)."""
-        self.log.warning("pair_resumed", pair=p.config.name, counters=p.fwd.stats(),
+        self.log.warning("pair_resumed", pair=p.config.name, counters=final_counters(p.fwd, p.a, p.b),
                          note="forwarding again on the same ports; counters restart")
         p.fwd = self._forwarder(p.a, p.b, p.config)
         compiled, p.filters = p.filters, {}
@@ -300,7 +300,7 @@ class Bridge:
         pairs = [p for p in pairs if not (p.a.closed and p.b.closed)]  # closed already
         self.join(pairs)
         for p in pairs:
-            counters = p.fwd.stats()
+            counters = final_counters(p.fwd, p.a, p.b)
             _stop_watcher(p)
             if p.thread is not None and p.thread.is_alive():
                 self.log.error("threads_stuck", pairs=[p.config.name], note="ports left open")
@@ -370,7 +370,8 @@ class Bridge:
                 self.stop()
                 self.close()
                 if self.pairs:
-                    self.log.info("stopped", counters={p.config.name: p.fwd.stats() for p in self.pairs})
+                    self.log.info("stopped", counters={p.config.name: final_counters(p.fwd, p.a, p.b)
+                                                       for p in self.pairs})
         failed = [p for p in self.pairs if p.error]
         if failed:
             raise PortError(f"pair {failed[0].config.name}: {failed[0].error}")
@@ -388,8 +389,7 @@ class Bridge:
                 if isinstance(mode, str):
                     modes[str(spec)] = mode
             dirs: dict[str, DirectionStats] = {}
-            for d, counters in p.fwd.stats().items():
-                s = DirectionStats(**counters)  # type: ignore[typeddict-item]
+            for d, s in pair_counters(p.fwd, p.a, p.b).items():
                 f = p.filters.get(d)
                 s["filter"] = f.name if f is not None else None
                 if f is not None:

@@ -126,18 +126,21 @@ def stats_table(result: dict[str, Any]) -> str:
     """The `nmbridge stats` table: one row per pair and direction."""
     from nmbridge.stats import drops
 
-    rows = [["PAIR", "DIRECTION", "FRAMES", "FRAMES/S", "BITS/S", "DROPS", "DROPPED BY"]]
+    rows = [["PAIR", "DIRECTION", "RECEIVED", "FORWARDED", "DROPS", "QUEUED", "FRAMES/S", "BITS/S",
+             "TX STALLS", "DROPPED BY"]]
     for p in result["snapshot"]["pairs"]:
         for d, s in p["directions"].items():
             r = result["rates"].get(p["pair"], {}).get(d, {})
             why = drops(s)
-            rows.append([p["pair"], d, str(s.get("frames", 0)),
+            rows.append([p["pair"], d, str(s.get("received", 0)),
+                         str(s.get("forwarded", 0)),
+                         str(sum(why.values())), str(s.get("queued", 0)),
                          _si(r.get("frames_per_s", 0.0)), _si(r.get("bits_per_s", 0.0), "b/s"),
-                         str(sum(why.values())),
+                         str(s.get("tx_stalls", 0)),
                          ", ".join(f"{k} {n}" for k, n in why.items() if n) or "-"])
     if len(rows) == 1:
         return "no pairs are forwarding"
-    return table(rows, {2, 3, 4, 5})
+    return table(rows, {2, 3, 4, 5, 6, 7, 8})
 
 
 def stats_command(args: argparse.Namespace) -> int:

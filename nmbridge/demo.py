@@ -119,7 +119,7 @@ class Summary:
     pings: list[PingResult] = field(default_factory=list)
     burst: BurstResult | None = None
     zero_copy: bool | None = None
-    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    counters: dict[str, dict[str, Any]] = field(default_factory=dict)
     bridge_exit_status: int | None = None
     kept: bool = False
     left_behind: list[str] = field(default_factory=list)
@@ -480,17 +480,17 @@ class Demo:
     def _counter_table(self) -> None:
         s = self.summary
         names = {"a_to_b": "left -> right", "b_to_a": "right -> left"}
-        self.say(f"      {'direction':<15}{'frames':>10}{'bytes':>12}{'drops':>8}")
+        self.say(f"      {'direction':<15}{'received':>10}{'forwarded':>10}{'bytes':>12}{'drops':>8}")
         for d, label in names.items():
             c = s.counters.get(d)
             if c is None:
                 continue
-            drops = c.get("oversize", 0) + c.get("broken_chain", 0) + c.get("filtered", 0)
-            self.say(f"      {label:<15}{c.get('frames', 0):>10}{c.get('bytes', 0):>12}{drops:>8}")
+            self.say(f"      {label:<15}{c.get('received', 0):>10}{c.get('forwarded', 0):>10}"
+                     f"{c.get('bytes', 0):>12}{c.get('dropped', 0):>8}")
         self.say(f"      zero-copy: {'yes' if s.zero_copy else 'no'}"
                  f"{' (frames move between the ports by swapping buffer indices)' if s.zero_copy else ''}")
-        self.say("      (left -> right is the burst plus the pings and ARP; drops = filtered, oversize, "
-                 "broken chains)")
+        self.say("      (left -> right is the burst plus the pings and ARP; received = forwarded + drops "
+                 "+ frames still queued)")
 
     # --- teardown
 

@@ -12,6 +12,12 @@ left to read, POLLOUT on a destination that is full), as netmap's bridge.c does;
 (user memory) the loop txsyncs the destination and rxsyncs the source after a batch, and
 poll()s the same way, then syncs, only when nothing could move.  The loop runs without the
 GIL and checks its stop flag (and an eventfd that wakes poll) once per batch.
+
+Counters are written by the forwarding thread only.  A snapshot (``snapshot()``, from any
+thread) asks the loop for a copy: at the next batch boundary -- after a sync, when no frame is
+half-way -- the loop copies its own counters and both ports' counters into one published
+record under a sequence counter (odd while it writes), and the reader retries until it reads
+an even, unchanged sequence.  So every frame is, in a snapshot, in exactly one place.
 """
 
 from libc.errno cimport EINTR, errno
@@ -45,6 +51,7 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
 
 cdef extern from "<unistd.h>" nogil:
+    int usleep(unsigned int usec)
     long read(int fd, void *buf, size_t n)
     long write(int fd, const void *buf, size_t n)
     int close(int fd)
@@ -64,6 +71,12 @@ cdef extern from *:
     #define NMB_STORE_INT(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELAXED)
     #define NMB_UNLIKELY(x) __builtin_expect(!!(x), 0)
     #define NMB_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+    #define NMB_LOAD_U64(p) __atomic_load_n(&(p), __ATOMIC_ACQUIRE)
+    #define NMB_PEEK_U64(p) __atomic_load_n(&(p), __ATOMIC_RELAXED)
+    #define NMB_STORE_U64(p, v) __atomic_store_n(&(p), (v), __ATOMIC_RELEASE)
+    #define NMB_ADD_U64(p, v) __atomic_add_fetch(&(p), (v), __ATOMIC_ACQ_REL)
+    #define NMB_FENCE_ACQUIRE() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+    #define NMB_FENCE_RELEASE() __atomic_thread_fence(__ATOMIC_RELEASE)
     """
     nmb_filter *NMB_LOAD_PTR(nmb_filter *p) noexcept nogil
     void NMB_STORE_PTR(nmb_filter *p, nmb_filter *v) noexcept nogil
@@ -71,13 +84,19 @@ cdef extern from *:
     void NMB_STORE_INT(int p, int v) noexcept nogil
     bint NMB_UNLIKELY(bint x) noexcept nogil
     void NMB_PREFETCH(const void *p) noexcept nogil
+    uint64_t NMB_LOAD_U64(uint64_t p) noexcept nogil
+    uint64_t NMB_PEEK_U64(uint64_t p) noexcept nogil
+    void NMB_STORE_U64(uint64_t p, uint64_t v) noexcept nogil
+    uint64_t NMB_ADD_U64(uint64_t p, uint64_t v) noexcept nogil
+    void NMB_FENCE_ACQUIRE() noexcept nogil
+    void NMB_FENCE_RELEASE() noexcept nogil
 
 
 cdef struct dir_stats:
-    uint64_t frames        # frames forwarded
-    uint64_t bytes         # bytes forwarded
+    uint64_t frames        # frames put on a TX slot (the port's txsync then sends or drops them)
+    uint64_t bytes         # bytes of those frames
     uint64_t batches       # batches that moved at least one slot
-    uint64_t tx_full       # batches that stopped with frames waiting and every TX ring full
+    uint64_t tx_stalls     # batches that stopped with frames waiting and every TX ring full
     uint64_t oversize      # frames dropped: a slot's len exceeds the buffer size
     uint64_t broken_chain  # frames dropped: an NS_MOREFRAG chain that can never be moved
     uint64_t filtered      # frames dropped by the filter
@@ -95,8 +114,24 @@ cdef struct fwd_dir:
     dir_stats st
 
 
+cdef enum:
+    MAX_PORT_COUNTERS = 64  # uint64_t counters of one port that a snapshot copies
+
+
+cdef struct published:
+    uint64_t seq           # odd while the forwarding thread writes this record
+    uint64_t gen           # the snapshot request this copy answers
+    dir_stats st[2]
+    uint64_t ctr[2 * MAX_PORT_COUNTERS]  # port a's counters, then port b's
+
+
 cdef struct fwd_state:
     fwd_dir d[2]
+    const uint64_t *ctr[2] # port a's and port b's live counters (NULL: the port has none)
+    uint32_t nctr[2]
+    uint64_t want          # snapshot requests made (by other threads)
+    int active             # run() is looping (it answers requests)
+    published pub
     int stop
     int stop_fd
     int poll_timeout_ms
@@ -322,7 +357,7 @@ cdef uint32_t move_dir(fwd_dir *d) noexcept nogil:
     if done:
         d.st.batches += 1
     if di >= dst.tx_last:
-        d.st.tx_full += 1               # frames wait and every TX ring is full
+        d.st.tx_stalls += 1             # frames wait and every TX ring is full (not a drop)
     return done
 
 
@@ -455,9 +490,49 @@ cdef int poll_round(fwd_state *f) noexcept nogil:
     return 0
 
 
+cdef void publish(fwd_state *f) noexcept nogil:
+    """Copy every counter into the published record (forwarding thread, batch boundary)."""
+    cdef uint64_t seq = f.pub.seq
+    cdef uint64_t asked = NMB_PEEK_U64(f.want)
+    cdef int i
+    NMB_STORE_U64(f.pub.seq, seq + 1)
+    NMB_FENCE_RELEASE()
+    f.pub.st[0] = f.d[0].st
+    f.pub.st[1] = f.d[1].st
+    for i in range(2):
+        if f.ctr[i] != NULL:
+            memcpy(&f.pub.ctr[i * MAX_PORT_COUNTERS], f.ctr[i], f.nctr[i] * sizeof(uint64_t))
+    NMB_STORE_U64(f.pub.seq, seq + 2)
+    NMB_STORE_U64(f.pub.gen, asked)
+
+
+cdef void read_published(fwd_state *f, published *out) noexcept nogil:
+    """A consistent copy of the published record (any thread)."""
+    cdef uint64_t s1, s2
+    while True:
+        s1 = NMB_LOAD_U64(f.pub.seq)
+        if s1 & 1:
+            continue
+        memcpy(out, &f.pub, sizeof(published))
+        NMB_FENCE_ACQUIRE()
+        s2 = NMB_PEEK_U64(f.pub.seq)
+        if s1 == s2:
+            return
+
+
+cdef void await_published(fwd_state *f, uint64_t req, uint32_t timeout_us) noexcept nogil:
+    """Until the loop has answered request `req`, stopped looping, or `timeout_us` passed."""
+    cdef uint32_t waited = 0
+    while NMB_LOAD_U64(f.pub.gen) < req and NMB_LOAD_INT(f.active) and waited < timeout_us:
+        usleep(50)
+        waited += 50
+
+
 cdef int run_loop(fwd_state *f) noexcept nogil:
     cdef uint32_t moved
     while not NMB_LOAD_INT(f.stop):
+        if NMB_UNLIKELY(NMB_PEEK_U64(f.want) != f.pub.gen):
+            publish(f)                  # a snapshot was asked for: here no frame is half-way
         f.epoch += 1
         moved = 0
         if f.d[0].enabled:
@@ -484,7 +559,7 @@ _DIRECTIONS = ("a_to_b", "b_to_a")
 
 
 cdef dict stats_dict(dir_stats *s):
-    return {"frames": s.frames, "bytes": s.bytes, "batches": s.batches, "tx_full": s.tx_full,
+    return {"frames": s.frames, "bytes": s.bytes, "batches": s.batches, "tx_stalls": s.tx_stalls,
             "oversize": s.oversize, "broken_chain": s.broken_chain, "filtered": s.filtered}
 
 
@@ -541,6 +616,15 @@ cdef class Forwarder:
             self.st.d[i].filter = NULL
         self.st.poll_timeout_ms = poll_timeout_ms
         self.st.poll_syncs = a.c.poll_syncs != 0 and b.c.poll_syncs != 0
+        cdef size_t addr, nbytes
+        for i, port in enumerate((a, b)):
+            addr, nbytes = port.counters_buffer()
+            if nbytes % sizeof(uint64_t) or nbytes > MAX_PORT_COUNTERS * sizeof(uint64_t):
+                raise ValueError(f"{port.spec}: {nbytes} bytes of counters (at most "
+                                 f"{MAX_PORT_COUNTERS} uint64_t)")
+            self.st.ctr[i] = <const uint64_t *>addr
+            self.st.nctr[i] = <uint32_t>(nbytes // sizeof(uint64_t)) if addr else 0
+        publish(&self.st)
         self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.st.stop_fd < 0:
             raise OSError(errno, strerror(errno).decode())
@@ -563,12 +647,15 @@ cdef class Forwarder:
         self.st.max_frames = max_frames
         self.st.error[0] = 0           # stop() is sticky: one that came before run() counts
         cdef int rc
+        NMB_STORE_INT(self.st.active, 1)
         try:
             # the first batch needs frames: sync once before looping
             with nogil:
                 rc = sync_all(&self.st)
                 if rc == 0:
                     rc = run_loop(&self.st)
+                publish(&self.st)       # the final counters; snapshots read them from now on
+                NMB_STORE_INT(self.st.active, 0)
         finally:
             self._running = False
         if rc != 0:
@@ -591,7 +678,9 @@ cdef class Forwarder:
             moved += move_dir(&self.st.d[0])
         if self.st.d[1].enabled:
             moved += move_dir(&self.st.d[1])
-        if sync_all(&self.st) < 0:
+        cdef int rc = sync_all(&self.st)
+        publish(&self.st)
+        if rc < 0:
             raise PortError(f"{self.a.spec} <-> {self.b.spec}: "
                             f"{self.st.error.decode(errors='replace')}")
         return moved
@@ -602,6 +691,32 @@ cdef class Forwarder:
         for i in range(2):
             if self.st.d[i].enabled:
                 out[_DIRECTIONS[i]] = stats_dict(&self.st.d[i].st)
+        return out
+
+    def snapshot(self, double timeout=0.5) -> dict:
+        """Every counter of this pair at one batch boundary (safe from any thread while the
+        loop runs): ``{"a_to_b": {...}, "b_to_a": {...}, "ports": {"a": {...}, "b": {...}}}``,
+        the directions as :meth:`stats` (enabled ones only), the ports as their backends'
+        ``decode_counters``.  A loop that does not answer within `timeout` seconds (stuck
+        in a system call) gives its last published copy: older, still consistent."""
+        cdef uint64_t req
+        cdef published copy
+        if NMB_LOAD_INT(self.st.active):
+            req = NMB_ADD_U64(self.st.want, 1)
+            self.stop_wake()
+            with nogil:
+                await_published(&self.st, req, <uint32_t>(timeout * 1e6))
+        with nogil:
+            read_published(&self.st, &copy)
+        out = {}
+        for i in range(2):
+            if self.st.d[i].enabled:
+                out[_DIRECTIONS[i]] = stats_dict(&copy.st[i])
+        ports = {}
+        for i, port in enumerate((self.a, self.b)):
+            raw = (<char *>&copy.ctr[i * MAX_PORT_COUNTERS])[:self.st.nctr[i] * sizeof(uint64_t)]
+            ports["ab"[i]] = port.decode_counters(raw)
+        out["ports"] = ports
         return out
 
     @property

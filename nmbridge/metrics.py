@@ -25,12 +25,20 @@ class BridgeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
-        frames = CounterMetricFamily("nmbridge_frames", "Frames forwarded", labels=["pair", "direction"])
-        nbytes = CounterMetricFamily("nmbridge_bytes", "Bytes forwarded", labels=["pair", "direction"])
-        batches = CounterMetricFamily("nmbridge_batches", "Batches that moved frames",
-                                      labels=["pair", "direction"])
-        drops = CounterMetricFamily("nmbridge_drops", "Frames not forwarded, by reason",
-                                    labels=["pair", "direction", "reason"])
+        pd = ["pair", "direction"]
+        received = CounterMetricFamily(
+            "nmbridge_received", "Frames the source port received (delivered to the bridge, or dropped "
+            "on receive); received = forwarded + drops + queued", labels=pd)
+        forwarded = CounterMetricFamily(
+            "nmbridge_forwarded", "Frames handed successfully to the egress kernel/NIC", labels=pd)
+        drops = CounterMetricFamily("nmbridge_drops", "Frames received and never forwarded, by reason",
+                                    labels=[*pd, "reason"])
+        queued = GaugeMetricFamily("nmbridge_queued", "Frames inside the bridge now (rings, in flight)",
+                                   labels=pd)
+        nbytes = CounterMetricFamily("nmbridge_bytes", "Bytes forwarded", labels=pd)
+        batches = CounterMetricFamily("nmbridge_batches", "Batches that moved frames", labels=pd)
+        stalls = CounterMetricFamily("nmbridge_tx_stalls", "Batches that found every TX ring full "
+                                     "(frames waited; not drops)", labels=pd)
         hits = CounterMetricFamily("nmbridge_filter_rule_hits", "Frames decided by each filter rule",
                                    labels=["pair", "direction", "filter", "rule"])
         zc = GaugeMetricFamily("nmbridge_zerocopy", "1 when the pair swaps buffers, 0 when it copies",
@@ -43,9 +51,12 @@ class BridgeCollector(Collector):
             zc.add_metric([p["pair"]], 1.0 if p["zerocopy"] else 0.0)
             for d, s in p["directions"].items():
                 labels = [p["pair"], d]
-                frames.add_metric(labels, float(s.get("frames", 0)))
+                received.add_metric(labels, float(s.get("received", 0)))
+                forwarded.add_metric(labels, float(s.get("forwarded", 0)))
+                queued.add_metric(labels, float(s.get("queued", 0)))
                 nbytes.add_metric(labels, float(s.get("bytes", 0)))
                 batches.add_metric(labels, float(s.get("batches", 0)))
+                stalls.add_metric(labels, float(s.get("tx_stalls", 0)))
                 for reason, n in drop_counts(s).items():
                     drops.add_metric([*labels, reason], float(n))
                 filt = s.get("filter")
@@ -56,7 +67,7 @@ class BridgeCollector(Collector):
             link.add_metric([port], 1.0 if up else 0.0)
         for port, m in snap.get("modes", {}).items():
             mode.add_metric([port, m], 1.0)
-        yield from (frames, nbytes, batches, drops, hits, zc, link, mode)
+        yield from (received, forwarded, drops, queued, nbytes, batches, stalls, hits, zc, link, mode)
 
 
 class MetricsServer:

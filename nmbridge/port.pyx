@@ -159,6 +159,17 @@ cdef class Port:
             "region": self.region_name,
         }
 
+    def counters_buffer(self) -> tuple:
+        """(address, bytes) of the port's live counters -- a C struct of uint64_t written only
+        by the thread that syncs the port -- which fastfwd copies at a batch boundary for a
+        consistent snapshot; (0, 0) for a port without counters of its own."""
+        return (0, 0)
+
+    def decode_counters(self, bytes raw) -> dict:
+        """The counters as a dict of names, from a copy of that buffer (see the backend's
+        ``accounting`` for what they mean to a pair's numbers)."""
+        return {}
+
     def ring_state(self) -> dict:
         """head/cur/tail of every ring this port forwards (for tests and `nmbridge ports`)."""
         self._check_open()

@@ -1,28 +1,32 @@
 """Counter snapshots and rates: what stats events, metrics and `nmbridge stats` report.
 
-A snapshot is plain JSON-ready data, taken from the forwarders' C counters in one pass:
+A snapshot is plain JSON-ready data, taken from each forwarder at one batch boundary
+(``Forwarder.snapshot()``: fastfwd's counters and both ports', copied together) and turned
+into the accounting identity of :mod:`nmbridge.accounting`::
 
     {"time": <monotonic s>, "pairs": [{"pair": "lan", "ports": ["afpacket:a", "afpacket:b"],
-      "zerocopy": true, "directions": {"a_to_b": {"frames": .., "bytes": .., "batches": ..,
-      "tx_full": .., "oversize": .., "broken_chain": .., "filtered": .., "filter": "no-ssh",
-      "rule_hits": {"ssh": 3, "default": 10}}}}], "links": {"afpacket:a": true}}
+      "zerocopy": true, "directions": {"a_to_b": {"received": .., "forwarded": .., "queued": ..,
+      "dropped": {"rx_kernel_drops": .., "filtered": .., "egress_mtu": .., ...}, "bytes": ..,
+      "batches": .., "tx_stalls": .., "filter": "no-ssh", "rule_hits": {"ssh": 3, "default": 10}}}}],
+      "links": {"afpacket:a": true}}
+
+received = forwarded + sum(dropped) + queued, per direction, in every snapshot.
+``tx_stalls`` counts batches that found every TX ring full (frames waited): not drops.
 """
 
 from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
-DROP_REASONS = ("filtered", "tx_full", "oversize", "broken_chain")
-
 
 class DirectionStats(TypedDict, total=False):
-    frames: int
+    received: int
+    forwarded: int
+    queued: int
+    dropped: dict[str, int]
     bytes: int
     batches: int
-    tx_full: int
-    oversize: int
-    broken_chain: int
-    filtered: int
+    tx_stalls: int
     filter: str | None
     rule_hits: dict[str, int]
 
@@ -42,7 +46,7 @@ class Snapshot(TypedDict):
 
 
 def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, dict[str, dict[str, float]]]:
-    """frames/s, bits/s and average batch size per pair and direction since `prev`."""
+    """Forwarded frames/s, bits/s and average batch size per pair and direction since `prev`."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     before = {p["pair"]: p for p in prev["pairs"]} if prev else {}
     dt = cur["time"] - prev["time"] if prev else 0.0
@@ -51,7 +55,7 @@ def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, dict[str, dict[str,
         for d, s in p["directions"].items():
             old_pair = before.get(p["pair"])
             old: DirectionStats = old_pair["directions"].get(d, {}) if old_pair else {}
-            df = s.get("frames", 0) - old.get("frames", 0)
+            df = s.get("forwarded", 0) - old.get("forwarded", 0)
             db = s.get("bytes", 0) - old.get("bytes", 0)
             dbatch = s.get("batches", 0) - old.get("batches", 0)
             out[p["pair"]][d] = {
@@ -63,8 +67,14 @@ def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, dict[str, dict[str,
 
 
 def drops(s: DirectionStats) -> dict[str, int]:
-    counters: dict[str, Any] = dict(s)
-    return {r: int(counters.get(r, 0) or 0) for r in DROP_REASONS}
+    """Frames dropped, by reason."""
+    return {r: int(n) for r, n in s.get("dropped", {}).items()}
+
+
+def balance(s: DirectionStats) -> int:
+    """received - forwarded - dropped - queued: 0, always (tests and self-checks)."""
+    return (s.get("received", 0) - s.get("forwarded", 0) - sum(drops(s).values())
+            - s.get("queued", 0))
 
 
 def event_fields(p: PairStats, r: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -73,12 +83,34 @@ def event_fields(p: PairStats, r: dict[str, dict[str, float]]) -> dict[str, Any]
     for d, s in p["directions"].items():
         rr = r.get(d, {})
         fields[d] = {
-            "frames": s.get("frames", 0),
-            "bytes": s.get("bytes", 0),
+            **counters(s),
             "frames_per_s": round(rr.get("frames_per_s", 0.0), 1),
             "bits_per_s": round(rr.get("bits_per_s", 0.0), 1),
             "avg_batch": round(rr.get("avg_batch", 0.0), 2),
-            "drops": drops(s),
             **({"filter": s["filter"], "rule_hits": s.get("rule_hits", {})} if s.get("filter") else {}),
         }
     return fields
+
+
+def counters(s: DirectionStats) -> dict[str, Any]:
+    """The identity's terms of one direction, as the `stats` and `stopped` events show them."""
+    return {"received": s.get("received", 0), "forwarded": s.get("forwarded", 0),
+            "queued": s.get("queued", 0), "dropped": sum(drops(s).values()), "drops": drops(s),
+            "bytes": s.get("bytes", 0), "tx_stalls": s.get("tx_stalls", 0)}
+
+
+def pair_counters(fwd: Any, a: Any, b: Any) -> dict[str, DirectionStats]:
+    """Each enabled direction of one forwarder (between ports `a` and `b`), from one snapshot."""
+    from nmbridge.accounting import pair_directions
+
+    out: dict[str, DirectionStats] = {}
+    for d, acc in pair_directions(fwd.snapshot(), a, b).items():
+        out[d] = DirectionStats(received=acc["received"], forwarded=acc["forwarded"], queued=acc["queued"],
+                                dropped=acc["dropped"], bytes=acc["bytes"], batches=acc["batches"],
+                                tx_stalls=acc["tx_stalls"])
+    return out
+
+
+def final_counters(fwd: Any, a: Any, b: Any) -> dict[str, dict[str, Any]]:
+    """What the `stopped` and `pair_stopped` events show for one pair."""
+    return {d: counters(s) for d, s in pair_counters(fwd, a, b).items()}

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from nmbridge.accounting import PortAccounting
 from nmbridge.errors import PortError
 from nmbridge.port import Port, Region
 
@@ -56,6 +57,8 @@ class Backend(Protocol):
 
     name: str
     user_memory: bool
+    # how its ports' counters make a pair's received/forwarded/dropped (None: it has none)
+    accounting: PortAccounting | None
 
     def unavailable(self) -> str | None:
         """None when the backend can run here, else the reason, in words."""

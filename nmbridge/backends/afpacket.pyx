@@ -11,6 +11,7 @@ See ``nmbridge/include/nmb_afpacket.h`` for the rules.
 
 cimport cython
 from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy, memset
 
 from nmbridge.port cimport Port, Region, nmb_port, nmb_umem
 
@@ -30,15 +31,18 @@ cdef extern from "nmb_afpacket.h" nogil:
         uint32_t tx_frames
         int tx_vnet
 
+    # every field of the C struct, in any order (it converts to a dict of them all)
     struct nmb_afpacket_stats:
         uint64_t rx_frames, rx_bytes, rx_kernel_drops, rx_truncated, rx_oversize
         uint64_t rx_vlan_restored, rx_csum_fixed, tx_frames, tx_bytes, tx_errors, tx_link_down, tx_again
         uint64_t link_errors, rxsyncs, txsyncs, tx_calls, blocks
+        uint64_t tx_mtu
 
     nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const nmb_afpacket_opts *o,
                                 char *err, size_t errlen)
     void nmb_afpacket_close(nmb_port *p)
     void nmb_afpacket_get_stats(nmb_port *p, nmb_afpacket_stats *out)
+    const void *nmb_afpacket_counters(nmb_port *p, size_t *len)
     int nmb_afpacket_ifindex(nmb_port *p)
     int nmb_afpacket_check(nmb_port *p)
 
@@ -55,6 +59,7 @@ cdef class AfPacketPort(Port):
 
     cdef Region region
     cdef readonly str ifname
+    cdef uint64_t _kernel_drops  # the kernel's drop count when last read (kept after close)
 
     def __init__(self, Region region not None, str ifname, *, int slots=1024,
                  int block_size=DEFAULT_BLOCK_SIZE, int blocks=DEFAULT_BLOCKS,
@@ -87,6 +92,9 @@ cdef class AfPacketPort(Port):
         self.region_name = f"user:{region.address:#x}"
 
     cdef void _release(self) noexcept:
+        cdef nmb_afpacket_stats s
+        nmb_afpacket_get_stats(self.c, &s)
+        self._kernel_drops = s.rx_kernel_drops
         nmb_afpacket_close(self.c)
 
     def __dealloc__(self):
@@ -105,16 +113,26 @@ cdef class AfPacketPort(Port):
         self._check_open()
         cdef nmb_afpacket_stats s
         nmb_afpacket_get_stats(self.c, &s)
-        return {
-            "rx_frames": s.rx_frames, "rx_bytes": s.rx_bytes,
-            "rx_kernel_drops": s.rx_kernel_drops, "rx_truncated": s.rx_truncated,
-            "rx_oversize": s.rx_oversize, "rx_vlan_restored": s.rx_vlan_restored,
-            "rx_csum_fixed": s.rx_csum_fixed,
-            "tx_frames": s.tx_frames, "tx_bytes": s.tx_bytes, "tx_errors": s.tx_errors,
-            "tx_link_down": s.tx_link_down, "tx_again": s.tx_again,
-            "link_errors": s.link_errors, "rxsyncs": s.rxsyncs, "txsyncs": s.txsyncs,
-            "tx_calls": s.tx_calls, "blocks": s.blocks,
-        }
+        return s
+
+    def counters_buffer(self) -> tuple:
+        self._check_open()
+        cdef size_t n = 0
+        cdef const void *p = nmb_afpacket_counters(self.c, &n)
+        return (<size_t>p, n)
+
+    def decode_counters(self, bytes raw) -> dict:
+        """A copy fastfwd took at a batch boundary; rx_kernel_drops (the kernel's count, which
+        the forwarding thread does not keep) is read now: a frame it counts is received and
+        dropped at once, so reading it later never unbalances a snapshot."""
+        cdef nmb_afpacket_stats s, live
+        memset(&s, 0, sizeof(s))
+        memcpy(&s, <const char *>raw, min(<size_t>len(raw), sizeof(s)))
+        if self.c != NULL:
+            nmb_afpacket_get_stats(self.c, &live)
+            self._kernel_drops = live.rx_kernel_drops
+        s.rx_kernel_drops = self._kernel_drops
+        return s
 
     def check(self) -> None:
         """The kernel's prologue checks on both rings, now (raises RingError)."""

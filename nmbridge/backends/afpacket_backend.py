@@ -22,6 +22,7 @@ import os
 import sys
 from urllib.parse import parse_qsl
 
+from nmbridge.accounting import PortAccounting
 from nmbridge.backends import OpenOptions
 from nmbridge.errors import PortError
 from nmbridge.port import Port, Region
@@ -85,9 +86,29 @@ def has_cap_net_raw() -> bool:
     return os.geteuid() == 0
 
 
+# How a port's counters (nmb_afpacket_stats) make a pair's numbers: every field commented
+# "dropped: ..." in nmb_afpacket.h has its reason here (a unit test checks it).
+ACCOUNTING = PortAccounting(
+    rx_delivered="rx_frames",
+    tx_sent="tx_frames",
+    tx_bytes="tx_bytes",
+    rx_drops={
+        "rx_kernel_drops": "rx_kernel_drops",  # the kernel's RX ring was full (overrun)
+        "rx_truncated": "rx_truncated",
+        "rx_oversize": "rx_oversize",
+    },
+    tx_drops={
+        "tx_mtu": "egress_mtu",  # larger than the egress interface's MTU
+        "tx_errors": "tx_error",  # the kernel refused it for another reason
+        "tx_link_down": "tx_link_down",  # egress link down, without a carrier, or gone
+    },
+)
+
+
 class _AfPacketBackend:
     name = "afpacket"
     user_memory = True
+    accounting = ACCOUNTING
 
     def unavailable(self) -> str | None:
         if not sys.platform.startswith("linux"):

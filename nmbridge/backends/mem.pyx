@@ -13,6 +13,7 @@ and slot.
 cimport cython
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free
+from libc.string cimport memcpy, memset
 
 from nmbridge.netmap cimport NS_MOREFRAG
 from nmbridge.port cimport Port, Region, nmb_port, nmb_umem
@@ -29,7 +30,7 @@ cdef extern from "nmb_memport.h" nogil:
         NMB_MEM_TX_SINK
 
     struct nmb_memport_stats:
-        uint64_t rx_slots, rx_bytes, tx_slots, tx_bytes, rxsyncs, txsyncs
+        uint64_t rx_slots, rx_bytes, tx_slots, tx_bytes, rxsyncs, txsyncs, rx_frames, tx_frames
 
     struct nmb_mem_record:
         uint32_t datalen
@@ -45,6 +46,7 @@ cdef extern from "nmb_memport.h" nogil:
     size_t nmb_memport_take(nmb_port *p, char **out)
     size_t nmb_memport_pending(nmb_port *p)
     void nmb_memport_get_stats(nmb_port *p, nmb_memport_stats *out)
+    const void *nmb_memport_counters(nmb_port *p, size_t *len)
     int nmb_memport_check(nmb_port *p)
 
 
@@ -155,8 +157,19 @@ cdef class MemPort(Port):
         self._check_open()
         cdef nmb_memport_stats st
         nmb_memport_get_stats(self.c, &st)
-        return {"rx_slots": st.rx_slots, "rx_bytes": st.rx_bytes, "tx_slots": st.tx_slots,
-                "tx_bytes": st.tx_bytes, "rxsyncs": st.rxsyncs, "txsyncs": st.txsyncs}
+        return st
+
+    def counters_buffer(self) -> tuple:
+        self._check_open()
+        cdef size_t n = 0
+        cdef const void *p = nmb_memport_counters(self.c, &n)
+        return (<size_t>p, n)
+
+    def decode_counters(self, bytes raw) -> dict:
+        cdef nmb_memport_stats st
+        memset(&st, 0, sizeof(st))
+        memcpy(&st, <const char *>raw, min(<size_t>len(raw), sizeof(st)))
+        return st
 
     def check(self) -> None:
         """The kernel's checks on every ring of this port and on the whole region, now."""

@@ -226,6 +226,8 @@ def device_problem(device: str = DEVICE) -> str | None:
 class _NetmapBackend:
     name = "netmap"
     user_memory = False
+    # the kernel's rings: no port counters of ours; fastfwd's own counts stand in
+    accounting = None
 
     def unavailable(self) -> str | None:
         return device_problem(DEVICE)

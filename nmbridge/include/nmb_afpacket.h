@@ -15,12 +15,16 @@
  * hdr_len covers the whole frame, so the kernel copies it into the skb's head instead of
  * attaching the ring page as a fragment (which veth copies again into a fresh page: measured
  * ~25% more CPU per frame).  PACKET_LOSS is on, so the kernel skips a frame it refuses
- * silently: frames over its limit (MTU + 14, + 4 with an 802.1Q tag) are counted as tx_errors
- * and dropped before the ring.  When every ring frame is in flight the rest waits (tx_again).
+ * silently: frames over its limit (MTU + 14, + 4 with an 802.1Q tag) are counted as tx_mtu
+ * and dropped before the ring.  A ring frame counts in tx_frames once the kernel has taken
+ * it; ENOBUFS while the interface has no carrier is a link down (see below).  When every
+ * ring frame is in flight the rest waits (tx_again).
  * TX (tx_ring = 0): sendmmsg() of the slots in [hwcur, head), one message per frame (chains
  * gathered with iovecs), one system call per batch of up to NMB_AFP_TX_BATCH frames.
- * Both: PACKET_QDISC_BYPASS on; link down (ENETDOWN, ENXIO, ENODEV) drops and counts (frames
- * already requested in the ring are cancelled, never sent later); EAGAIN/ENOBUFS keeps the
+ * Both: PACKET_QDISC_BYPASS on; link down (ENETDOWN, ENXIO, ENODEV; or ENOBUFS
+ * with no carrier, as when the far end of a veth is down) drops and counts (frames already
+ * requested in the ring are cancelled, never sent later), and so does every frame after it
+ * until the interface is up and running again; EAGAIN/ENOBUFS keeps the
  * frames for the next txsync.  The socket ignores its own outgoing frames (PACKET_IGNORE_OUTGOING) and, by
  * default, puts the interface in promiscuous mode for as long as it is open
  * (PACKET_MR_PROMISC: per socket, the kernel undoes it on close).
@@ -50,18 +54,20 @@ struct nmb_afpacket_opts {
 
 struct nmb_afpacket_stats {
     uint64_t rx_frames, rx_bytes;   /* delivered into the RX ring (bytes with the VLAN tag) */
-    uint64_t rx_kernel_drops;       /* PACKET_STATISTICS tp_drops: the mmap ring was full */
+    uint64_t rx_kernel_drops;       /* dropped: the kernel's RX ring was full (tp_drops) */
     uint64_t rx_truncated;          /* dropped: the block could not hold the whole frame */
     uint64_t rx_oversize;           /* dropped: more buffers than a chain may have */
     uint64_t rx_vlan_restored;      /* frames whose VLAN tag was put back */
     uint64_t rx_csum_fixed;         /* CHECKSUM_PARTIAL frames whose L4 checksum we finished */
-    uint64_t tx_frames, tx_bytes;   /* handed to the kernel */
-    uint64_t tx_errors;             /* dropped: the kernel refused the frame (e.g. > MTU) */
-    uint64_t tx_link_down;          /* dropped: the link was down or gone */
+    uint64_t tx_frames, tx_bytes;   /* handed to the kernel: it took them (TX ring: the frame
+                                     * left TP_STATUS_SEND_REQUEST; sendmmsg: the call sent it) */
+    uint64_t tx_errors;             /* dropped: the kernel refused the frame (not for its size) */
+    uint64_t tx_link_down;          /* dropped: the link was down, without a carrier, or gone */
     uint64_t tx_again;              /* EAGAIN/ENOBUFS or TX ring full: frames kept for later */
     uint64_t link_errors;           /* socket errors reported by the kernel (link down events) */
     uint64_t rxsyncs, txsyncs, tx_calls; /* tx_calls: sendmmsg() or ring kicks */
     uint64_t blocks;                /* RX blocks consumed */
+    uint64_t tx_mtu;                /* dropped: larger than the egress interface's MTU allows */
 };
 
 /* Open a port on interface `ifname` in region `m` (the calling thread's network namespace).
@@ -72,6 +78,10 @@ void nmb_afpacket_close(struct nmb_port *p);
 /* Counters; safe from another thread while the port forwards (reads the kernel's drop
  * counter, which it accumulates, under a lock of its own). */
 void nmb_afpacket_get_stats(struct nmb_port *p, struct nmb_afpacket_stats *out);
+/* The live counters (written only by the thread that syncs the port; rx_kernel_drops is not
+ * kept there: see nmb_afpacket_get_stats) and their size, for fastfwd's copy at a batch
+ * boundary. */
+const void *nmb_afpacket_counters(struct nmb_port *p, size_t *len);
 int nmb_afpacket_ifindex(struct nmb_port *p);
 /* The kernel's prologue checks on both rings (for tests). 0 or -1 with p->error set. */
 int nmb_afpacket_check(struct nmb_port *p);

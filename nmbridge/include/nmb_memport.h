@@ -17,6 +17,8 @@ struct nmb_memport_stats {
     uint64_t rx_slots, rx_bytes; /* delivered into the RX rings */
     uint64_t tx_slots, tx_bytes; /* taken from the TX rings */
     uint64_t rxsyncs, txsyncs;
+    uint64_t rx_frames;          /* frames delivered (slots that end a frame) */
+    uint64_t tx_frames;          /* frames taken from the TX rings */
 };
 
 /* A record in the inject queue and in the collected buffer: this header, then `datalen`
@@ -39,6 +41,9 @@ size_t nmb_memport_take(struct nmb_port *p, char **out);
 /* Slots still waiting in the inject queue. */
 size_t nmb_memport_pending(struct nmb_port *p);
 void nmb_memport_get_stats(struct nmb_port *p, struct nmb_memport_stats *out);
+/* The live counters (only the thread that syncs the port writes them) and their size, for
+ * fastfwd's copy at a batch boundary. */
+const void *nmb_memport_counters(struct nmb_port *p, size_t *len);
 /* Run the kernel's checks now (strict mode does it on every sync). 0 or -1 (see p->error). */
 int nmb_memport_check(struct nmb_port *p);
 

@@ -192,12 +192,14 @@ def test_sigusr1_stats_event_equals_the_c_counters(running: tuple[Bridge, str, P
     lan, idle = events(log_lines, "stats")
     assert lan["pair"] == "lan" and idle["pair"] == "idle"
     d = lan["a_to_b"]
-    assert (d["frames"], d["bytes"]) == (c["frames"], c["bytes"])
-    assert d["drops"] == {"filtered": c["filtered"], "tx_full": c["tx_full"], "oversize": 0,
-                          "broken_chain": 0}
+    # mem ports lose nothing: forwarded = what fastfwd put on TX; received = all of it
+    assert (d["forwarded"], d["bytes"]) == (c["frames"], c["bytes"])
+    assert d["received"] == FRAMES and d["queued"] == 0 and d["tx_stalls"] == c["tx_stalls"]
+    assert d["drops"] == {"filtered": c["filtered"], "oversize": 0, "broken_chain": 0}
+    assert d["dropped"] == c["filtered"]
     assert d["filter"] == "noarp" and d["rule_hits"] == {"arp": FRAMES // 3, "default": 2 * FRAMES // 3}
     assert d["avg_batch"] > 0 and d["frames_per_s"] > 0 and d["bits_per_s"] > 0
-    assert set(idle) >= {"b_to_a"} and "a_to_b" not in idle and idle["b_to_a"]["frames"] == 0
+    assert set(idle) >= {"b_to_a"} and "a_to_b" not in idle and idle["b_to_a"]["received"] == 0
 
 
 def test_control_stats_ports_version_and_a_metrics_scrape_agree(
@@ -207,7 +209,10 @@ def test_control_stats_ports_version_and_a_metrics_scrape_agree(
     r = request(sock, "stats")
     lan = r["snapshot"]["pairs"][0]
     assert lan["pair"] == "lan" and lan["zerocopy"] is True
-    assert {k: lan["directions"]["a_to_b"][k] for k in c} == c
+    d = lan["directions"]["a_to_b"]
+    assert (d["received"], d["forwarded"], d["queued"], d["bytes"]) == (FRAMES, c["frames"], 0, c["bytes"])
+    assert d["dropped"] == {"filtered": c["filtered"], "oversize": 0, "broken_chain": 0}
+    assert d["batches"] == c["batches"] and d["tx_stalls"] == c["tx_stalls"]
     assert lan["directions"]["a_to_b"]["rule_hits"] == {"arp": FRAMES // 3, "default": 2 * FRAMES // 3}
     assert set(r["rates"]["lan"]["a_to_b"]) == {"frames_per_s", "bits_per_s", "avg_batch"}
 
@@ -217,7 +222,11 @@ def test_control_stats_ports_version_and_a_metrics_scrape_agree(
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     lab = (("direction", "a_to_b"), ("pair", "lan"))
-    assert samples[("nmbridge_frames_total", lab)] == c["frames"]
+    assert samples[("nmbridge_received_total", lab)] == FRAMES
+    assert samples[("nmbridge_forwarded_total", lab)] == c["frames"]
+    assert samples[("nmbridge_queued", lab)] == 0
+    assert samples[("nmbridge_tx_stalls_total", lab)] == c["tx_stalls"]
+    assert not any(name == "nmbridge_frames_total" for name, _ in samples)
     assert samples[("nmbridge_bytes_total", lab)] == c["bytes"]
     assert samples[("nmbridge_drops_total", (*lab, ("reason", "filtered")))] == c["filtered"]
     hits = (("direction", "a_to_b"), ("filter", "noarp"), ("pair", "lan"), ("rule", "arp"))
@@ -239,13 +248,15 @@ def test_cli_stats_table_and_json(running: tuple[Bridge, str, Path], capsys: pyt
     c = expected_lan(bridge)
     assert cli.main(["stats", "--control", sock]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["PAIR", "DIRECTION", "FRAMES", "FRAMES/S", "BITS/S", "DROPS", "DROPPED", "BY"]
+    assert out[0].split() == ["PAIR", "DIRECTION", "RECEIVED", "FORWARDED", "DROPS", "QUEUED", "FRAMES/S",
+                              "BITS/S", "TX", "STALLS", "DROPPED", "BY"]
     row = out[1].split()
-    assert row[:3] == ["lan", "a_to_b", str(c["frames"])] and f"filtered {c['filtered']}" in out[1]
-    assert [r.split()[:3] for r in out[2:]] == [["lan", "b_to_a", "0"], ["idle", "b_to_a", "0"]]
+    assert row[:6] == ["lan", "a_to_b", str(FRAMES), str(c["frames"]), str(c["filtered"]), "0"]
+    assert f"filtered {c['filtered']}" in out[1]
+    assert [r.split()[:4] for r in out[2:]] == [["lan", "b_to_a", "0", "0"], ["idle", "b_to_a", "0", "0"]]
     assert cli.main(["stats", "--json", "--control", sock]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["snapshot"]["pairs"][0]["directions"]["a_to_b"]["frames"] == c["frames"]
+    assert doc["snapshot"]["pairs"][0]["directions"]["a_to_b"]["forwarded"] == c["frames"]
     logs.configure("json", "info", log_lines)  # cli.main logged to capsys's stdout
 
 
@@ -395,9 +406,9 @@ def test_sighup_with_a_broken_file_keeps_running(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGHUP)
         failed = wait_event("reload_failed")
         assert failed["error"].startswith(f"{cfg}:") and failed["level"] == "error"
-        first = request(str(sock), "stats")["snapshot"]["pairs"][0]["directions"]["a_to_b"]["frames"]
+        first = request(str(sock), "stats")["snapshot"]["pairs"][0]["directions"]["a_to_b"]["forwarded"]
         wait_for(lambda: request(str(sock), "stats")["snapshot"]["pairs"][0]["directions"]["a_to_b"]
-                 ["frames"] > first, "forwarding to go on after the failed reload")
+                 ["forwarded"] > first, "forwarding to go on after the failed reload")
         proc.send_signal(signal.SIGTERM)
         wait_event("stopped")
         assert proc.wait(DEADLINE) == 0
