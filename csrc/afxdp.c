@@ -993,6 +993,12 @@ void nmb_afxdp_close(struct nmb_port *p)
         xp_free((struct xport *)p);
 }
 
+const void *nmb_afxdp_counters(struct nmb_port *p, size_t *len)
+{
+    *len = sizeof(((struct xport *)p)->st);
+    return &((struct xport *)p)->st;
+}
+
 void nmb_afxdp_get_stats(struct nmb_port *p, struct nmb_afxdp_stats *out)
 {
     struct xport *xp = (struct xport *)p;

@@ -10,6 +10,7 @@ where it lies.  One socket and one netmap ring pair per receive queue; our own X
 cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
 
 from nmbridge.port cimport Port, Region, nmb_port, nmb_umem
 
@@ -40,6 +41,7 @@ cdef extern from "nmb_afxdp.h" nogil:
                              char *err, size_t errlen)
     void nmb_afxdp_close(nmb_port *p)
     void nmb_afxdp_get_stats(nmb_port *p, nmb_afxdp_stats *out)
+    const void *nmb_afxdp_counters(nmb_port *p, size_t *len)
     int nmb_afxdp_ifindex(nmb_port *p)
     int nmb_afxdp_mode(nmb_port *p)
     const char *nmb_afxdp_mode_reason(nmb_port *p)
@@ -57,16 +59,32 @@ MODES = {"auto": NMB_AFXDP_MODE_AUTO, "zc": NMB_AFXDP_MODE_ZC, "native": NMB_AFX
 _MODE_NAMES = {NMB_AFXDP_MODE_ZC: "zc", NMB_AFXDP_MODE_NATIVE: "native", NMB_AFXDP_MODE_SKB: "skb"}
 
 
+cdef dict _stats_dict(nmb_afxdp_stats *s):
+    return {
+        "rx_frames": s.rx_frames, "rx_bytes": s.rx_bytes,
+        "rx_kernel_drops": s.rx_kernel_drops, "rx_ring_full": s.rx_ring_full,
+        "rx_fill_empty": s.rx_fill_empty, "rx_bad_desc": s.rx_bad_desc, "rx_csum_fixed": s.rx_csum_fixed,
+        "tx_frames": s.tx_frames, "tx_bytes": s.tx_bytes, "tx_errors": s.tx_errors,
+        "tx_link_down": s.tx_link_down, "tx_dev_drops": s.tx_dev_drops,
+        "tx_invalid": s.tx_invalid, "tx_again": s.tx_again,
+        "rxsyncs": s.rxsyncs, "txsyncs": s.txsyncs, "tx_kicks": s.tx_kicks,
+        "fill_kicks": s.fill_kicks, "completions": s.completions, "link_errors": s.link_errors,
+        "tx_sent": s.tx_frames - s.tx_dev_drops - s.tx_invalid,
+    }
+
+
 @cython.no_gc_clear  # the region must outlive the port, even at interpreter exit
 cdef class AfXdpPort(Port):
     """An afxdp: port on interface `ifname` (in the calling thread's network namespace)."""
 
     cdef Region region
     cdef readonly str ifname
+    cdef tuple _kernel  # the kernel-kept counters last read (see decode_counters)
 
     def __init__(self, Region region not None, str ifname, *, int slots=1024, str mode="auto",
                  int queues=0, bint promisc=True, bint need_wakeup=True, bint csum_fix=True):
         cdef char err[256]
+        self._kernel = (0, 0, 0, 0)
         cdef nmb_afxdp_opts o
         cdef bytes name = ifname.encode()
         if mode not in MODES:
@@ -139,16 +157,27 @@ cdef class AfXdpPort(Port):
         self._check_open()
         cdef nmb_afxdp_stats s
         nmb_afxdp_get_stats(self.c, &s)
-        return {
-            "rx_frames": s.rx_frames, "rx_bytes": s.rx_bytes,
-            "rx_kernel_drops": s.rx_kernel_drops, "rx_ring_full": s.rx_ring_full,
-            "rx_fill_empty": s.rx_fill_empty, "rx_bad_desc": s.rx_bad_desc, "rx_csum_fixed": s.rx_csum_fixed,
-            "tx_frames": s.tx_frames, "tx_bytes": s.tx_bytes, "tx_errors": s.tx_errors,
-            "tx_link_down": s.tx_link_down, "tx_dev_drops": s.tx_dev_drops,
-            "tx_invalid": s.tx_invalid, "tx_again": s.tx_again,
-            "rxsyncs": s.rxsyncs, "txsyncs": s.txsyncs, "tx_kicks": s.tx_kicks,
-            "fill_kicks": s.fill_kicks, "completions": s.completions, "link_errors": s.link_errors,
-        }
+        return _stats_dict(&s)
+
+    def counters_buffer(self) -> tuple:
+        self._check_open()
+        cdef size_t n = 0
+        cdef const void *p = nmb_afxdp_counters(self.c, &n)
+        return (<size_t>p, n)
+
+    def decode_counters(self, bytes raw) -> dict:
+        """A copy fastfwd took at a batch boundary, with the kernel-kept counters
+        (XDP_STATISTICS) read now: a frame the kernel drops on receive is received and
+        dropped at once, so reading them later never unbalances a snapshot.  ``tx_sent``
+        (forwarded) is what was posted less what the device or the kernel refused."""
+        cdef nmb_afxdp_stats s, live
+        memset(&s, 0, sizeof(s))
+        memcpy(&s, <const char *>raw, min(<size_t>len(raw), sizeof(s)))
+        if self.c != NULL:
+            nmb_afxdp_get_stats(self.c, &live)
+            self._kernel = (live.rx_kernel_drops, live.rx_ring_full, live.rx_fill_empty, live.tx_invalid)
+        s.rx_kernel_drops, s.rx_ring_full, s.rx_fill_empty, s.tx_invalid = self._kernel
+        return _stats_dict(&s)
 
     def check(self) -> None:
         """The kernel's prologue checks on every ring, now (raises RingError)."""

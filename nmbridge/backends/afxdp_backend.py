@@ -25,6 +25,7 @@ import sys
 from urllib.parse import parse_qsl
 
 from nmbridge import caps
+from nmbridge.accounting import PortAccounting
 from nmbridge.backends import OpenOptions
 from nmbridge.backends.afpacket_backend import check_ifname
 from nmbridge.errors import PortError
@@ -89,9 +90,31 @@ def kernel_lacks_af_xdp() -> str | None:
     return None
 
 
+# what an afxdp: port's counters mean to a pair's numbers (nmbridge/accounting.py); every
+# field of struct nmb_afxdp_stats commented "dropped:" is a reason here
+ACCOUNTING = PortAccounting(
+    rx_delivered="rx_frames",
+    tx_sent="tx_sent",  # posted to the XSK TX ring, less what the device or kernel refused
+    tx_bytes="tx_bytes",
+    rx_drops={
+        "rx_kernel_drops": "rx_kernel_drops",  # the kernel dropped it (e.g. longer than a chunk)
+        "rx_ring_full": "rx_ring_full",  # the XSK RX ring was full (overrun)
+        "rx_fill_empty": "rx_fill_empty",  # no free buffer in the fill ring (overrun)
+        "rx_bad_desc": "rx_bad_desc",
+    },
+    tx_drops={
+        "tx_errors": "tx_error",  # too long for a chunk, a runt, or a chain (no multi-buffer)
+        "tx_link_down": "tx_link_down",
+        "tx_dev_drops": "tx_device_refused",  # the device refused a posted frame
+        "tx_invalid": "tx_invalid",  # the kernel found the descriptor invalid
+    },
+)
+
+
 class _AfXdpBackend:
     name = "afxdp"
     user_memory = True
+    accounting = ACCOUNTING
 
     def unavailable(self) -> str | None:
         if not sys.platform.startswith("linux"):

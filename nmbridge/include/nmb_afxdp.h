@@ -81,6 +81,9 @@ struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nm
                                 char *err, size_t errlen);
 void nmb_afxdp_close(struct nmb_port *p);
 void nmb_afxdp_get_stats(struct nmb_port *p, struct nmb_afxdp_stats *out);
+/* The live counter struct (written only by the thread that syncs the port), for fastfwd to
+ * copy at a batch boundary; the kernel-kept ones (XDP_STATISTICS) are not in it. */
+const void *nmb_afxdp_counters(struct nmb_port *p, size_t *len);
 int nmb_afxdp_ifindex(struct nmb_port *p);
 /* NMB_AFXDP_MODE_ZC/NATIVE/SKB in use; why it is not the first choice ("" if it is) */
 int nmb_afxdp_mode(struct nmb_port *p);

@@ -9,12 +9,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fwdutil import drain, frame, pair
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nmbridge.accounting import FASTFWD_DROPS, PortAccounting, direction, pair_directions
-from nmbridge.backends import afpacket_backend
 from nmbridge.backends.mem import MemPort
 from nmbridge.fastfwd import Forwarder
 from nmbridge.metrics import BridgeCollector
@@ -128,19 +128,22 @@ def test_metrics_show_the_identity_and_no_untruthful_names() -> None:
     assert "# TYPE nmbridge_queued gauge" in text
 
 
-def test_every_afpacket_drop_counter_has_a_reason() -> None:
-    """A field commented "dropped: ..." in nmb_afpacket.h is declared in afpacket.pyx (so it
-    reaches the counters dict) and mapped to a reason in afpacket_backend.ACCOUNTING."""
-    header = (ROOT / "nmbridge/include/nmb_afpacket.h").read_text()
-    struct = header[header.index("struct nmb_afpacket_stats {"):]
+@pytest.mark.parametrize("name", ["afpacket", "afxdp"])
+def test_every_drop_counter_has_a_reason(name: str) -> None:
+    """A field commented "dropped: ..." in nmb_<backend>.h is declared in <backend>.pyx (so it
+    reaches the counters dict) and mapped to a reason in the backend's ACCOUNTING."""
+    import importlib
+
+    header = (ROOT / f"nmbridge/include/nmb_{name}.h").read_text()
+    struct = header[header.index(f"struct nmb_{name}_stats {{"):]
     struct = struct[:struct.index("};")]
     fields = re.findall(r"uint64_t\s+([\w\s,]+);\s*/\*\s*dropped:", struct)
     dropped = [f.strip() for group in fields for f in group.split(",")]
-    assert "rx_kernel_drops" in dropped and "tx_mtu" in dropped
-    acc = afpacket_backend.ACCOUNTING
-    pyx = (ROOT / "nmbridge/backends/afpacket.pyx").read_text()
-    decl = pyx[pyx.index("struct nmb_afpacket_stats:"):pyx.index("nmb_port *nmb_afpacket_open")]
+    assert "rx_kernel_drops" in dropped
+    acc = importlib.import_module(f"nmbridge.backends.{name}_backend").ACCOUNTING
+    pyx = (ROOT / f"nmbridge/backends/{name}.pyx").read_text()
+    decl = pyx[pyx.index(f"struct nmb_{name}_stats:"):pyx.index(f"nmb_port *nmb_{name}_open")]
     for f in dropped:
         assert f in acc.rx_drops or f in acc.tx_drops, f"{f}: no reason in ACCOUNTING"
-        assert re.search(rf"\b{f}\b", decl), f"{f}: not declared in afpacket.pyx"
+        assert re.search(rf"\b{f}\b", decl), f"{f}: not declared in {name}.pyx"
     assert len(set(acc.reasons())) == len(acc.reasons())
