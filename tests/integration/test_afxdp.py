@@ -131,6 +131,12 @@ def crafted_burst(rb: RunningBridge, src: RawPort, dst: RawPort, dst_mac: bytes,
     assert col.frames == sent
     assert after["frames"] - before["frames"] == n
     assert after["bytes"] - before["bytes"] == sum(len(f) for f in sent)
+    # the pair's numbers (port counters included) balance: received = forwarded + drops + queued
+    from nmbridge.stats import balance, pair_counters
+
+    for d, s in pair_counters(rb.fwd, rb.left, rb.right).items():
+        assert balance(s) == 0, (d, s)
+        assert s["received"] >= (n if d == direction else 0), (d, s)
 
 
 # ---------------------------------------------------------------------------------------
