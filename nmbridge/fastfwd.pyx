@@ -167,6 +167,7 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
             memcpy(nmb_buf(tx, ts.buf_idx), nmb_buf(rx, rs.buf_idx), rs.len)
             ts.flags = NS_MOREFRAG if i + 1 < n else 0
         ts.len = rs.len
+        ts.ptr = rs.ptr                 # offload metadata (nmb_port.h), if any
         j = 0 if j + 1 == rx.num_slots else j + 1
         t = 0 if t + 1 == tx.num_slots else t + 1
     d.st.frames += 1
@@ -234,6 +235,7 @@ cdef inline uint32_t window(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netma
                 memcpy(nmb_buf(tx, ts.buf_idx), nmb_buf(rx, rs.buf_idx), len_)
                 ts.flags = 0
             ts.len = <uint16_t>len_
+            ts.ptr = rs.ptr             # offload metadata (nmb_port.h), if any
             k = 0 if k + 1 == tx_n else k + 1
             nbytes[0] += len_
         j = 0 if j + 1 == rx_n else j + 1
@@ -485,6 +487,9 @@ cdef class Forwarder:
             self.st.d[i].burst = burst
             self.st.d[i].filter = NULL
         self.st.poll_timeout_ms = poll_timeout_ms
+        # a port hands offload requests (nmb_port.h) on only to a peer that takes them
+        a.c.peer_offloads = b.c.offloads if self.st.d[0].enabled else 0
+        b.c.peer_offloads = a.c.offloads if self.st.d[1].enabled else 0
         self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.st.stop_fd < 0:
             raise OSError(errno, strerror(errno).decode())

@@ -21,6 +21,8 @@ cdef extern from "nmb_port.h" nogil:
         uint64_t mem_key
         nmb_sync_fn rxsync
         nmb_sync_fn txsync
+        uint32_t offloads
+        uint32_t peer_offloads
         void *priv
         char error[256]
 

@@ -34,18 +34,22 @@
 #include "nmb_umem.h"
 
 #define NMB_AFP_TX_BATCH 512
+#define NMB_AFP_RX_BATCH 64 /* frames per recvmmsg() */
 
 struct nmb_afpacket_opts {
     uint32_t slots;            /* slots of the one TX and the one RX ring */
-    uint32_t block_size;       /* TPACKET_V3 block size, a multiple of the page size */
-    uint32_t block_count;      /* blocks in the RX ring */
-    uint32_t block_timeout_ms; /* the kernel hands over a partly filled block after this */
+    int rx_ring;               /* 1: a TPACKET_V2 receive ring; 0: recvmmsg() into the slots */
+    uint32_t rx_frames;        /* frames of that ring; 0 = as many as fit in 4 MiB */
+    int rcvbuf;                /* SO_RCVBUF(FORCE) in bytes (the receive queue: every frame with
+                                  rx_ring = 0, else copies of frames larger than a ring frame);
+                                  0 = the system default */
     int promisc;               /* PACKET_MR_PROMISC while open */
     int qdisc_bypass;          /* PACKET_QDISC_BYPASS */
     int sndbuf;                /* SO_SNDBUF(FORCE) in bytes; 0 = the system default */
     int tx_ring;               /* 1: PACKET_TX_RING + one send() kick per txsync; 0: sendmmsg */
     uint32_t tx_frames;        /* frames of the TX ring; 0 = slots, within 4 MiB (at least 64) */
-    int tx_vnet;               /* PACKET_VNET_HDR: TX frames go into the skb's head (no page frag) */
+    int vnet;                  /* PACKET_VNET_HDR: offload requests (GSO, checksum) carried from
+                                  receive to transmit; TX ring frames go into the skb's head */
 };
 
 struct nmb_afpacket_stats {
@@ -55,13 +59,19 @@ struct nmb_afpacket_stats {
     uint64_t rx_oversize;           /* dropped: more buffers than a chain may have */
     uint64_t rx_vlan_restored;      /* frames whose VLAN tag was put back */
     uint64_t rx_csum_fixed;         /* CHECKSUM_PARTIAL frames whose L4 checksum we finished */
+    uint64_t rx_csum_passed;        /* CHECKSUM_PARTIAL frames passed on with their request */
+    uint64_t rx_gso;                /* GSO super-frames received and passed on with their metadata */
+    uint64_t rx_gso_dropped;        /* dropped: a GSO super-frame whose egress port cannot take
+                                       offload metadata (not an afpacket: port with vnet) */
+    uint64_t tx_gso;                /* GSO super-frames handed to the kernel to segment */
     uint64_t tx_frames, tx_bytes;   /* handed to the kernel */
     uint64_t tx_errors;             /* dropped: the kernel refused the frame (e.g. > MTU) */
     uint64_t tx_link_down;          /* dropped: the link was down or gone */
     uint64_t tx_again;              /* EAGAIN/ENOBUFS or TX ring full: frames kept for later */
     uint64_t link_errors;           /* socket errors reported by the kernel (link down events) */
     uint64_t rxsyncs, txsyncs, tx_calls; /* tx_calls: sendmmsg() or ring kicks */
-    uint64_t blocks;                /* RX blocks consumed */
+
+    uint64_t rx_calls;              /* recvmmsg() calls (rx_ring = 0) */
 };
 
 /* Open a port on interface `ifname` in region `m` (the calling thread's network namespace).

@@ -61,12 +61,15 @@ def test_demo_json_summary_and_nothing_left() -> None:
     assert [(x["source"], x["target"], x["answered"]) for x in s["pings"]] == [
         ("left", "right", 3), ("right", "left", 3)]
     assert all(isinstance(r, float) and r > 0 for x in s["pings"] for r in x["rtt_ms"])
+    pr = s["probe"]  # one-way latency probes: all arrived, their percentiles in order
+    assert pr["sent"] == pr["received"] == 500 and pr["lost"] == 0
+    assert 0 < pr["p50_us"] <= pr["p99_us"] <= pr["max_us"]
     b = s["burst"]
     assert b["sent"] == b["delivered"] == 2000 and b["in_order"] and b["duplicates"] == 0
     assert s["zero_copy"] is True
     # the bridge's own counters saw at least the burst and the pings, and dropped nothing
     a_to_b, b_to_a = s["counters"]["a_to_b"], s["counters"]["b_to_a"]
-    assert a_to_b["frames"] >= 2000 + 3 and b_to_a["frames"] >= 3
+    assert a_to_b["frames"] >= 2000 + 500 + 3 and b_to_a["frames"] >= 3
     assert a_to_b["oversize"] == a_to_b["broken_chain"] == a_to_b["filtered"] == 0
     assert s["bridge_exit_status"] == 0
     # nothing left: namespaces, veths, the bridge process, the config
@@ -77,6 +80,7 @@ def test_demo_json_summary_and_nothing_left() -> None:
     assert not os.path.exists(config_path)
     # the progress a person reads went to stderr, step by step
     assert "[6/6] Removing the lab" in p.stderr and "zero-copy: yes" in p.stderr
+    assert "one-way, left -> right: 500 of 500" in p.stderr
 
 
 @pytest.mark.root
