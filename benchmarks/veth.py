@@ -244,7 +244,7 @@ def main() -> int:
         cpu = last["cpu_user_s"] + last["cpu_sys_s"]
         lp, rp = last["left_port"], last["right_port"]
         print(f"last nmbridge round: cpu {last['cpu_user_s']:.2f}s user + {last['cpu_sys_s']:.2f}s sys "
-              f"= {cpu:.2f}s; rx ring drops {lp['rx_kernel_drops']}, rx blocks {lp['blocks']}, "
+              f"= {cpu:.2f}s; rx ring drops {lp['rx_kernel_drops']}, "
               f"tx calls {rp['tx_calls']} for {rp['tx_frames']} frames, "
               f"EAGAIN {rp['tx_again']}, polls {last['polls']}, context switches "
               f"{last['ctx_voluntary']} voluntary / {last['ctx_involuntary']} involuntary")

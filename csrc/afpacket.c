@@ -1136,12 +1136,12 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
         OPEN_FAIL("SO_RCVBUF %d: %s", rcvbuf, strerror(errno));
     if (o->rx_ring) {
         /* ring frames for the MTU (2048 bytes at least, 16 KiB at most: larger frames come
-         * through the copy); as many as fit in 4 MiB unless rx_frames says */
+         * through the copy); as many as fit in 8 MiB unless rx_frames says */
         uint32_t fs = 2048, frames = o->rx_frames;
         while (fs < (uint32_t)ap->mtu + ETH_HLEN + 4 + 128 && fs < (16u << 10))
             fs <<= 1;
         if (!frames)
-            frames = (4u << 20) / fs;
+            frames = (8u << 20) / fs;
         uint32_t bsz = fs > (1u << 16) ? fs : (1u << 16), per_block = bsz / fs;
         uint32_t nblocks = (frames + per_block - 1) / per_block;
         struct tpacket_req req;

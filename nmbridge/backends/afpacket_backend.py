@@ -4,7 +4,7 @@ Port names: ``afpacket:IFNAME`` (a Linux interface in nmbridge's network namespa
 options after ``?``: ``rx_ring=0|1`` (default 1: a TPACKET_V2 receive ring, which hands
 over each frame as soon as it is written; frames larger than a ring frame come whole through
 the socket's queue; 0: ``recvmmsg()`` of every frame straight into the ring's buffers),
-``rx_frames=N`` (frames of that ring, default as many as fit in 4 MiB: 2048 for MTU 1500),
+``rx_frames=N`` (frames of that ring, default as many as fit in 8 MiB: 4096 for MTU 1500),
 ``rcvbuf=BYTES`` (the socket's receive queue, default 8 MiB),
 ``promisc=0|1`` (default 1: the socket holds the interface in promiscuous mode while open;
 the kernel drops that on close, so nothing needs restoring), ``qdisc_bypass=0|1`` (default

@@ -39,7 +39,7 @@
 struct nmb_afpacket_opts {
     uint32_t slots;            /* slots of the one TX and the one RX ring */
     int rx_ring;               /* 1: a TPACKET_V2 receive ring; 0: recvmmsg() into the slots */
-    uint32_t rx_frames;        /* frames of that ring; 0 = as many as fit in 4 MiB */
+    uint32_t rx_frames;        /* frames of that ring; 0 = as many as fit in 8 MiB */
     int rcvbuf;                /* SO_RCVBUF(FORCE) in bytes (the receive queue: every frame with
                                   rx_ring = 0, else copies of frames larger than a ring frame);
                                   0 = the system default */
