@@ -1278,6 +1278,7 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
     ap->port.poll_syncs = 0;
     ap->port.mem_key = (uint64_t)(uintptr_t)m;
     ap->port.offloads = ap->vnet ? NMB_OFFLOAD_META : 0;
+    ap->port.spin_us = o->busy_poll_us;
     ap->port.rxsync = o->rx_ring ? afp_rxsync_ring : afp_rxsync_recv;
     ap->port.txsync = ap->txmap ? afp_txsync_ring : afp_txsync;
     ap->port.priv = ap;

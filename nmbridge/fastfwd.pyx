@@ -14,6 +14,7 @@ eventfd that wakes poll) once per batch.
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, strerror
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from nmbridge.netmap cimport (NETMAP_MAX_FRAGS, NS_BUF_CHANGED, NS_MOREFRAG, netmap_ring,
                               netmap_slot, nmb_buf, nmb_ring_empty, nmb_ring_space, nmb_rxring,
@@ -370,13 +371,40 @@ cdef int sync_all(fwd_state *f) noexcept nogil:
     return 0
 
 
+cdef uint64_t now_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000 + <uint64_t>ts.tv_nsec // 1000
+
+
+cdef int spin(fwd_state *f, nmb_port *a, nmb_port *b) noexcept nogil:
+    """Both sources idle and a port asks for busy polling (spin_us): sync until a frame
+    comes (1), the time is up or a stop is asked (0), or a sync fails (-1)."""
+    cdef uint32_t us = a.spin_us if a.spin_us > b.spin_us else b.spin_us
+    cdef uint64_t end
+    if us == 0 or (f.d[0].enabled and rx_pending(a)) or (f.d[1].enabled and rx_pending(b)):
+        return 0
+    end = now_us() + us
+    while not NMB_LOAD_INT(f.stop):
+        if sync_all(f) < 0:
+            return -1
+        if rx_pending(a) or rx_pending(b):
+            return 1
+        if now_us() >= end:
+            break
+    return 0
+
+
 cdef int wait(fwd_state *f) noexcept nogil:
-    """Nothing could move: poll() for what each direction needs (bridge.c's discipline)."""
+    """Nothing could move: poll() for what each direction needs (bridge.c's discipline),
+    after busy polling for as long as a port asks (spin_us)."""
     cdef pollfd fds[3]
     cdef nmb_port *a = f.d[0].src
     cdef nmb_port *b = f.d[0].dst
-    cdef int rc
+    cdef int rc = spin(f, a, b)
     cdef uint64_t v
+    if rc != 0:
+        return rc if rc < 0 else 0
     fds[0].fd = a.fd
     fds[1].fd = b.fd
     fds[2].fd = f.stop_fd

@@ -23,6 +23,7 @@ cdef extern from "nmb_port.h" nogil:
         nmb_sync_fn txsync
         uint32_t offloads
         uint32_t peer_offloads
+        uint32_t spin_us
         void *priv
         char error[256]
 

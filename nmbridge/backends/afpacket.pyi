@@ -24,6 +24,7 @@ class AfPacketPort(Port):
         tx_ring: bool = True,
         tx_frames: int = 0,
         vnet: bool = True,
+        busy_poll_us: int = 0,
     ) -> None: ...
     @property
     def ifindex(self) -> int: ...

@@ -31,6 +31,7 @@ cdef extern from "nmb_afpacket.h" nogil:
         int sndbuf
         int tx_ring
         uint32_t tx_frames
+        uint32_t busy_poll_us
         int vnet
 
     struct nmb_afpacket_stats:
@@ -61,13 +62,13 @@ cdef class AfPacketPort(Port):
     def __init__(self, Region region not None, str ifname, *, int slots=1024, bint rx_ring=True,
                  int rx_frames=0, int rcvbuf=DEFAULT_RCVBUF, bint promisc=True,
                  bint qdisc_bypass=True, int sndbuf=DEFAULT_SNDBUF, bint tx_ring=True,
-                 int tx_frames=0, bint vnet=True):
+                 int tx_frames=0, bint vnet=True, int busy_poll_us=0):
         cdef char err[256]
         cdef nmb_afpacket_opts o
         cdef bytes name = ifname.encode()
-        if slots < 2 or rx_frames < 0 or sndbuf < 0 or rcvbuf < 0 or tx_frames < 0:
-            raise PortError(f"afpacket:{ifname}: slots >= 2, rx_frames >= 0, sndbuf >= 0, rcvbuf >= 0 "
-                            f"and tx_frames >= 0 are needed")
+        if slots < 2 or rx_frames < 0 or sndbuf < 0 or rcvbuf < 0 or tx_frames < 0 or busy_poll_us < 0:
+            raise PortError(f"afpacket:{ifname}: slots >= 2, rx_frames >= 0, sndbuf >= 0, rcvbuf >= 0, "
+                            f"tx_frames >= 0 and busy_poll_us >= 0 are needed")
         o.slots = slots
         o.rx_ring = rx_ring
         o.rx_frames = rx_frames
@@ -78,6 +79,7 @@ cdef class AfPacketPort(Port):
         o.tx_ring = tx_ring
         o.tx_frames = tx_frames
         o.vnet = vnet
+        o.busy_poll_us = busy_poll_us
         self.c = nmb_afpacket_open(region.c, name, &o, err, sizeof(err))
         if self.c == NULL:
             raise PortError(f"afpacket:{ifname}: {err.decode(errors='replace')}")

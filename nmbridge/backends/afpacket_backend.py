@@ -14,7 +14,10 @@ the ring's slots, fewer when frames for a jumbo MTU would take more than 4 MiB),
 ``vnet=0|1`` (default 1: a virtio-net header on every frame, both ways: GSO super-frames and
 checksum requests of local stacks reach the egress port's kernel, which segments them; TX
 ring frames are copied into the skb instead of attached as a page; ``tx_vnet`` is an old
-name for it).  Example: ``afpacket:eth1?rx_frames=8192``.
+name for it), ``busy_poll=USEC`` (default 0: the forwarding loop of the port's pair keeps
+polling the rings this long after the last frame before it sleeps in ``poll()``: a frame
+that comes meanwhile is taken without a wake-up, at the price of a busy core).
+Example: ``afpacket:eth1?rx_frames=8192``.
 
 Each port has one TX and one RX ring of ``OpenOptions.slots`` slots.  Frames larger than a
 buffer of the region arrive as NS_MOREFRAG chains; frames the kernel truncated are counted
@@ -36,6 +39,7 @@ _INT_OPTIONS = {
     "rcvbuf": (0, 1 << 30),
     "sndbuf": (0, 1 << 30),
     "tx_frames": (16, 1 << 16),
+    "busy_poll": (0, 60_000_000),
 }
 _BOOL_OPTIONS = ("rx_ring", "promisc", "qdisc_bypass", "tx_ring", "vnet", "tx_vnet")
 _CAP_NET_RAW = 13
@@ -135,6 +139,7 @@ class _AfPacketBackend:
             tx_ring=bool(opts.get("tx_ring", 1)),
             tx_frames=opts.get("tx_frames", 0),
             vnet=bool(opts.get("vnet", 1)),
+            busy_poll_us=opts.get("busy_poll", 0),
         )
 
 

@@ -2,23 +2,31 @@
  * nmb_afpacket.h -- afpacket: ports: netmap-format rings in user memory whose "NIC" is an
  * AF_PACKET socket bound to a Linux interface, driven by nmbridge at sync time.
  *
- * RX: a TPACKET_V3 mmap ring (blocks of frames written by the kernel).  rxsync copies frames
- * from ready blocks into the free RX slots' buffers, puts back the outer VLAN tag the kernel
- * moved into metadata, and returns fully consumed blocks to the kernel.  A frame larger than
- * one buffer becomes an NS_MOREFRAG chain (waiting for enough free slots); one longer than
- * NETMAP_MAX_FRAGS buffers or than the ring can ever hold is counted and dropped (rx_oversize),
- * and one the ring truncated (snaplen < len) is counted and dropped (rx_truncated).
- * TX (default, tx_ring): a PACKET_TX_RING of TPACKET_V3 frames (MTU + 18 bytes each, 2048 at
- * least) after the RX blocks in the same mapping: txsync copies each frame of [hwcur, head) (a
+ * RX (default, rx_ring): a TPACKET_V2 mmap ring (one frame per ring frame, handed over -- and
+ * poll() woken -- as soon as the kernel wrote it).  rxsync copies ready frames into the free
+ * RX slots' buffers, puts back the outer VLAN tag the kernel moved into metadata, and returns
+ * each ring frame to the kernel.  A frame larger than a ring frame is also queued whole on
+ * the socket (PACKET_COPY_THRESH, TP_STATUS_COPY) and read from there with recvmsg(), in ring
+ * order.  RX (rx_ring = 0): recvmmsg() of every frame straight into the free slots' buffers.
+ * Both: a frame larger than one buffer becomes an NS_MOREFRAG chain (waiting for enough free
+ * slots); one longer than NETMAP_MAX_FRAGS buffers or than the ring can ever hold is counted
+ * and dropped (rx_oversize), and one that could not be received whole is counted and dropped
+ * (rx_truncated).  With vnet (PACKET_VNET_HDR, default) a frame's GSO/checksum request goes
+ * to the first slot's ptr when the peer port takes it (nmb_port.h), else its checksum is
+ * finished here and a GSO super-frame is counted and dropped (rx_gso_dropped).
+ * TX (default, tx_ring): a PACKET_TX_RING of TPACKET_V2 frames (MTU + 18 bytes each, 2048 at
+ * least) after the RX frames in the same mapping: txsync copies each frame of [hwcur, head) (a
  * chain gathered into one ring frame) and kicks the kernel once with send(fd, NULL, 0,
- * MSG_DONTWAIT).  With tx_vnet (PACKET_VNET_HDR, default) each frame has a virtio_net_hdr whose
- * hdr_len covers the whole frame, so the kernel copies it into the skb's head instead of
+ * MSG_DONTWAIT).  With vnet (PACKET_VNET_HDR, default) each frame has a virtio_net_hdr (the
+ * frame's offload request, if any) whose hdr_len covers the whole frame, so the kernel copies it into the skb's head instead of
  * attaching the ring page as a fragment (which veth copies again into a fresh page: measured
  * ~25% more CPU per frame).  PACKET_LOSS is on, so the kernel skips a frame it refuses
  * silently: frames over its limit (MTU + 14, + 4 with an 802.1Q tag) are counted as tx_errors
  * and dropped before the ring.  When every ring frame is in flight the rest waits (tx_again).
  * TX (tx_ring = 0): sendmmsg() of the slots in [hwcur, head), one message per frame (chains
  * gathered with iovecs), one system call per batch of up to NMB_AFP_TX_BATCH frames.
+ * GSO super-frames (either path) go alone, in order, through a second socket without
+ * PACKET_QDISC_BYPASS (whose direct path drops the frames the kernel must segment).
  * Both: PACKET_QDISC_BYPASS on; link down (ENETDOWN, ENXIO, ENODEV) drops and counts (frames
  * already requested in the ring are cancelled, never sent later); EAGAIN/ENOBUFS keeps the
  * frames for the next txsync.  The socket ignores its own outgoing frames (PACKET_IGNORE_OUTGOING) and, by
@@ -48,6 +56,7 @@ struct nmb_afpacket_opts {
     int sndbuf;                /* SO_SNDBUF(FORCE) in bytes; 0 = the system default */
     int tx_ring;               /* 1: PACKET_TX_RING + one send() kick per txsync; 0: sendmmsg */
     uint32_t tx_frames;        /* frames of the TX ring; 0 = slots, within 4 MiB (at least 64) */
+    uint32_t busy_poll_us;     /* the forwarding loop polls the rings this long before sleeping */
     int vnet;                  /* PACKET_VNET_HDR: offload requests (GSO, checksum) carried from
                                   receive to transmit; TX ring frames go into the skb's head */
 };

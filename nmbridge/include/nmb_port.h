@@ -39,6 +39,9 @@ struct nmb_port {
      * one's received frames are forwarded to understands (set by fastfwd for each direction
      * it sets up; 0 -- nothing -- until then) */
     uint32_t offloads, peer_offloads;
+    /* microseconds the forwarding loop keeps polling this port's rings before it sleeps in
+     * poll() (busy polling, an operator's choice: a core for less wake-up latency); 0: none */
+    uint32_t spin_us;
     /* backend state */
     void *priv;
     /* set by a failing sync: what went wrong, in words */

@@ -189,8 +189,10 @@ def test_udp_both_ways(lab: Lab, start_bridge: StartBridge, query: str, counter:
 
 
 @pytest.mark.root
-def test_exact_counts_for_a_burst(lab: Lab, start_bridge: StartBridge) -> None:
-    rb = start_bridge(lab)
+@pytest.mark.parametrize("query", ["", "?rx_ring=0", "?busy_poll=2000"])
+def test_exact_counts_for_a_burst(lab: Lab, start_bridge: StartBridge, query: str) -> None:
+    """Both receive paths, and busy polling between bursts, count every frame."""
+    rb = start_bridge(lab, query=query)
     left, right = ends(lab)
     lm, rm = macs(lab)
     burst_exact(rb, left, right, rm, lm, 3000, "a_to_b")
