@@ -14,7 +14,11 @@ nmbridge runs as ``nmbridge run -c CONFIG`` (its defaults) inside the bridge nam
 entry of BRIDGES per backend: a backend this build or machine lacks is skipped with the
 reason.  Adding one is one more entry (its port prefix and options).  Needs root.
 
-    python benchmarks/latency.py [--probes 2000] [--rate 1000] [--rounds 2] [--json]
+``--rt PRIO`` runs nmbridge's threads SCHED_FIFO (as ``CPUSchedulingPolicy=fifo`` would in its
+systemd unit): on a busy host the scheduler, not the bridge, decides a user-space thread's
+tail latency, while the Linux bridge forwards inside the sender's softirq.
+
+    python benchmarks/latency.py [--probes 2000] [--rate 1000] [--rounds 2] [--rt 50] [--json]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from nmbridge import netns, probe  # noqa: E402
 from nmbridge.demo import BridgeProcess  # noqa: E402
 
 FORWARDING_TIMEOUT = 30.0
+RT_PRIORITY = 0  # --rt: SCHED_FIFO priority for nmbridge's threads (0: the default policy)
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,8 @@ def nmbridge(lb: netns.Lab, kind: BridgeKind, tmp: str) -> Iterator[BridgeProces
     br = BridgeProcess(lb, path)
     try:
         br.wait_event("forwarding", FORWARDING_TIMEOUT)
+        if RT_PRIORITY:  # every thread of the bridge, the forwarding one included
+            subprocess.run(["chrt", "-a", "-f", "-p", str(RT_PRIORITY), str(br.proc.pid)], check=True)
         yield br
     finally:
         br.kill()
@@ -186,8 +193,13 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=2.0, help="window of the maximum-rate measurement")
     ap.add_argument("--bridges", default=",".join(b.name for b in BRIDGES),
                     help="which bridges, by name (default: all that can run here)")
+    ap.add_argument("--rt", type=int, default=0, metavar="PRIO",
+                    help="run nmbridge's threads SCHED_FIFO at this priority (a busy host's scheduler "
+                         "otherwise decides its tail latency)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    global RT_PRIORITY
+    RT_PRIORITY = args.rt
     if os.geteuid() != 0:
         print("latency.py needs root (network namespaces, veth, AF_PACKET)", file=sys.stderr)
         return 1
@@ -245,6 +257,7 @@ def main() -> int:
             lx, me = base.get(mode, {}).get("p99_us"), r[mode].get("p99_us")
             ratios[name][f"p99_vs_linux_{mode}"] = round(me / lx, 2) if lx and me else None
     summary = {"probes": args.probes, "rate_pps": args.rate, "rounds": args.rounds, "load_pps": load_pps,
+               "rt_priority": args.rt,
                "max_rate_pps": {k: round(v) for k, v in maxima.items()}, "skipped": skipped,
                "results": results, "ratios": ratios,
                "runs": [{"bridge": s.bridge, "round": s.round, "load": s.load, **s.result.summary(),

@@ -388,7 +388,7 @@ cdef int spin(fwd_state *f, nmb_port *a, nmb_port *b) noexcept nogil:
     while not NMB_LOAD_INT(f.stop):
         if sync_all(f) < 0:
             return -1
-        if rx_pending(a) or rx_pending(b):
+        if (f.d[0].enabled and rx_pending(a)) or (f.d[1].enabled and rx_pending(b)):
             return 1
         if now_us() >= end:
             break
