@@ -19,7 +19,9 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from nmbridge.netmap cimport (NETMAP_MAX_FRAGS, NS_BUF_CHANGED, NS_MOREFRAG, netmap_ring,
                               netmap_slot, nmb_buf, nmb_ring_empty, nmb_ring_space, nmb_rxring,
                               nmb_txring)
-from nmbridge.port cimport Port, nmb_port
+from nmbridge.port cimport NMB_OFFLOAD_META, Port, nmb_port
+
+import logging
 
 from nmbridge.errors import PortError
 
@@ -518,6 +520,13 @@ cdef class Forwarder:
         # a port hands offload requests (nmb_port.h) on only to a peer that takes them
         a.c.peer_offloads = b.c.offloads if self.st.d[0].enabled else 0
         b.c.peer_offloads = a.c.offloads if self.st.d[1].enabled else 0
+        for src, dst, on in ((a, b, self.st.d[0].enabled), (b, a, self.st.d[1].enabled)):
+            if on and src.c.offloads & NMB_OFFLOAD_META and not dst.c.offloads & NMB_OFFLOAD_META:
+                logging.getLogger("nmbridge.fastfwd").warning(
+                    "gso_not_carried: %s -> %s: GSO super-frames that local stacks behind %s send "
+                    "(TSO/GSO on, the Linux default) cannot be segmented by %s: they are dropped and "
+                    "counted (rx_gso_dropped); turn TSO/GSO off on those hosts or bridge to an "
+                    "afpacket: port", src.spec, dst.spec, src.spec, dst.spec)
         self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.st.stop_fd < 0:
             raise OSError(errno, strerror(errno).decode())

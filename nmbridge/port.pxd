@@ -7,6 +7,7 @@ from nmbridge.netmap cimport netmap_if
 cdef extern from "nmb_port.h" nogil:
     enum:
         NMB_PORT_ERRLEN
+        NMB_OFFLOAD_META
 
     ctypedef int (*nmb_sync_fn)(nmb_port *port) noexcept nogil
 

@@ -139,3 +139,20 @@ def test_a_gso_frame_without_a_taker_is_dropped_and_counted(lab: netns.Lab) -> N
             assert c["rx_frames"] == 0 and c["rx_gso"] == 0
         finally:
             tx.close()
+
+
+def test_an_egress_without_offloads_is_warned_about(lab: netns.Lab, caplog: pytest.LogCaptureFixture) -> None:
+    """afpacket: -> mem: cannot carry GSO: said once, at start, naming both ports."""
+    from nmbridge.fastfwd import Forwarder
+
+    with PortSet(OpenOptions()) as ps:
+        a, m = netns.in_netns(lab.ns_bridge, ps.open, [parse_spec(f"afpacket:{lab.bridge_left_if}"),
+                                                       parse_spec("mem:sink?tx=sink")])
+        with caplog.at_level("WARNING", logger="nmbridge.fastfwd"):
+            Forwarder(a, m, direction="a-to-b")
+        msgs = [r.getMessage() for r in caplog.records if "gso_not_carried" in r.getMessage()]
+        assert len(msgs) == 1 and a.spec in msgs[0] and "rx_gso_dropped" in msgs[0]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nmbridge.fastfwd"):
+            Forwarder(a, m, direction="b-to-a")  # mem: -> afpacket: loses nothing
+        assert not [r for r in caplog.records if "gso_not_carried" in r.getMessage()]
