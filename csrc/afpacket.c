@@ -501,12 +501,16 @@ static int afp_rxsync_recv(struct nmb_port *p)
     uint32_t n = ring->num_slots;
     uint32_t room = (kr->hwcur + n - 1 - kr->hwtail) % n; /* slots the "NIC" may fill */
     int idle = 1;
-    uint32_t got = 0;
-    if (rx_deliver_pending(ap, ring, kr, &room))
-        while (room > 0 && (got = rx_recv(ap, ring, kr, &room, room)) > 0 && !ap->npend)
-            idle = 0;
-    if (got)
-        idle = 0;
+    if (rx_deliver_pending(ap, ring, kr, &room)) {
+        while (room > 0) {
+            uint32_t want = room < ap->rx_batch ? room : ap->rx_batch;
+            uint32_t got = rx_recv(ap, ring, kr, &room, want);
+            if (got)
+                idle = 0;
+            if (got < want || ap->npend)
+                break; /* the queue is empty (no system call to learn it again), or full */
+        }
+    }
     ring->tail = kr->hwtail;
     if (idle && room > 0 && ++ap->idle_rx >= 64) {
         ap->idle_rx = 0;
@@ -1084,12 +1088,10 @@ static void afp_free(struct afport *ap)
 struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct nmb_afpacket_opts *o,
                                    char *err, size_t errlen)
 {
-    long page = sysconf(_SC_PAGESIZE);
     if (!ifname[0] || strlen(ifname) >= IFNAMSIZ) {
         snprintf(err, errlen, "an interface name has 1 to %d bytes", IFNAMSIZ - 1);
         return NULL;
     }
-    (void)page;
     if (o->slots < 2 || (o->rx_frames && o->rx_frames < 16)) {
         snprintf(err, errlen, "bad ring options: slots %u, rx_frames %u (16 at least)", o->slots, o->rx_frames);
         return NULL;
