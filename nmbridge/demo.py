@@ -5,13 +5,14 @@
     left ns  (10.77.0.1/24)  --veth--  bridge ns: nmbridge run  --veth--  right ns (10.77.0.2/24)
 
 1. build the lab (:mod:`nmbridge.netns`): three namespaces, two veth pairs, addresses on the
-   left and right ends only, TSO/GSO off there;
+   left and right ends only, the Linux default offloads (TSO/GSO on) there, as containers have;
 2. write a config with two ``afpacket:`` (or, ``--backend afxdp``, ``afxdp:``) ports on the
    bridge-side veths and start the real
    ``nmbridge run -c CONFIG`` inside the bridge namespace (``ip netns exec``), with JSON logs
    on its stdout; wait for its ``forwarding`` event;
 3. ping left -> right and right -> left (ICMP echo from each namespace's own stack, so ARP
-   goes through the bridge too);
+   goes through the bridge too), then time timestamped probe frames left -> right one way
+   (:mod:`nmbridge.probe`: p50/p99);
 4. send a burst of frames left -> right on an AF_PACKET socket and count what arrives on the
    right, in order, none missing (the sender keeps at most :data:`BURST_WINDOW` frames in
    flight, so nothing is lost to kernel queue limits and the count must be exact);
@@ -48,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
-from nmbridge import caps, netns
+from nmbridge import caps, netns, probe
 from nmbridge.errors import NmbridgeError
 
 ROOT_MESSAGE = "nmbridge demo needs root (network namespaces): run it with sudo"
@@ -57,6 +58,9 @@ FORWARDING_TIMEOUT = 30.0  # seconds for the bridge to start forwarding (Python 
 STOP_TIMEOUT = 15.0  # seconds for the bridge to log `stopped` and exit after SIGTERM
 PING_COUNT = 3
 PING_TIMEOUT = 2.0  # seconds per echo request
+PROBE_COUNT = 500  # one-way latency probes (nmbridge/probe.py), after PROBE_SKIP warm-up ones
+PROBE_RATE = 1000.0  # probes per second
+PROBE_SKIP = 20
 BURST_ETHERTYPE = 0x88B5  # IEEE local experimental: nothing in the lab answers it
 BURST_FRAME = 60  # bytes: the minimum Ethernet frame without FCS
 BURST_WINDOW = 256  # frames in flight at most (the kernel's per-CPU backlog holds 1000)
@@ -117,6 +121,7 @@ class Summary:
     bridge_command: list[str] = field(default_factory=list)
     bridge_pid: int | None = None
     pings: list[PingResult] = field(default_factory=list)
+    probe: dict[str, float | int | None] = field(default_factory=dict)
     burst: BurstResult | None = None
     zero_copy: bool | None = None
     counters: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -437,14 +442,14 @@ class Demo:
             rtts = netns.ping(src_ns, dst_ip, PING_COUNT, PING_TIMEOUT, on_reply=show)
             s.pings.append(PingResult(src_name, dst_name, dst_ip,
                                       [None if r is None else round(r * 1000, 3) for r in rtts]))
-        if self.backend == "afpacket":
-            self.say("      (a lone frame waits in the afpacket: port's receive block until the block\n"
-                     "       times out, block_timeout_ms=2 by default, twice per round trip: that is most\n"
-                     "       of the time above; a port spec like afpacket:eth1?block_timeout_ms=1 trades\n"
-                     "       CPU for it)")
-        else:
-            self.say("      (afxdp: each frame reaches the bridge's ring as it arrives: no receive block\n"
-                     "       to wait for, so the round trip is the two stacks plus two wake-ups)")
+        pr = probe.probe(lb, PROBE_COUNT, PROBE_RATE, skip=PROBE_SKIP)
+        s.probe = pr.summary()
+        lat = s.probe
+        self.say(f"      one-way, left -> right: {pr.received} of {pr.sent} timestamped probe frames "
+                 f"({PROBE_RATE:g}/s) took\n"
+                 f"        p50 {lat['p50_us']} µs, p99 {lat['p99_us']} µs, max {lat['max_us']} µs\n"
+                 "      (a ping's time is a round trip through both stacks and a Python pinger; the probe's\n"
+                 "       is one way, sender to receiver, kernel-stamped: the bridge's own share of it)")
 
         self.step(f"Burst: {self.frames} frames of {BURST_FRAME} bytes from left to right (AF_PACKET, "
                   f"ethertype {BURST_ETHERTYPE:#06x}), counted on the right")
@@ -470,6 +475,8 @@ class Demo:
             if p.answered < PING_COUNT:
                 problems.append(f"{p.source} -> {p.target}: {PING_COUNT - p.answered} of {PING_COUNT} "
                                 "pings unanswered")
+        if s.probe.get("received", 0) != s.probe.get("sent"):
+            problems.append(f"probe: {s.probe.get('received')} of {s.probe.get('sent')} frames arrived")
         if not b.complete:
             problems.append(f"burst: {b.delivered} of {b.sent} frames arrived"
                             f"{'' if b.in_order else ', out of order'}"
@@ -489,8 +496,8 @@ class Demo:
                      f"{c.get('bytes', 0):>12}{c.get('dropped', 0):>8}")
         self.say(f"      zero-copy: {'yes' if s.zero_copy else 'no'}"
                  f"{' (frames move between the ports by swapping buffer indices)' if s.zero_copy else ''}")
-        self.say("      (left -> right is the burst plus the pings and ARP; received = forwarded + drops "
-                 "+ frames still queued)")
+        self.say("      (left -> right is the burst plus the probes, pings and ARP; received = forwarded "
+                 "+ drops + frames still queued)")
 
     # --- teardown
 

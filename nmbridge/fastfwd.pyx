@@ -23,11 +23,14 @@ an even, unchanged sequence.  So every frame is, in a snapshot, in exactly one p
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, strerror
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from nmbridge.netmap cimport (NETMAP_MAX_FRAGS, NS_BUF_CHANGED, NS_MOREFRAG, netmap_ring,
                               netmap_slot, nmb_buf, nmb_ring_empty, nmb_ring_space, nmb_rxring,
                               nmb_txring)
-from nmbridge.port cimport Port, nmb_port
+from nmbridge.port cimport NMB_OFFLOAD_META, Port, nmb_port
+
+import logging
 
 from nmbridge.errors import PortError
 
@@ -209,6 +212,7 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
             memcpy(nmb_buf(tx, ts.buf_idx), nmb_buf(rx, rs.buf_idx), rs.len)
             ts.flags = NS_MOREFRAG if i + 1 < n else 0
         ts.len = rs.len
+        ts.ptr = rs.ptr                 # offload metadata (nmb_port.h), if any
         j = 0 if j + 1 == rx.num_slots else j + 1
         t = 0 if t + 1 == tx.num_slots else t + 1
     d.st.frames += 1
@@ -276,6 +280,7 @@ cdef inline uint32_t window(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netma
                 memcpy(nmb_buf(tx, ts.buf_idx), nmb_buf(rx, rs.buf_idx), len_)
                 ts.flags = 0
             ts.len = <uint16_t>len_
+            ts.ptr = rs.ptr             # offload metadata (nmb_port.h), if any
             k = 0 if k + 1 == tx_n else k + 1
             nbytes[0] += len_
         j = 0 if j + 1 == rx_n else j + 1
@@ -412,13 +417,40 @@ cdef int sync_all(fwd_state *f) noexcept nogil:
     return 0
 
 
+cdef uint64_t now_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000 + <uint64_t>ts.tv_nsec // 1000
+
+
+cdef int spin(fwd_state *f, nmb_port *a, nmb_port *b) noexcept nogil:
+    """Both sources idle and a port asks for busy polling (spin_us): sync until a frame
+    comes (1), the time is up or a stop is asked (0), or a sync fails (-1)."""
+    cdef uint32_t us = a.spin_us if a.spin_us > b.spin_us else b.spin_us
+    cdef uint64_t end
+    if us == 0 or (f.d[0].enabled and rx_pending(a)) or (f.d[1].enabled and rx_pending(b)):
+        return 0
+    end = now_us() + us
+    while not NMB_LOAD_INT(f.stop):
+        if sync_all(f) < 0:
+            return -1
+        if (f.d[0].enabled and rx_pending(a)) or (f.d[1].enabled and rx_pending(b)):
+            return 1
+        if now_us() >= end:
+            break
+    return 0
+
+
 cdef int wait(fwd_state *f) noexcept nogil:
-    """Nothing could move: poll() for what each direction needs (bridge.c's discipline)."""
+    """Nothing could move: poll() for what each direction needs (bridge.c's discipline),
+    after busy polling for as long as a port asks (spin_us)."""
     cdef pollfd fds[3]
     cdef nmb_port *a = f.d[0].src
     cdef nmb_port *b = f.d[0].dst
-    cdef int rc
+    cdef int rc = spin(f, a, b)
     cdef uint64_t v
+    if rc != 0:
+        return rc if rc < 0 else 0
     fds[0].fd = a.fd
     fds[1].fd = b.fd
     fds[2].fd = f.stop_fd
@@ -625,6 +657,16 @@ cdef class Forwarder:
             self.st.ctr[i] = <const uint64_t *>addr
             self.st.nctr[i] = <uint32_t>(nbytes // sizeof(uint64_t)) if addr else 0
         publish(&self.st)
+        # a port hands offload requests (nmb_port.h) on only to a peer that takes them
+        a.c.peer_offloads = b.c.offloads if self.st.d[0].enabled else 0
+        b.c.peer_offloads = a.c.offloads if self.st.d[1].enabled else 0
+        for src, dst, on in ((a, b, self.st.d[0].enabled), (b, a, self.st.d[1].enabled)):
+            if on and src.c.offloads & NMB_OFFLOAD_META and not dst.c.offloads & NMB_OFFLOAD_META:
+                logging.getLogger("nmbridge.fastfwd").warning(
+                    "gso_not_carried: %s -> %s: GSO super-frames that local stacks behind %s send "
+                    "(TSO/GSO on, the Linux default) cannot be segmented by %s: they are dropped and "
+                    "counted (rx_gso_dropped); turn TSO/GSO off on those hosts or bridge to an "
+                    "afpacket: port", src.spec, dst.spec, src.spec, dst.spec)
         self.st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.st.stop_fd < 0:
             raise OSError(errno, strerror(errno).decode())

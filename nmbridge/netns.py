@@ -10,8 +10,9 @@ unique name prefix (``nmb`` + 5 hex digits, checked free before use), used for i
 and its interfaces, so parallel runs and leftovers of killed runs never collide.  :func:`lab`
 is a context manager that always tears everything down (deleting a namespace deletes its
 veths); :func:`new_lab`, :func:`build` and :func:`destroy` are its steps, for a caller that
-may keep a lab up.  TSO and GSO are off on the left and right veths (unless ``offloads``), so
-their kernel stacks hand the bridge one wire-sized frame per packet.  Needs root and ``ip``
+may keep a lab up.  The left and right veths keep the Linux defaults (TSO/GSO on: their
+kernel stacks hand the bridge GSO super-frames, as containers' stacks do); ``offloads=False``
+turns TSO and GSO off there, so each packet is one wire-sized frame.  Needs root and ``ip``
 (iproute2).
 
 Code can run *inside* a namespace without a subprocess: :func:`in_netns` runs a function in a
@@ -260,10 +261,10 @@ def new_lab(prefix: str | None = None, *, mtu: int = 1500, left_ip: str = "10.77
                left_ip=left_ip, right_ip=right_ip, plen=plen, mtu=mtu)
 
 
-def build(lb: Lab, *, ipv6: bool = False, offloads: bool = False) -> None:
+def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True) -> None:
     """Create the lab's namespaces and veths (up, with its MTU); addresses on left and right
     only.  IPv6 is off in all three namespaces unless `ipv6` (so the lab is silent until
-    someone sends something); TSO/GSO off on the left and right veths unless `offloads`.
+    someone sends something); TSO/GSO off on the left and right veths when not `offloads`.
     On failure the caller destroys what was made (:func:`lab` does)."""
     for ns in lb.namespaces:
         run("ip", "netns", "add", ns)
@@ -288,7 +289,7 @@ def build(lb: Lab, *, ipv6: bool = False, offloads: bool = False) -> None:
 
 
 @contextmanager
-def lab(prefix: str | None = None, *, mtu: int = 1500, ipv6: bool = False, offloads: bool = False,
+def lab(prefix: str | None = None, *, mtu: int = 1500, ipv6: bool = False, offloads: bool = True,
         left_ip: str = "10.77.0.1", right_ip: str = "10.77.0.2", plen: int = 24) -> Iterator[Lab]:
     """Build a left -- bridge -- right lab (see :func:`build`); yield its :class:`Lab`;
     always tear it down."""

@@ -7,6 +7,7 @@ from nmbridge.netmap cimport netmap_if
 cdef extern from "nmb_port.h" nogil:
     enum:
         NMB_PORT_ERRLEN
+        NMB_OFFLOAD_META
 
     ctypedef int (*nmb_sync_fn)(nmb_port *port) noexcept nogil
 
@@ -21,6 +22,9 @@ cdef extern from "nmb_port.h" nogil:
         uint64_t mem_key
         nmb_sync_fn rxsync
         nmb_sync_fn txsync
+        uint32_t offloads
+        uint32_t peer_offloads
+        uint32_t spin_us
         void *priv
         char error[256]
 

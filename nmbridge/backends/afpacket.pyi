@@ -2,10 +2,8 @@
 
 from nmbridge.port import Port, Region
 
-DEFAULT_BLOCK_SIZE: int
-DEFAULT_BLOCKS: int
-DEFAULT_BLOCK_TIMEOUT_MS: int
 DEFAULT_SNDBUF: int
+DEFAULT_RCVBUF: int
 
 class AfPacketPort(Port):
     """An afpacket: port on interface `ifname` (in the calling thread's network namespace)."""
@@ -17,15 +15,16 @@ class AfPacketPort(Port):
         ifname: str,
         *,
         slots: int = 1024,
-        block_size: int = ...,
-        blocks: int = ...,
-        block_timeout_ms: int = ...,
+        rx_ring: bool = True,
+        rx_frames: int = 0,
+        rcvbuf: int = ...,
         promisc: bool = True,
         qdisc_bypass: bool = True,
         sndbuf: int = ...,
         tx_ring: bool = True,
         tx_frames: int = 0,
-        tx_vnet: bool = True,
+        vnet: bool = True,
+        busy_poll_us: int = 0,
     ) -> None: ...
     @property
     def ifindex(self) -> int: ...

@@ -1,9 +1,12 @@
 # cython: language_level=3
 """afpacket: ports -- netmap rings in user memory whose NIC side is an AF_PACKET socket.
 
-nmbridge plays the NIC in C at sync time (no GIL): rxsync copies frames from a TPACKET_V3
-mmap ring into free RX slots (frames larger than a buffer become NS_MOREFRAG chains; the
-outer VLAN tag the kernel moved into metadata is put back), txsync copies the TX slots the
+nmbridge plays the NIC in C at sync time (no GIL): rxsync copies frames from a TPACKET_V2
+mmap ring (frames larger than a ring frame: recvmsg() of the kernel's copy; ``rx_ring=False``:
+recvmmsg() of every frame) into free RX slots; frames larger than a buffer become NS_MOREFRAG
+chains, the outer VLAN tag the kernel
+moved into metadata is put back, and a GSO/checksum request travels in the first slot's
+``ptr`` to an egress that takes it (``nmb_port.h``).  txsync copies the TX slots the
 user filled into a PACKET_TX_RING and kicks it with one send() (``tx_ring=False``: sendmmsg(),
 one system call per batch).  One TX and one RX ring per port.
 See ``nmbridge/include/nmb_afpacket.h`` for the rules.
@@ -21,21 +24,23 @@ from nmbridge.errors import PortError, RingError
 cdef extern from "nmb_afpacket.h" nogil:
     struct nmb_afpacket_opts:
         uint32_t slots
-        uint32_t block_size
-        uint32_t block_count
-        uint32_t block_timeout_ms
+        int rx_ring
+        uint32_t rx_frames
+        int rcvbuf
         int promisc
         int qdisc_bypass
         int sndbuf
         int tx_ring
         uint32_t tx_frames
-        int tx_vnet
+        uint32_t busy_poll_us
+        int vnet
 
     # every field of the C struct, in any order (it converts to a dict of them all)
     struct nmb_afpacket_stats:
         uint64_t rx_frames, rx_bytes, rx_kernel_drops, rx_truncated, rx_oversize
-        uint64_t rx_vlan_restored, rx_csum_fixed, tx_frames, tx_bytes, tx_errors, tx_link_down, tx_again
-        uint64_t link_errors, rxsyncs, txsyncs, tx_calls, blocks
+        uint64_t rx_vlan_restored, rx_csum_fixed, rx_csum_passed, rx_gso, rx_gso_dropped, tx_gso
+        uint64_t tx_frames, tx_bytes, tx_errors, tx_link_down, tx_again
+        uint64_t link_errors, rxsyncs, txsyncs, tx_calls, rx_calls
         uint64_t tx_mtu
 
     nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const nmb_afpacket_opts *o,
@@ -47,10 +52,8 @@ cdef extern from "nmb_afpacket.h" nogil:
     int nmb_afpacket_check(nmb_port *p)
 
 
-DEFAULT_BLOCK_SIZE = 1 << 16
-DEFAULT_BLOCKS = 64
-DEFAULT_BLOCK_TIMEOUT_MS = 2
 DEFAULT_SNDBUF = 4 << 20
+DEFAULT_RCVBUF = 8 << 20
 
 
 @cython.no_gc_clear  # the region must outlive the port, even at interpreter exit
@@ -61,27 +64,27 @@ cdef class AfPacketPort(Port):
     cdef readonly str ifname
     cdef uint64_t _kernel_drops  # the kernel's drop count when last read (kept after close)
 
-    def __init__(self, Region region not None, str ifname, *, int slots=1024,
-                 int block_size=DEFAULT_BLOCK_SIZE, int blocks=DEFAULT_BLOCKS,
-                 int block_timeout_ms=DEFAULT_BLOCK_TIMEOUT_MS, bint promisc=True,
+    def __init__(self, Region region not None, str ifname, *, int slots=1024, bint rx_ring=True,
+                 int rx_frames=0, int rcvbuf=DEFAULT_RCVBUF, bint promisc=True,
                  bint qdisc_bypass=True, int sndbuf=DEFAULT_SNDBUF, bint tx_ring=True,
-                 int tx_frames=0, bint tx_vnet=True):
+                 int tx_frames=0, bint vnet=True, int busy_poll_us=0):
         cdef char err[256]
         cdef nmb_afpacket_opts o
         cdef bytes name = ifname.encode()
-        if slots < 2 or block_size < 1 or blocks < 2 or block_timeout_ms < 1 or sndbuf < 0 or tx_frames < 0:
-            raise PortError(f"afpacket:{ifname}: slots >= 2, block_size > 0, blocks >= 2, "
-                            f"block_timeout_ms >= 1, sndbuf >= 0 and tx_frames >= 0 are needed")
+        if slots < 2 or rx_frames < 0 or sndbuf < 0 or rcvbuf < 0 or tx_frames < 0 or busy_poll_us < 0:
+            raise PortError(f"afpacket:{ifname}: slots >= 2, rx_frames >= 0, sndbuf >= 0, rcvbuf >= 0, "
+                            f"tx_frames >= 0 and busy_poll_us >= 0 are needed")
         o.slots = slots
-        o.block_size = block_size
-        o.block_count = blocks
-        o.block_timeout_ms = block_timeout_ms
+        o.rx_ring = rx_ring
+        o.rx_frames = rx_frames
+        o.rcvbuf = rcvbuf
         o.promisc = promisc
         o.qdisc_bypass = qdisc_bypass
         o.sndbuf = sndbuf
         o.tx_ring = tx_ring
         o.tx_frames = tx_frames
-        o.tx_vnet = tx_vnet
+        o.vnet = vnet
+        o.busy_poll_us = busy_poll_us
         self.c = nmb_afpacket_open(region.c, name, &o, err, sizeof(err))
         if self.c == NULL:
             raise PortError(f"afpacket:{ifname}: {err.decode(errors='replace')}")

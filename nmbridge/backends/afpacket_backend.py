@@ -1,15 +1,23 @@
 """The afpacket: backend: rings in user memory whose NIC side nmbridge plays over AF_PACKET.
 
 Port names: ``afpacket:IFNAME`` (a Linux interface in nmbridge's network namespace), with
-options after ``?``: ``blocks=N`` and ``block_size=BYTES`` (the TPACKET_V3 RX ring, default
-64 blocks of 64 KiB), ``block_timeout_ms=N`` (how long the kernel keeps a partly filled block,
-default 2), ``promisc=0|1`` (default 1: the socket holds the interface in promiscuous mode
-while open; the kernel drops that on close, so nothing needs restoring), ``qdisc_bypass=0|1``
-(default 1), ``sndbuf=BYTES``, ``tx_ring=0|1`` (default 1: TX through a PACKET_TX_RING
-with one ``send()`` kick per txsync; 0: ``sendmmsg()``), ``tx_frames=N`` (frames of that ring,
-default the ring's slots, fewer when frames for a jumbo MTU would take more than 4 MiB),
-``tx_vnet=0|1`` (default 1: a virtio-net header per TX ring frame, so the kernel copies the
-frame into the skb instead of attaching the ring page).  Example: ``afpacket:eth1?blocks=128``.
+options after ``?``: ``rx_ring=0|1`` (default 1: a TPACKET_V2 receive ring, which hands
+over each frame as soon as it is written; frames larger than a ring frame come whole through
+the socket's queue; 0: ``recvmmsg()`` of every frame straight into the ring's buffers),
+``rx_frames=N`` (frames of that ring, default as many as fit in 8 MiB: 4096 for MTU 1500),
+``rcvbuf=BYTES`` (the socket's receive queue, default 8 MiB),
+``promisc=0|1`` (default 1: the socket holds the interface in promiscuous mode while open;
+the kernel drops that on close, so nothing needs restoring), ``qdisc_bypass=0|1`` (default
+1), ``sndbuf=BYTES``, ``tx_ring=0|1`` (default 1: TX through a PACKET_TX_RING with one
+``send()`` kick per txsync; 0: ``sendmmsg()``), ``tx_frames=N`` (frames of that ring, default
+the ring's slots, fewer when frames for a jumbo MTU would take more than 4 MiB),
+``vnet=0|1`` (default 1: a virtio-net header on every frame, both ways: GSO super-frames and
+checksum requests of local stacks reach the egress port's kernel, which segments them; TX
+ring frames are copied into the skb instead of attached as a page; ``tx_vnet`` is an old
+name for it), ``busy_poll=USEC`` (default 0: the forwarding loop of the port's pair keeps
+polling the rings this long after the last frame before it sleeps in ``poll()``: a frame
+that comes meanwhile is taken without a wake-up, at the price of a busy core).
+Example: ``afpacket:eth1?rx_frames=8192``.
 
 Each port has one TX and one RX ring of ``OpenOptions.slots`` slots.  Frames larger than a
 buffer of the region arrive as NS_MOREFRAG chains; frames the kernel truncated are counted
@@ -28,14 +36,16 @@ from nmbridge.errors import PortError
 from nmbridge.port import Port, Region
 
 _INT_OPTIONS = {
-    "blocks": (2, 1 << 16),
-    "block_size": (4096, 1 << 30),
-    "block_timeout_ms": (1, 60_000),
+    "rx_frames": (16, 1 << 20),
+    "rcvbuf": (0, 1 << 30),
     "sndbuf": (0, 1 << 30),
     "tx_frames": (16, 1 << 16),
+    "busy_poll": (0, 60_000_000),
 }
-_BOOL_OPTIONS = ("promisc", "qdisc_bypass", "tx_ring", "tx_vnet")
+_BOOL_OPTIONS = ("rx_ring", "promisc", "qdisc_bypass", "tx_ring", "vnet", "tx_vnet")
 _CAP_NET_RAW = 13
+_RING_GONE = "the receive ring is a TPACKET_V2 ring now (no blocks, no retire timer): rx_frames=N sizes it"
+_GONE_OPTIONS = {"blocks": _RING_GONE, "block_size": _RING_GONE, "block_timeout_ms": _RING_GONE}
 
 
 def check_ifname(name: str) -> None:
@@ -65,12 +75,12 @@ def parse(name: str) -> tuple[str, dict[str, int]]:
         elif key in _BOOL_OPTIONS:
             if value not in ("0", "1"):
                 raise ValueError(f"afpacket option {key}={value!r}: use 0 or 1")
+        elif key in _GONE_OPTIONS:
+            raise ValueError(f"afpacket option {key} is gone: {_GONE_OPTIONS[key]}")
         else:
             known = ", ".join([*_INT_OPTIONS, *_BOOL_OPTIONS])
             raise ValueError(f"unknown afpacket option {key!r} (known: {known})")
-        opts[key] = int(value)
-    if "block_size" in opts and opts["block_size"] % os.sysconf("SC_PAGE_SIZE"):
-        raise ValueError(f"afpacket option block_size={opts['block_size']}: not a multiple of the page size")
+        opts["vnet" if key == "tx_vnet" else key] = int(value)
     return ifname, opts
 
 
@@ -96,6 +106,8 @@ ACCOUNTING = PortAccounting(
         "rx_kernel_drops": "rx_kernel_drops",  # the kernel's RX ring was full (overrun)
         "rx_truncated": "rx_truncated",
         "rx_oversize": "rx_oversize",
+        # a GSO super-frame whose egress cannot take offload metadata (mem:, netmap:, vnet=0)
+        "rx_gso_dropped": "gso_not_carried",
     },
     tx_drops={
         "tx_mtu": "egress_mtu",  # larger than the egress interface's MTU
@@ -141,15 +153,16 @@ class _AfPacketBackend:
             region,
             ifname,
             slots=options.slots,
-            block_size=opts.get("block_size", afpacket.DEFAULT_BLOCK_SIZE),
-            blocks=opts.get("blocks", afpacket.DEFAULT_BLOCKS),
-            block_timeout_ms=opts.get("block_timeout_ms", afpacket.DEFAULT_BLOCK_TIMEOUT_MS),
+            rx_ring=bool(opts.get("rx_ring", 1)),
+            rx_frames=opts.get("rx_frames", 0),
+            rcvbuf=opts.get("rcvbuf", afpacket.DEFAULT_RCVBUF),
             promisc=bool(opts.get("promisc", 1)),
             qdisc_bypass=bool(opts.get("qdisc_bypass", 1)),
             sndbuf=opts.get("sndbuf", afpacket.DEFAULT_SNDBUF),
             tx_ring=bool(opts.get("tx_ring", 1)),
             tx_frames=opts.get("tx_frames", 0),
-            tx_vnet=bool(opts.get("tx_vnet", 1)),
+            vnet=bool(opts.get("vnet", 1)),
+            busy_poll_us=opts.get("busy_poll", 0),
         )
 
 

@@ -2,17 +2,23 @@
  * nmb_afpacket.h -- afpacket: ports: netmap-format rings in user memory whose "NIC" is an
  * AF_PACKET socket bound to a Linux interface, driven by nmbridge at sync time.
  *
- * RX: a TPACKET_V3 mmap ring (blocks of frames written by the kernel).  rxsync copies frames
- * from ready blocks into the free RX slots' buffers, puts back the outer VLAN tag the kernel
- * moved into metadata, and returns fully consumed blocks to the kernel.  A frame larger than
- * one buffer becomes an NS_MOREFRAG chain (waiting for enough free slots); one longer than
- * NETMAP_MAX_FRAGS buffers or than the ring can ever hold is counted and dropped (rx_oversize),
- * and one the ring truncated (snaplen < len) is counted and dropped (rx_truncated).
- * TX (default, tx_ring): a PACKET_TX_RING of TPACKET_V3 frames (MTU + 18 bytes each, 2048 at
- * least) after the RX blocks in the same mapping: txsync copies each frame of [hwcur, head) (a
+ * RX (default, rx_ring): a TPACKET_V2 mmap ring (one frame per ring frame, handed over -- and
+ * poll() woken -- as soon as the kernel wrote it).  rxsync copies ready frames into the free
+ * RX slots' buffers, puts back the outer VLAN tag the kernel moved into metadata, and returns
+ * each ring frame to the kernel.  A frame larger than a ring frame is also queued whole on
+ * the socket (PACKET_COPY_THRESH, TP_STATUS_COPY) and read from there with recvmsg(), in ring
+ * order.  RX (rx_ring = 0): recvmmsg() of every frame straight into the free slots' buffers.
+ * Both: a frame larger than one buffer becomes an NS_MOREFRAG chain (waiting for enough free
+ * slots); one longer than NETMAP_MAX_FRAGS buffers or than the ring can ever hold is counted
+ * and dropped (rx_oversize), and one that could not be received whole is counted and dropped
+ * (rx_truncated).  With vnet (PACKET_VNET_HDR, default) a frame's GSO/checksum request goes
+ * to the first slot's ptr when the peer port takes it (nmb_port.h), else its checksum is
+ * finished here and a GSO super-frame is counted and dropped (rx_gso_dropped).
+ * TX (default, tx_ring): a PACKET_TX_RING of TPACKET_V2 frames (MTU + 18 bytes each, 2048 at
+ * least) after the RX frames in the same mapping: txsync copies each frame of [hwcur, head) (a
  * chain gathered into one ring frame) and kicks the kernel once with send(fd, NULL, 0,
- * MSG_DONTWAIT).  With tx_vnet (PACKET_VNET_HDR, default) each frame has a virtio_net_hdr whose
- * hdr_len covers the whole frame, so the kernel copies it into the skb's head instead of
+ * MSG_DONTWAIT).  With vnet (PACKET_VNET_HDR, default) each frame has a virtio_net_hdr (the
+ * frame's offload request, if any) whose hdr_len covers the whole frame, so the kernel copies it into the skb's head instead of
  * attaching the ring page as a fragment (which veth copies again into a fresh page: measured
  * ~25% more CPU per frame).  PACKET_LOSS is on, so the kernel skips a frame it refuses
  * silently: frames over its limit (MTU + 14, + 4 with an 802.1Q tag) are counted as tx_mtu
@@ -21,6 +27,8 @@
  * ring frame is in flight the rest waits (tx_again).
  * TX (tx_ring = 0): sendmmsg() of the slots in [hwcur, head), one message per frame (chains
  * gathered with iovecs), one system call per batch of up to NMB_AFP_TX_BATCH frames.
+ * GSO super-frames (either path) go alone, in order, through a second socket without
+ * PACKET_QDISC_BYPASS (whose direct path drops the frames the kernel must segment).
  * Both: PACKET_QDISC_BYPASS on; link down (ENETDOWN, ENXIO, ENODEV; or ENOBUFS
  * with no carrier, as when the far end of a veth is down) drops and counts (frames already
  * requested in the ring are cancelled, never sent later), and so does every frame after it
@@ -38,18 +46,23 @@
 #include "nmb_umem.h"
 
 #define NMB_AFP_TX_BATCH 512
+#define NMB_AFP_RX_BATCH 64 /* frames per recvmmsg() */
 
 struct nmb_afpacket_opts {
     uint32_t slots;            /* slots of the one TX and the one RX ring */
-    uint32_t block_size;       /* TPACKET_V3 block size, a multiple of the page size */
-    uint32_t block_count;      /* blocks in the RX ring */
-    uint32_t block_timeout_ms; /* the kernel hands over a partly filled block after this */
+    int rx_ring;               /* 1: a TPACKET_V2 receive ring; 0: recvmmsg() into the slots */
+    uint32_t rx_frames;        /* frames of that ring; 0 = as many as fit in 8 MiB */
+    int rcvbuf;                /* SO_RCVBUF(FORCE) in bytes (the receive queue: every frame with
+                                  rx_ring = 0, else copies of frames larger than a ring frame);
+                                  0 = the system default */
     int promisc;               /* PACKET_MR_PROMISC while open */
     int qdisc_bypass;          /* PACKET_QDISC_BYPASS */
     int sndbuf;                /* SO_SNDBUF(FORCE) in bytes; 0 = the system default */
     int tx_ring;               /* 1: PACKET_TX_RING + one send() kick per txsync; 0: sendmmsg */
     uint32_t tx_frames;        /* frames of the TX ring; 0 = slots, within 4 MiB (at least 64) */
-    int tx_vnet;               /* PACKET_VNET_HDR: TX frames go into the skb's head (no page frag) */
+    uint32_t busy_poll_us;     /* the forwarding loop polls the rings this long before sleeping */
+    int vnet;                  /* PACKET_VNET_HDR: offload requests (GSO, checksum) carried from
+                                  receive to transmit; TX ring frames go into the skb's head */
 };
 
 struct nmb_afpacket_stats {
@@ -59,14 +72,19 @@ struct nmb_afpacket_stats {
     uint64_t rx_oversize;           /* dropped: more buffers than a chain may have */
     uint64_t rx_vlan_restored;      /* frames whose VLAN tag was put back */
     uint64_t rx_csum_fixed;         /* CHECKSUM_PARTIAL frames whose L4 checksum we finished */
+    uint64_t rx_csum_passed;        /* CHECKSUM_PARTIAL frames passed on with their request */
+    uint64_t rx_gso;                /* GSO super-frames received and passed on with their metadata */
+    uint64_t rx_gso_dropped;        /* dropped: a GSO super-frame whose egress port cannot take
+                                       offload metadata (not an afpacket: port with vnet) */
+    uint64_t tx_gso;                /* GSO super-frames handed to the kernel to segment */
     uint64_t tx_frames, tx_bytes;   /* handed to the kernel: it took them (TX ring: the frame
-                                     * left TP_STATUS_SEND_REQUEST; sendmmsg: the call sent it) */
+                                     * left TP_STATUS_SEND_REQUEST; sendmmsg/sendmsg: the call sent it) */
     uint64_t tx_errors;             /* dropped: the kernel refused the frame (not for its size) */
     uint64_t tx_link_down;          /* dropped: the link was down, without a carrier, or gone */
     uint64_t tx_again;              /* EAGAIN/ENOBUFS or TX ring full: frames kept for later */
     uint64_t link_errors;           /* socket errors reported by the kernel (link down events) */
     uint64_t rxsyncs, txsyncs, tx_calls; /* tx_calls: sendmmsg() or ring kicks */
-    uint64_t blocks;                /* RX blocks consumed */
+    uint64_t rx_calls;              /* recvmmsg() calls (rx_ring = 0) */
     uint64_t tx_mtu;                /* dropped: larger than the egress interface's MTU allows */
 };
 

@@ -101,8 +101,8 @@ def test_overload_two_senders_balances_to_the_frame_in_nmbridge_stats(lab: Lab, 
     per_sender = 100_000
     cfg = tmp_path / "bridge.toml"
     sock = str(tmp_path / "c.sock")
-    # a small RX ring (two 4 KiB blocks) overruns for sure
-    small = f"afpacket:{lab.bridge_left_if}?blocks=2&block_size=4096"
+    # a small RX ring (16 frames) overruns for sure
+    small = f"afpacket:{lab.bridge_left_if}?rx_frames=16"
     cfg.write_text('[bridge]\nstats_interval = 0\n'
                    f'[[pair]]\nname = "lab"\nports = ["{small}", "afpacket:{lab.bridge_right_if}"]\n')
     pkt = tmp_path / "frame.cfg"

@@ -61,12 +61,15 @@ def test_demo_json_summary_and_nothing_left() -> None:
     assert [(x["source"], x["target"], x["answered"]) for x in s["pings"]] == [
         ("left", "right", 3), ("right", "left", 3)]
     assert all(isinstance(r, float) and r > 0 for x in s["pings"] for r in x["rtt_ms"])
+    pr = s["probe"]  # one-way latency probes: all arrived, their percentiles in order
+    assert pr["sent"] == pr["received"] == 500 and pr["lost"] == 0
+    assert 0 < pr["p50_us"] <= pr["p99_us"] <= pr["max_us"]
     b = s["burst"]
     assert b["sent"] == b["delivered"] == 2000 and b["in_order"] and b["duplicates"] == 0
     assert s["zero_copy"] is True
     # the bridge's own counters saw at least the burst and the pings, and dropped nothing
     a_to_b, b_to_a = s["counters"]["a_to_b"], s["counters"]["b_to_a"]
-    assert a_to_b["forwarded"] >= 2000 + 3 and b_to_a["forwarded"] >= 3
+    assert a_to_b["forwarded"] >= 2000 + 500 + 3 and b_to_a["forwarded"] >= 3
     assert a_to_b["dropped"] == b_to_a["dropped"] == 0
     assert a_to_b["received"] == a_to_b["forwarded"] and a_to_b["queued"] == 0
     assert s["bridge_exit_status"] == 0
@@ -78,6 +81,7 @@ def test_demo_json_summary_and_nothing_left() -> None:
     assert not os.path.exists(config_path)
     # the progress a person reads went to stderr, step by step
     assert "[6/6] Removing the lab" in p.stderr and "zero-copy: yes" in p.stderr
+    assert "one-way, left -> right: 500 of 500" in p.stderr
 
 
 @pytest.mark.root

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""One-way latency across a bridge: the Linux bridge and nmbridge, alternating, in one run.
+
+    left ns --veth-- [bridge ns: Linux bridge br0 | nmbridge run] --veth-- right ns
+
+Timestamped probe frames (nmbridge/probe.py) go from ``left`` to ``right`` at a low rate
+(``--rate``, 1,000/s) on an idle lab, then again under background load: trafgen in ``left``
+sends 60-byte frames to ``right`` at ``--load-pps`` (default: half the slower bridge's
+maximum, measured at the start of the run with trafgen at full speed for ``--max-seconds``).
+Each bridge runs on a fresh start in each round (``--rounds``), the order alternating; a
+bridge's figures are over all its rounds' probes: p50/p99/p99.9/max one-way, in µs.
+
+nmbridge runs as ``nmbridge run -c CONFIG`` (its defaults) inside the bridge namespace, one
+entry of BRIDGES per backend: a backend this build or machine lacks is skipped with the
+reason.  Adding one is one more entry (its port prefix and options).  Needs root.
+
+``--rt PRIO`` runs nmbridge's threads SCHED_FIFO (as ``CPUSchedulingPolicy=fifo`` would in its
+systemd unit): on a busy host the scheduler, not the bridge, decides a user-space thread's
+tail latency, while the Linux bridge forwards inside the sender's softirq.
+
+    python benchmarks/latency.py [--probes 2000] [--rate 1000] [--rounds 2] [--rt 50] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+from nmbridge import netns, probe  # noqa: E402
+from nmbridge.demo import BridgeProcess  # noqa: E402
+
+FORWARDING_TIMEOUT = 30.0
+RT_PRIORITY = 0  # --rt: SCHED_FIFO priority for nmbridge's threads (0: the default policy)
+
+
+@dataclass(frozen=True)
+class BridgeKind:
+    """One bridge under test: "linux", or nmbridge with ports ``PREFIX:IFNAME?OPTIONS``."""
+
+    name: str
+    prefix: str | None = None  # None: the Linux bridge
+    options: str = ""
+
+    def unavailable(self) -> str | None:
+        if self.prefix is None:
+            return None
+        from nmbridge.backends import backend
+
+        try:
+            return backend(self.prefix).unavailable()
+        except (ImportError, ValueError) as e:
+            return str(e)
+
+
+BRIDGES = [
+    BridgeKind("linux"),
+    BridgeKind("afpacket", "afpacket"),
+    BridgeKind("afxdp", "afxdp"),
+]
+
+
+@dataclass
+class Sample:
+    bridge: str
+    round: int
+    load: str  # "idle" or "load"
+    result: probe.ProbeResult
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def linux_bridge(lb: netns.Lab) -> Iterator[None]:
+    lb.ip(lb.ns_bridge, "link", "add", "name", "br0", "type", "bridge")
+    try:
+        for ifname in (lb.bridge_left_if, lb.bridge_right_if):
+            lb.ip(lb.ns_bridge, "link", "set", "dev", ifname, "master", "br0")
+        lb.set_up(lb.ns_bridge, "br0")
+        yield
+    finally:
+        lb.ip(lb.ns_bridge, "link", "del", "br0", check=False)
+
+
+def config_text(lb: netns.Lab, kind: BridgeKind) -> str:
+    q = f"?{kind.options}" if kind.options else ""
+    return ("[bridge]\n"
+            'name = "latency"\n'
+            "stats_interval = 0\n\n"
+            "[[pair]]\n"
+            'name = "lr"\n'
+            f'ports = ["{kind.prefix}:{lb.bridge_left_if}{q}", "{kind.prefix}:{lb.bridge_right_if}{q}"]\n')
+
+
+@contextmanager
+def nmbridge(lb: netns.Lab, kind: BridgeKind, tmp: str) -> Iterator[BridgeProcess]:
+    path = os.path.join(tmp, f"{kind.name}.toml")
+    with open(path, "w") as f:
+        f.write(config_text(lb, kind))
+    br = BridgeProcess(lb, path)
+    try:
+        br.wait_event("forwarding", FORWARDING_TIMEOUT)
+        if RT_PRIORITY:  # every thread of the bridge, the forwarding one included
+            subprocess.run(["chrt", "-a", "-f", "-p", str(RT_PRIORITY), str(br.proc.pid)], check=True)
+        yield br
+    finally:
+        br.kill()
+
+
+@contextmanager
+def running(lb: netns.Lab, kind: BridgeKind, tmp: str) -> Iterator[None]:
+    if kind.prefix is None:
+        with linux_bridge(lb):
+            yield
+    else:
+        with nmbridge(lb, kind, tmp):
+            yield
+
+
+def trafgen_conf(lb: netns.Lab, directory: str) -> str:
+    """60-byte frames to right's MAC, ethertype 0x88b6 (the probe receiver ignores them)."""
+    frame = (lb.mac(lb.ns_right, lb.right_if) + lb.mac(lb.ns_left, lb.left_if) + bytes.fromhex("88b6")
+             + bytes(46))
+    path = os.path.join(directory, "load.cfg")
+    with open(path, "w") as f:
+        f.write("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
+    return path
+
+
+@contextmanager
+def load(lb: netns.Lab, conf: str, pps: int | None) -> Iterator[None]:
+    """trafgen in left at `pps` frames/s (None: as fast as it can) until the block ends."""
+    rate = ["-b", f"{pps}pps"] if pps else []
+    gen = lb.popen(lb.ns_left, "trafgen", "-o", lb.left_if, "-i", conf, "--cpus", "1", *rate,
+                   "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        if gen.poll() is not None:
+            raise SystemExit(f"trafgen exited: {gen.stderr.read().decode() if gen.stderr else ''}")
+        yield
+    finally:
+        from veth import stop_group  # benchmarks/veth.py: stops trafgen's whole process group
+
+        stop_group(gen)
+
+
+def max_rate(lb: netns.Lab, kind: BridgeKind, conf: str, tmp: str, seconds: float) -> float:
+    """Frames/s the bridge delivers to right with trafgen at full speed."""
+    with running(lb, kind, tmp), load(lb, conf, None):
+        r0, t0 = lb.rx_packets(lb.ns_right, lb.right_if), time.monotonic()
+        time.sleep(seconds)
+        r1, t1 = lb.rx_packets(lb.ns_right, lb.right_if), time.monotonic()
+    return (r1 - r0) / (t1 - t0)
+
+
+def measure(lb: netns.Lab, kind: BridgeKind, rnd: int, args: argparse.Namespace, conf: str,
+            tmp: str, load_pps: int | None) -> list[Sample]:
+    out = []
+    with running(lb, kind, tmp):
+        res = probe.probe(lb, args.probes, args.rate, skip=args.skip)
+        out.append(Sample(kind.name, rnd, "idle", res))
+        if load_pps:
+            with load(lb, conf, load_pps):
+                r0 = lb.rx_packets(lb.ns_right, lb.right_if)
+                t0 = time.monotonic()
+                res = probe.probe(lb, args.probes, args.rate, skip=args.skip)
+                delivered = (lb.rx_packets(lb.ns_right, lb.right_if) - r0) / (time.monotonic() - t0)
+            out.append(Sample(kind.name, rnd, "load", res, {"delivered_pps": round(delivered)}))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--probes", type=int, default=2000, help="probes per measurement")
+    ap.add_argument("--rate", type=float, default=1000.0, help="probes per second")
+    ap.add_argument("--skip", type=int, default=50, help="warm-up probes not counted")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per bridge, alternating")
+    ap.add_argument("--load-pps", type=int, default=None,
+                    help="background load in frames/s (default: half the slower bridge's maximum; 0: none)")
+    ap.add_argument("--max-seconds", type=float, default=2.0, help="window of the maximum-rate measurement")
+    ap.add_argument("--bridges", default=",".join(b.name for b in BRIDGES),
+                    help="which bridges, by name (default: all that can run here)")
+    ap.add_argument("--rt", type=int, default=0, metavar="PRIO",
+                    help="run nmbridge's threads SCHED_FIFO at this priority (a busy host's scheduler "
+                         "otherwise decides its tail latency)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+    global RT_PRIORITY
+    RT_PRIORITY = args.rt
+    if os.geteuid() != 0:
+        print("latency.py needs root (network namespaces, veth, AF_PACKET)", file=sys.stderr)
+        return 1
+    sys.path.insert(0, HERE)
+    say: Callable[[str], None] = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else print
+    wanted = set(args.bridges.split(","))
+    kinds, skipped = [], {}
+    for k in BRIDGES:
+        if k.name not in wanted:
+            continue
+        why = k.unavailable()
+        if why:
+            skipped[k.name] = why
+            say(f"skipping {k.name}: {why}")
+        else:
+            kinds.append(k)
+    samples: list[Sample] = []
+    maxima: dict[str, float] = {}
+    with netns.lab() as lb, tempfile.TemporaryDirectory() as tmp:
+        conf = trafgen_conf(lb, tmp)
+        load_pps = args.load_pps
+        if load_pps is None:
+            for k in kinds:
+                maxima[k.name] = max_rate(lb, k, conf, tmp, args.max_seconds)
+                say(f"max rate {k.name:9} {maxima[k.name] / 1e3:8.1f} kpps")
+            load_pps = int(min(maxima.values()) / 2) if maxima else 0
+        say(f"background load: {load_pps / 1e3:.1f} kpps" if load_pps else "no background load")
+        for rnd in range(args.rounds):
+            order = kinds if rnd % 2 == 0 else kinds[::-1]
+            for k in order:
+                for s in measure(lb, k, rnd + 1, args, conf, tmp, load_pps):
+                    samples.append(s)
+                    r = s.result.summary()
+                    say(f"round {rnd + 1} {k.name:9} {s.load:4}  p50 {r['p50_us']} µs  p99 {r['p99_us']} µs  "
+                        f"p99.9 {r['p99_9_us']} µs  max {r['max_us']} µs  lost {r['lost']}"
+                        + (f"  (delivered {s.extra['delivered_pps'] / 1e3:.1f} kpps)" if s.extra else ""))
+    results: dict[str, dict[str, Any]] = {}
+    for k in kinds:
+        results[k.name] = {}
+        for mode in ("idle", "load"):
+            mine = [s for s in samples if s.bridge == k.name and s.load == mode]
+            if not mine:
+                continue
+            lat = [v for s in mine for v in s.result.latencies_ns]
+            sent = sum(s.result.sent for s in mine)
+            results[k.name][mode] = {"sent": sent, "received": len(lat), "lost": sent - len(lat),
+                                     **probe.percentiles_us(lat)}
+    ratios: dict[str, dict[str, float | None]] = {}
+    base = results.get("linux", {})
+    for name, r in results.items():
+        if name == "linux":
+            continue
+        ratios[name] = {}
+        for mode in r:
+            lx, me = base.get(mode, {}).get("p99_us"), r[mode].get("p99_us")
+            ratios[name][f"p99_vs_linux_{mode}"] = round(me / lx, 2) if lx and me else None
+    summary = {"probes": args.probes, "rate_pps": args.rate, "rounds": args.rounds, "load_pps": load_pps,
+               "rt_priority": args.rt,
+               "max_rate_pps": {k: round(v) for k, v in maxima.items()}, "skipped": skipped,
+               "results": results, "ratios": ratios,
+               "runs": [{"bridge": s.bridge, "round": s.round, "load": s.load, **s.result.summary(),
+                         **s.extra} for s in samples]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"\none-way latency, µs (probes at {args.rate:g}/s; load {load_pps / 1e3:.1f} kpps)")
+        print(f"{'bridge':10}{'mode':6}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>9}{'lost':>7}")
+        for name, r in results.items():
+            for mode, v in r.items():
+                print(f"{name:10}{mode:6}{v['p50_us']!s:>9}{v['p99_us']!s:>9}{v['p99_9_us']!s:>9}"
+                      f"{v['max_us']!s:>9}{v['lost']:>7}")
+        for name, r in ratios.items():
+            parts = [f"{v} ({k.rsplit('_', 1)[1]})" for k, v in r.items()]
+            print(f"{name}: p99 / Linux p99 = " + ", ".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
