@@ -5,9 +5,9 @@ Request ``{"cmd": "stats"}`` (plus arguments); response ``{"ok": true, "result":
 response, never a crash.  A streaming command (``capture``) answers with one JSON line
 ``{"ok": true, "result": {...}, "stream": "pcapng"}`` and then raw bytes on the same
 connection until the server closes it; the client ends the stream early by half-closing its
-side (``shutdown(SHUT_WR)``: the server finishes cleanly) or by closing the connection.  The socket is mode 0660 (owner and group: the service's user
-and the operators' group); a world-writable directory is refused, since anyone could
-replace the socket there.
+side (``shutdown(SHUT_WR)``: the server finishes cleanly) or by closing the connection.
+The socket is mode 0660 (owner and group: the service's user and the operators' group); a
+world-writable directory is refused, since anyone could replace the socket there.
 """
 
 from __future__ import annotations
