@@ -79,9 +79,10 @@ class _Connection(socketserver.StreamRequestHandler):
                 self.wfile.write(json.dumps(reply, default=str).encode() + b"\n")
                 self.wfile.flush()
             except OSError:
-                return
+                if not isinstance(stream, Stream):
+                    return
             if isinstance(stream, Stream):
-                stream.run(self.connection)
+                stream.run(self.connection)  # a client already gone ends it at once
                 return
 
     def answer(self, line: bytes) -> dict[str, Any]:

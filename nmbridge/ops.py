@@ -56,6 +56,7 @@ class Ops:
         self._last_stats: Snapshot | None = None
         self.captures: dict[int, Any] = {}  # id -> nmbridge.capture.Capture, while it runs
         self.stopping = threading.Event()   # set by close(): running captures end
+        self._captures_lock = threading.Lock()
 
     # --- the control socket and metrics ---------------------------------------------------
 
@@ -251,11 +252,17 @@ class Ops:
         if pair is None:
             known = ", ".join(p.config.name for p in self.bridge.pairs) or "none"
             raise NmbridgeError(f"capture: no pair {spec.pair!r} (running: {known})")
-        cap = Capture(spec, pair, alive=lambda: pair in self.bridge.pairs and not pair.a.closed)
+        with self._captures_lock:
+            for other in self.captures.values():
+                both = set(other.taps) & set(spec.directions)
+                if other.spec.pair == spec.pair and both:
+                    raise NmbridgeError(f"capture: pair {spec.pair} {'/'.join(sorted(both))} is "
+                                        f"being captured already (capture {other.id})")
+            cap = Capture(spec, pair, alive=lambda: pair in self.bridge.pairs and not pair.a.closed)
+            self.captures[cap.id] = cap
         log = self.bridge.log
 
         def run(sock: Any) -> None:
-            self.captures[cap.id] = cap
             log.info("capture_started", **{k: v for k, v in cap.header().items() if k != "format"})
             try:
                 cap.stream(sock, self.stopping)
