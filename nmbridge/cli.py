@@ -135,7 +135,15 @@ def stats_table(result: dict[str, Any]) -> str:
                          ", ".join(f"{k} {n}" for k, n in why.items() if n) or "-"])
     if len(rows) == 1:
         return "no pairs are forwarding"
-    return table(rows, {2, 3, 4, 5})
+    text = table(rows, {2, 3, 4, 5})
+    for c in result["snapshot"].get("captures", []):  # running `nmbridge capture`s
+        n = {k: sum(d[k] for d in c["directions"].values())
+             for k in ("seen", "captured", "capture_dropped", "rate_limited")}
+        text += (f"\ncapture {c['capture']} on {c['pair']} ({c['what']}"
+                 f"{', ' + repr(c['filter']) if c.get('filter') else ''}): {c['written']} written, "
+                 f"{n['seen']} seen, {n['capture_dropped']} capture_dropped, "
+                 f"{n['rate_limited']} rate_limited")
+    return text
 
 
 def stats_command(args: argparse.Namespace) -> int:

@@ -224,8 +224,7 @@ class Ops:
         cur = self.bridge.snapshot()
         base = self._rate_base(cur)
         return {"bridge": self.bridge.config.bridge.name, "snapshot": cur, "rates": rates(base, cur),
-                "rate_seconds": round(cur["time"] - base["time"], 3) if base else 0.0,
-                "captures": self._cmd_captures(req)["captures"]}
+                "rate_seconds": round(cur["time"] - base["time"], 3) if base else 0.0}
 
     def _cmd_ports(self, req: dict[str, Any]) -> dict[str, Any]:
         out = []

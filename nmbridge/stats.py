@@ -10,7 +10,7 @@ A snapshot is plain JSON-ready data, taken from the forwarders' C counters in on
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 DROP_REASONS = ("filtered", "tx_full", "oversize", "broken_chain")
 
@@ -38,6 +38,27 @@ class Snapshot(TypedDict):
     time: float
     pairs: list[PairStats]
     links: dict[str, bool]
+    captures: NotRequired[list[CaptureStats]]  # running captures (see below)
+
+
+# --- running captures (nmbridge capture) -----------------------------------------------------
+
+class CaptureCounters(TypedDict):
+    seen: int             # frames that matched the capture's selection
+    captured: int         # copied into the tap's ring
+    capture_dropped: int  # the ring was full (the reader was behind): not captured
+    rate_limited: int     # over the capture's rate limit: not captured
+    bytes: int
+
+
+class CaptureStats(TypedDict, total=False):
+    capture: int
+    pair: str
+    what: str
+    filter: str | None
+    written: int
+    running_seconds: float
+    directions: dict[str, CaptureCounters]
 
 
 def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, dict[str, dict[str, float]]]:

@@ -213,6 +213,8 @@ def test_full_rate_capture_loses_no_forwarded_frame_and_counts_what_it_skipped(
         st = stats()
         assert delivered + st["filtered"] - base["filtered"] == total
         running = captures(sock)[0]["directions"]
+        # stats shows it too
+        assert [c["pair"] for c in request(sock, "stats")["snapshot"]["captures"]] == ["lab"]
         c.send_signal(signal.SIGINT)
         assert c.wait(30) == 0
     finally:

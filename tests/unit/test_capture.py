@@ -235,3 +235,25 @@ def test_stream_ends_at_count_and_when_the_client_closes() -> None:
     assert not t.is_alive() and cap2.ended in ("client closed", "client gone")
     assert fwd.tap("a_to_b") is None
     srv2.close()
+
+
+def test_metrics_and_stats_table_show_running_captures() -> None:
+    from nmbridge.cli import stats_table
+    from nmbridge.metrics import capture_metrics
+
+    counters = {"seen": 10, "captured": 7, "capture_dropped": 1, "rate_limited": 2, "bytes": 700}
+    snap: dict[str, object] = {
+        "time": 0.0, "links": {},
+        "pairs": [{"pair": "lan", "ports": ["mem:a", "mem:b"], "zerocopy": True,
+                   "directions": {"a_to_b": {"frames": 5}}}],
+        "captures": [{"capture": 4, "pair": "lan", "what": "dropped", "filter": "tcp", "written": 7,
+                      "directions": {"a_to_b": counters}}]}
+    fams = {m.name: m for m in capture_metrics(snap)}  # type: ignore[arg-type]
+    assert [s.value for s in fams["nmbridge_captures"].samples] == [1.0]
+    got = {(s.labels["outcome"], s.value) for s in fams["nmbridge_capture_frames"].samples
+           if s.name.endswith("_total")}
+    assert got == {("captured", 7.0), ("capture_dropped", 1.0), ("rate_limited", 2.0)}
+    text = stats_table({"snapshot": snap, "rates": {}})
+    assert text.splitlines()[-1] == ("capture 4 on lan (dropped, 'tcp'): 7 written, 10 seen, "
+                                     "1 capture_dropped, 2 rate_limited")
+    assert not list(capture_metrics({"time": 0.0, "pairs": [], "links": {}}))[1].samples
