@@ -200,6 +200,7 @@ class Capture:
         self.ended: str | None = None
         self._fwd: Any = None
         self._lock = threading.Lock()
+        self.attached = threading.Event()  # the taps are in: every frame from now on is seen
 
     # the taps in and out of the forwarder (which a reload may replace)
     def attach(self) -> None:
@@ -210,6 +211,7 @@ class Capture:
             for d, tap in self.taps.items():
                 fwd.set_tap(d, tap)
             self._fwd = fwd
+            self.attached.set()
 
     def detach(self) -> None:
         with self._lock:
@@ -228,7 +230,8 @@ class Capture:
 
     def info(self) -> dict[str, Any]:
         """For ``captures``, stats and metrics: the selection and per-direction counters."""
-        return {**self.header(), "running_seconds": round(time.time() - self.started, 3),
+        return {**self.header(), "state": "running" if self.attached.is_set() else "starting",
+                "running_seconds": round(time.time() - self.started, 3),
                 "written": self.written,
                 "directions": {d: tap.counters() for d, tap in self.taps.items()}}
 

@@ -620,21 +620,22 @@ cdef class Forwarder:
     def set_tap(self, str direction, tap) -> None:
         """Install a capture tap (an object with ``address``, the C ``struct nmb_tap *``; see
         nmbridge.capring) for "a_to_b" or "b_to_a", or None to remove it.  The loop picks it up
-        between batches; this returns once a removed tap can no longer be written to."""
+        between batches; this returns once the change is in force (a new tap sees every frame
+        that arrives from now on; a removed one can no longer be written to)."""
         cdef int i = _DIRECTIONS.index(direction)
         cdef size_t addr = 0 if tap is None else tap.address
         cdef uint64_t seen
         cdef object old = self._taps[i]
         self._taps[i] = tap
         NMB_STORE_TAP(self.st.d[i].tap, <nmb_tap *>addr)
-        if self._running and old is not None:
+        if self._running and (old is not None or tap is not None):
             import time
             seen = self.st.epoch
             deadline = time.monotonic() + 5.0
             while self._running and self.st.epoch < seen + 2 and time.monotonic() < deadline:
                 self.stop_wake()
                 time.sleep(0.0005)
-            if self._running and self.st.epoch < seen + 2:
+            if self._running and self.st.epoch < seen + 2 and old is not None:
                 self._retired.append(old)   # a stuck loop may still hold it: never free it
 
     def tap(self, str direction):

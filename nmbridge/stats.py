@@ -56,6 +56,7 @@ class CaptureStats(TypedDict, total=False):
     pair: str
     what: str
     filter: str | None
+    state: str            # "starting", then "running" once its taps are in
     written: int
     running_seconds: float
     directions: dict[str, CaptureCounters]

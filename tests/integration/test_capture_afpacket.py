@@ -73,7 +73,9 @@ def captures(sock: str) -> list[dict[str, Any]]:
 
 
 def started(sock: str, n: int = 1) -> None:
-    wait_for(lambda: len(captures(sock)) == n, timeout=20, what=f"{n} capture(s) running")
+    """`n` captures whose taps are in (every frame sent from now on is seen)."""
+    wait_for(lambda: [c["state"] for c in captures(sock)] == ["running"] * n, timeout=20,
+             what=f"{n} capture(s) running")
 
 
 def read(path: Path) -> tuple[list[bytes], list[list[bytes]]]:
