@@ -46,7 +46,7 @@ cdef class Tap:
         self.c.rate = rate
         self.c.burst = (rate // 20 if rate >= 1280 else 64) if rate else 0
         self.c.tokens = self.c.burst * 1000000000
-        self.c.last_ns = nmb_cap_now_ns()
+        self.c.last_ns = 0  # the first token check fills the bucket
         self.c.limit = limit
         self.c.decide = <nmb_decide_fn>decide
         self._sel = select

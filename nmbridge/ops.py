@@ -210,6 +210,8 @@ class Ops:
         self._last_stats = cur
         for p in cur["pairs"]:
             self.bridge.log.info("stats", **event_fields(p, r.get(p["pair"], {})))
+        for c in cur.get("captures", []):  # running `nmbridge capture`s: one event each
+            self.bridge.log.info("capture_stats", **c)
 
     def _rate_base(self, cur: Snapshot) -> Snapshot | None:
         """The newest sample at least half a sample period older than `cur`."""

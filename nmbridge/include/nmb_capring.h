@@ -79,12 +79,17 @@ static inline uint64_t nmb_cap_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* The rate limiter: 1 when a frame may be taken now. */
-static inline int nmb_tap_token(struct nmb_tap *t, uint64_t now)
+/* The rate limiter: 1 when a frame may be taken now.  It reads the coarse clock (a few ns
+ * through the vDSO, a tick's resolution: plenty for a bucket refilled per tick), so that a
+ * frame over the limit costs no precise clock read. */
+static inline int nmb_tap_token(struct nmb_tap *t)
 {
-    uint64_t cap = t->burst * 1000000000ull, dt;
+    uint64_t cap = t->burst * 1000000000ull, dt, now;
+    struct timespec ts;
     if (!t->rate)
         return 1;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
     dt = now > t->last_ns ? now - t->last_ns : 0;
     if (dt > 1000000000ull)
         dt = 1000000000ull;     /* a full bucket is at most one second away */
@@ -115,8 +120,7 @@ static inline void nmb_tap_offer(struct nmb_tap *t, unsigned reason, const void 
     if (t->limit && t->captured >= t->limit)
         return;
     t->seen++;
-    now = nmb_cap_now_ns();
-    if (!nmb_tap_token(t, now)) {
+    if (!nmb_tap_token(t)) {
         t->rate_limited++;
         return;
     }
@@ -141,6 +145,7 @@ static inline void nmb_tap_offer(struct nmb_tap *t, unsigned reason, const void 
     if (filt != NULL && t->decide != NULL &&
         (reason == NMB_CAP_FILTERED || reason == NMB_CAP_FORWARDED))
         rule = t->decide(filt, frame, len, &action);
+    now = nmb_cap_now_ns();
     r = (struct nmb_cap_rec *)(t->buf + pos);
     r->size = (uint32_t)need;
     r->caplen = caplen;
