@@ -287,7 +287,8 @@ class Capture:
             c = tap.counters()
             out.append(isb(self.interfaces[d], now, start_ns=start, received=c["seen"],
                            dropped=c["capture_dropped"] + c["rate_limited"],
-                           comment=(f"nmbridge capture {self.id} ended ({self.ended}): seen {c['seen']}, "
+                           comment=(f"capture {self.id} {self._ifname(d)} ended ({self.ended}): "
+                                    f"seen {c['seen']}, "
                                     f"captured {c['captured']}, capture_dropped {c['capture_dropped']}, "
                                     f"rate_limited {c['rate_limited']}")))
         return b"".join(out)

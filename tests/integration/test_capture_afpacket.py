@@ -167,7 +167,7 @@ def test_a_client_that_goes_away_ends_its_capture(lab: Lab, bridge: tuple[Run, s
     c.send_signal(signal.SIGINT)
     assert c.wait(30) == 0
     assert run.wait_event("capture_ended")["reason"] == "client closed"
-    assert c.stderr is not None and b"ended (client closed): seen" in c.stderr.read()
+    assert c.stderr is not None and b"lab:a-to-b ended (client closed): seen" in c.stderr.read()
     assert read(out) == ([], [])
     tx, rx = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
     try:
