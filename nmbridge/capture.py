@@ -368,7 +368,8 @@ class _Counter:
         self.buf = self.buf[off:]
 
 
-def run_client(path: str, req: dict[str, Any], out: Any, *, connect_timeout: float = 5.0) -> _Counter:
+def run_client(path: str, req: dict[str, Any], out: Any, *, connect_timeout: float = 5.0,
+               on_start: Any = None) -> _Counter:
     """Send a capture request to the control socket at `path`, copy the pcapng stream to the
     binary file `out` until the bridge ends it.  SIGINT (KeyboardInterrupt) half-closes the
     connection and waits (5 s at most) for the bridge's clean end.  Raises ControlError."""
@@ -398,6 +399,8 @@ def run_client(path: str, req: dict[str, Any], out: Any, *, connect_timeout: flo
         reply = json.loads(head)
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error", "unknown error")))
+        if on_start is not None:
+            on_start(reply.get("result") or {})
         sock.settimeout(None)
         closing = False
         while True:

@@ -222,11 +222,18 @@ def capture_command(args: argparse.Namespace) -> int:
 
     req = {"pair": args.pair, "direction": args.direction, "what": args.what, "filter": args.filter,
            "count": args.count, "duration": args.duration, "snaplen": args.snaplen, "rate": args.rate}
+
+    def started(h: dict[str, Any]) -> None:  # as tcpdump says "listening on ..."
+        expr = f", {h['filter']!r}" if h.get("filter") else ""
+        print(f"nmbridge capture: capture {h.get('capture')} on {', '.join(h.get('interfaces', []))} "
+              f"({h.get('what')}{expr}), snaplen {h.get('snaplen')}, "
+              f"at most {h.get('rate') or 'any number of'} frames/s", file=sys.stderr, flush=True)
+
     if args.write == "-":
-        got = run_client(args.control, req, sys.stdout.buffer)
+        got = run_client(args.control, req, sys.stdout.buffer, on_start=started)
     else:
         with open(args.write, "wb") as out:
-            got = run_client(args.control, req, out)
+            got = run_client(args.control, req, out, on_start=started)
     print(f"nmbridge capture: {got.frames} frames written to "
           f"{'stdout' if args.write == '-' else args.write}", file=sys.stderr)
     for line in got.summaries:
