@@ -45,6 +45,8 @@ cdef extern from "nmb_capring.h" nogil:
         uint8_t dir
 
     uint64_t nmb_cap_now_ns() noexcept nogil
+    void nmb_tap_offer_v(nmb_tap *t, unsigned reason, const void *filt, const uint8_t **bufs,
+                         const uint32_t *lens, uint32_t n, uint32_t origlen) noexcept nogil
     void nmb_tap_offer(nmb_tap *t, unsigned reason, const void *filt, const uint8_t *frame,
                        uint32_t len, uint32_t origlen) noexcept nogil
     int nmb_tap_init(nmb_tap *t, uint64_t size) noexcept nogil

@@ -16,7 +16,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, strerror
 
 from nmbridge.capring cimport (NMB_CAP_BROKEN_CHAIN, NMB_CAP_FILTERED, NMB_CAP_FORWARDED,
-                               NMB_CAP_OVERSIZE, nmb_tap, nmb_tap_offer)
+                               NMB_CAP_OVERSIZE, nmb_tap, nmb_tap_offer, nmb_tap_offer_v)
 from nmbridge.netmap cimport (NETMAP_MAX_FRAGS, NS_BUF_CHANGED, NS_MOREFRAG, netmap_ring,
                               netmap_slot, nmb_buf, nmb_ring_empty, nmb_ring_space, nmb_rxring,
                               nmb_txring)
@@ -120,11 +120,21 @@ cdef inline uint32_t avail(uint32_t from_, uint32_t tail, uint32_t n) noexcept n
 
 
 cdef void tap_chain(nmb_tap *tap, unsigned reason, nmb_filter *filt, netmap_ring *rx,
-                    uint32_t j, uint32_t total) noexcept nogil:
-    """A chain's verdict to the tap: its first slot's bytes, `total` on the wire."""
-    cdef netmap_slot *rs = &rx.slot[j]
-    nmb_tap_offer(tap, reason, filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx),
-                  rs.len if rs.len <= rx.nr_buf_size else rx.nr_buf_size, total)
+                    uint32_t j, uint32_t n, uint32_t total) noexcept nogil:
+    """A chain's verdict to the tap: the bytes of its n slots from RX slot j (at most
+    NETMAP_MAX_FRAGS of them, each at most a buffer), `total` on the wire."""
+    cdef const uint8_t *bufs[NETMAP_MAX_FRAGS]
+    cdef uint32_t lens[NETMAP_MAX_FRAGS]
+    cdef uint32_t i
+    cdef netmap_slot *rs
+    if n > NETMAP_MAX_FRAGS:
+        n = NETMAP_MAX_FRAGS
+    for i in range(n):
+        rs = &rx.slot[j]
+        bufs[i] = <const uint8_t *>nmb_buf(rx, rs.buf_idx)
+        lens[i] = rs.len if rs.len <= rx.nr_buf_size else rx.nr_buf_size
+        j = 0 if j + 1 == rx.num_slots else j + 1
+    nmb_tap_offer_v(tap, reason, filt, bufs, lens, n, total)
 
 
 cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
@@ -153,7 +163,7 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
     if not complete or n > NETMAP_MAX_FRAGS or n > tx.num_slots - 1:
         d.st.broken_chain += 1          # longer than any ring or NETMAP_MAX_FRAGS allows
         if tap != NULL:
-            tap_chain(tap, NMB_CAP_BROKEN_CHAIN, filt, rx, j, total)
+            tap_chain(tap, NMB_CAP_BROKEN_CHAIN, filt, rx, j, n, total)
         if not complete:
             d.skipping |= ring_bit      # its remaining slots are dropped as they arrive
         pj[0] = e
@@ -161,7 +171,7 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
     if oversize:
         d.st.oversize += 1
         if tap != NULL:
-            tap_chain(tap, NMB_CAP_OVERSIZE, filt, rx, j, total)
+            tap_chain(tap, NMB_CAP_OVERSIZE, filt, rx, j, n, total)
         pj[0] = e
         return n
     if n > avail(t, tx.tail, tx.num_slots):
@@ -171,11 +181,11 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
     if filt != NULL and filt.run(filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx), rs.len) == NMB_DROP:
         d.st.filtered += 1
         if tap != NULL:
-            tap_chain(tap, NMB_CAP_FILTERED, filt, rx, j, total)
+            tap_chain(tap, NMB_CAP_FILTERED, filt, rx, j, n, total)
         pj[0] = e
         return n
     if tap != NULL:
-        tap_chain(tap, NMB_CAP_FORWARDED, filt, rx, j, total)
+        tap_chain(tap, NMB_CAP_FORWARDED, filt, rx, j, n, total)
     for i in range(n):
         rs = &rx.slot[j]
         ts = &tx.slot[t]

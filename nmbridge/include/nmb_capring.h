@@ -103,14 +103,20 @@ static inline int nmb_tap_token(struct nmb_tap *t)
     return 1;
 }
 
-/* Offer one frame (`len` readable bytes at `frame`, `origlen` on the wire) with its verdict
- * `reason`; `filt` is the direction's filter (an engine program) or NULL.  Producer only. */
-static inline void nmb_tap_offer(struct nmb_tap *t, unsigned reason, const void *filt,
-                                 const uint8_t *frame, uint32_t len, uint32_t origlen)
+/* Offer one frame in `n` pieces (`lens[i]` readable bytes at `bufs[i]`: the slots of a
+ * chain; `origlen` on the wire) with its verdict `reason`; `filt` is the direction's filter
+ * (an engine program) or NULL.  The selection and the deciding rule look at the first piece,
+ * as the filter does.  Producer only. */
+static inline void nmb_tap_offer_v(struct nmb_tap *t, unsigned reason, const void *filt,
+                                   const uint8_t *const *bufs, const uint32_t *lens, uint32_t n,
+                                   uint32_t origlen)
 {
     uint64_t now, cons, pos, contig, need, prod;
-    uint32_t caplen;
+    uint32_t caplen = 0, i, k;
     int action = 0, rule = NMB_CAP_RULE_NONE;
+    const uint8_t *frame = bufs[0];
+    uint32_t len = lens[0];
+    uint8_t *dst;
     struct nmb_cap_rec *r;
 
     if (!(t->want & (1u << reason)))
@@ -124,7 +130,8 @@ static inline void nmb_tap_offer(struct nmb_tap *t, unsigned reason, const void 
         t->rate_limited++;
         return;
     }
-    caplen = len < t->snaplen ? len : t->snaplen;
+    for (i = 0; i < n && caplen < t->snaplen; i++)
+        caplen += lens[i] < t->snaplen - caplen ? lens[i] : t->snaplen - caplen;
     need = (sizeof(struct nmb_cap_rec) + caplen + 7) & ~7ull;
     prod = t->prod;
     cons = __atomic_load_n(&t->cons, __ATOMIC_ACQUIRE);
@@ -156,10 +163,23 @@ static inline void nmb_tap_offer(struct nmb_tap *t, unsigned reason, const void 
     r->rule = rule;
     r->pad2 = 0;
     r->ts_ns = now;
-    memcpy(r + 1, frame, caplen);
+    dst = (uint8_t *)(r + 1);
+    for (i = 0, k = caplen; k; i++) {
+        uint32_t m = lens[i] < k ? lens[i] : k;
+        memcpy(dst, bufs[i], m);
+        dst += m;
+        k -= m;
+    }
     t->captured++;
     t->cap_bytes += caplen;
     __atomic_store_n(&t->prod, prod + need, __ATOMIC_RELEASE);
+}
+
+/* One frame in one piece. */
+static inline void nmb_tap_offer(struct nmb_tap *t, unsigned reason, const void *filt,
+                                 const uint8_t *frame, uint32_t len, uint32_t origlen)
+{
+    nmb_tap_offer_v(t, reason, filt, &frame, &len, 1, origlen);
 }
 
 /* The consumer's side (csrc/tapring.c). */

@@ -138,7 +138,7 @@ def test_tap_in_fastfwd_sees_every_verdict_and_changes_nothing() -> None:
         (0, telnet, len(telnet), ['dropped: filter guard, rule "no telnet"']),
         (0, sent[1 + 1], 1500, ["forwarded: filter guard, default action"]),
         (0, telnet, len(telnet), ['dropped: filter guard, rule "no telnet"']),
-        (0, sent[4][:2048], 3000, ["forwarded: filter guard, default action"]),
+        (0, sent[4], 3000, ["forwarded: filter guard, default action"]),  # a chain, whole
         (0, frame(4, 100) + bytes(2048 - 100), 2049, ["dropped: oversize (longer than a buffer)"]),
         (1, back[0], 64, []),
     ], key=lambda g: (g[0], g[1]))
@@ -257,3 +257,31 @@ def test_metrics_and_stats_table_show_running_captures() -> None:
     assert text.splitlines()[-1] == ("capture 4 on lan (dropped, 'tcp'): 7 written, 10 seen, "
                                      "1 capture_dropped, 2 rate_limited")
     assert not list(capture_metrics({"time": 0.0, "pairs": [], "links": {}}))[1].samples
+
+
+def test_a_chain_is_captured_across_its_slots_up_to_snaplen() -> None:
+    a, b, fwd, p = _capture_pair()
+    cap = Capture(CaptureSpec("lan", ("a_to_b",), "forwarded", snaplen=2100, rate=0), p)
+    cap.attach()
+    big = frame(6, 5000)  # three 2048-byte slots
+    a.inject(big)
+    drain(fwd, a, b)
+    assert b.collect() == [big]
+    (body,) = [body for t, body in read_blocks(cap.drain()) if t == 6]
+    caplen, origlen = struct.unpack_from("<II", body, 12)
+    assert (caplen, origlen, body[20:20 + caplen]) == (2100, 5000, big[:2100])
+
+
+def test_a_new_forwarder_for_the_pair_gets_the_taps_again() -> None:
+    """A reload that resumes a pair gives it a new Forwarder: the capture follows it."""
+    a, b, _fwd, p = _capture_pair()
+    cap = Capture(CaptureSpec("lan", ("a_to_b",), "all", rate=0), p)
+    cap.attach()
+    p.fwd = Forwarder(a, b, burst=16)  # type: ignore[attr-defined]
+    cap.attach()
+    assert p.fwd.tap("a_to_b") is cap.taps["a_to_b"]  # type: ignore[attr-defined]
+    a.inject(frame(1))
+    drain(p.fwd, a, b)  # type: ignore[attr-defined]
+    assert cap.taps["a_to_b"].counters()["captured"] == 1
+    cap.detach()
+    assert p.fwd.tap("a_to_b") is None  # type: ignore[attr-defined]
