@@ -285,3 +285,23 @@ def test_a_new_forwarder_for_the_pair_gets_the_taps_again() -> None:
     assert cap.taps["a_to_b"].counters()["captured"] == 1
     cap.detach()
     assert p.fwd.tap("a_to_b") is None  # type: ignore[attr-defined]
+
+
+def test_stream_ends_after_its_duration_with_the_statistics_block() -> None:
+    import socket
+
+    _a, _b, _fwd, p = _capture_pair()
+    cap = Capture(CaptureSpec("lan", ("a_to_b",), "all", duration=0.2, rate=0), p)
+    srv, cli = socket.socketpair()
+    t = threading.Thread(target=cap.stream, args=(srv,))
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and cap.ended == "duration"
+    srv.close()
+    data = b""
+    while chunk := cli.recv(65536):
+        data += chunk
+    blocks = read_blocks(data)
+    assert [t for t, _ in blocks] == [0x0A0D0D0A, 1, 5]
+    assert block_comments(*blocks[-1])[0].startswith("capture ") and "ended (duration)" in \
+        block_comments(*blocks[-1])[0]
