@@ -33,6 +33,8 @@ examples:
   nmbridge run -c bridge.toml | jq 'select(.event == "stats")'
   nmbridge stats --watch                          live counters and rates of the running bridge
   nmbridge reload                                 re-read its config (as SIGHUP does); errors shown
+  nmbridge capture -p lan --what dropped -w - | tcpdump -nr -
+                                                  what pair lan drops, live, each with its rule
 
 exit status: 0 ok, 1 error, 2 bad usage, 78 configuration error, 130 interrupted
 """
