@@ -20,6 +20,7 @@ def ext(name: str, pyx: str, *csrc: str) -> Extension:
 EXTENSIONS = [
     ext("nmbridge.port", "nmbridge/port.pyx", "umem.c"),
     ext("nmbridge.fastfwd", "nmbridge/fastfwd.pyx"),
+    ext("nmbridge.capring", "nmbridge/capring.pyx", "tapring.c"),
     ext("nmbridge.backends.mem", "nmbridge/backends/mem.pyx", "umem.c", "memport.c"),
     ext("nmbridge.backends.afpacket", "nmbridge/backends/afpacket.pyx", "umem.c", "afpacket.c"),
     ext("nmbridge.backends.afxdp", "nmbridge/backends/afxdp.pyx", "umem.c", "afxdp.c"),

@@ -7,7 +7,14 @@ does only the swap (or copy) over the same rings with the same source/sink syncs
 alternate, the best of --repeat is kept, for bursts 32/256/1024, zero-copy (one region) and
 copy mode (two regions). Prints Mpps, ns/packet and fastfwd/C ratio; --json for machines.
 
-    python benchmarks/fastfwd.py [--frames 20000000] [--repeat 3] [--json]
+--capture adds, per case, fastfwd with a capture running on the direction (`nmbridge
+capture`'s tap, every forwarded frame selected): "tap 10k/s" with the default rate limit and
+a thread draining the ring as the capture client's connection does, and "tap all" with no
+limit (every frame copied into the ring or counted as capture_dropped when the drain thread
+is behind).  The plain fastfwd column is the cost with no capture: the tap's only trace there
+is one pointer load per batch.
+
+    python benchmarks/fastfwd.py [--frames 20000000] [--repeat 3] [--capture] [--json]
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,15 +60,38 @@ def make_ports(zerocopy: bool, slots: int, frame_len: int) -> tuple[MemPort, Mem
     return src, dst
 
 
-def run_fastfwd(frames: int, burst: int, zerocopy: bool, slots: int, frame_len: int) -> float:
+def run_fastfwd(frames: int, burst: int, zerocopy: bool, slots: int, frame_len: int,
+                tap_rate: int | None = None, taps: list[dict[str, int]] | None = None) -> float:
+    """Seconds per frame; with `tap_rate` (frames/s, 0: no limit) a capture tap selecting every
+    forwarded frame runs, drained by a thread; its counters go to `taps`."""
     src, dst = make_ports(zerocopy, slots, frame_len)
     fwd = Forwarder(src, dst, burst=burst, direction="a-to-b")
     assert fwd.zerocopy == zerocopy
+    tap = None
+    done = threading.Event()
+    drained = [0]
+    if tap_rate is not None:
+        from nmbridge.capring import Tap
+
+        tap = Tap(0, ["forwarded"], snaplen=frame_len, rate=tap_rate)
+        fwd.set_tap("a_to_b", tap)
+
+        def consume() -> None:
+            while not done.is_set():
+                got = len(tap.drain())
+                drained[0] += got
+                if not got:
+                    time.sleep(0.001)
+
+        threading.Thread(target=consume, daemon=True).start()
     t0 = time.perf_counter()
     fwd.run(max_frames=frames)
     dt = time.perf_counter() - t0
+    done.set()
     moved = fwd.stats()["a_to_b"]["frames"]
     assert moved >= frames, moved
+    if tap is not None and taps is not None:
+        taps.append(tap.counters())
     return dt / moved
 
 
@@ -80,6 +111,8 @@ def main() -> int:
     ap.add_argument("--bursts", default="32,256,1024")
     ap.add_argument("--slots", type=int, default=1024, help="slots per ring")
     ap.add_argument("--frame-len", type=int, default=60)
+    ap.add_argument("--capture", action="store_true",
+                    help="also run with a capture tap (10k/s limit, and no limit) on the direction")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     lib = build_baseline()
@@ -87,14 +120,26 @@ def main() -> int:
     for zerocopy in (True, False):
         for burst in (int(b) for b in args.bursts.split(",")):
             best_f = best_c = float("inf")
+            best_t = {10_000: float("inf"), 0: float("inf")}
+            taps: dict[int, list[dict[str, int]]] = {10_000: [], 0: []}
             for _ in range(args.repeat):
                 best_c = min(best_c, run_c(lib, args.frames, burst, zerocopy, args.slots, args.frame_len))
                 best_f = min(best_f, run_fastfwd(args.frames, burst, zerocopy, args.slots, args.frame_len))
-            results.append({
-                "mode": "zerocopy" if zerocopy else "copy", "burst": burst,
-                "fastfwd_ns": best_f * 1e9, "fastfwd_mpps": 1e-6 / best_f,
-                "c_ns": best_c * 1e9, "c_mpps": 1e-6 / best_c, "ratio": best_f / best_c,
-            })
+                if args.capture:
+                    for rate in best_t:
+                        best_t[rate] = min(best_t[rate], run_fastfwd(
+                            args.frames, burst, zerocopy, args.slots, args.frame_len, rate, taps[rate]))
+            r = {"mode": "zerocopy" if zerocopy else "copy", "burst": burst,
+                 "fastfwd_ns": best_f * 1e9, "fastfwd_mpps": 1e-6 / best_f,
+                 "c_ns": best_c * 1e9, "c_mpps": 1e-6 / best_c, "ratio": best_f / best_c}
+            if args.capture:
+                for rate, name in ((10_000, "tap10k"), (0, "tapall")):
+                    r[f"{name}_ns"] = best_t[rate] * 1e9
+                    r[f"{name}_ratio"] = best_t[rate] / best_c
+                    last = taps[rate][-1]
+                    r[f"{name}_captured"] = last["captured"]
+                    r[f"{name}_skipped"] = last["capture_dropped"] + last["rate_limited"]
+            results.append(r)
     if args.json:
         json.dump({"frames": args.frames, "frame_len": args.frame_len, "slots": args.slots,
                    "cpu": os.cpu_count(), "results": results}, sys.stdout, indent=2)
@@ -102,11 +147,15 @@ def main() -> int:
         return 0
     print(f"{args.frames} frames of {args.frame_len} bytes per run, {args.slots}-slot rings, "
           f"best of {args.repeat}")
+    extra = (f" {'tap 10k/s ns':>12} {'ratio':>6} {'tap all ns':>10} {'ratio':>6} {'captured':>9}"
+             if args.capture else "")
     print(f"{'mode':9} {'burst':>5} {'fastfwd Mpps':>13} {'ns/pkt':>7} {'C loop Mpps':>12} "
-          f"{'ns/pkt':>7} {'ratio':>6}")
+          f"{'ns/pkt':>7} {'ratio':>6}{extra}")
     for r in results:
+        extra = (f" {r['tap10k_ns']:12.2f} {r['tap10k_ratio']:6.2f} {r['tapall_ns']:10.2f} "
+                 f"{r['tapall_ratio']:6.2f} {r['tapall_captured']:9}" if args.capture else "")
         print(f"{r['mode']:9} {r['burst']:5} {r['fastfwd_mpps']:13.1f} {r['fastfwd_ns']:7.2f} "
-              f"{r['c_mpps']:12.1f} {r['c_ns']:7.2f} {r['ratio']:6.2f}")
+              f"{r['c_mpps']:12.1f} {r['c_ns']:7.2f} {r['ratio']:6.2f}{extra}")
     return 0
 
 

@@ -400,7 +400,8 @@ class Bridge:
                                    zerocopy=bool(p.fwd.zerocopy), directions=dirs))
             if p.watcher is not None:
                 links.update({ev.port: ev.up for ev in dict(p.watcher.state).values()})
-        return Snapshot(time=time.monotonic(), pairs=pairs, links=links, modes=modes)
+        return Snapshot(time=time.monotonic(), pairs=pairs, links=links, modes=modes,
+                        captures=[c.info() for c in list(self.ops.captures.values())])
 
 
 def required_capabilities(config: Config, link_setup: bool) -> list[tuple[int, str]]:

@@ -33,6 +33,8 @@ examples:
   nmbridge run -c bridge.toml | jq 'select(.event == "stats")'
   nmbridge stats --watch                          live counters and rates of the running bridge
   nmbridge reload                                 re-read its config (as SIGHUP does); errors shown
+  nmbridge capture -p lan --what dropped -w - | tcpdump -nr -
+                                                  what pair lan drops, live, each with its rule
 
 exit status: 0 ok, 1 error, 2 bad usage, 78 configuration error, 130 interrupted
 """
@@ -140,7 +142,15 @@ def stats_table(result: dict[str, Any]) -> str:
                          ", ".join(f"{k} {n}" for k, n in why.items() if n) or "-"])
     if len(rows) == 1:
         return "no pairs are forwarding"
-    return table(rows, {2, 3, 4, 5, 6, 7, 8})
+    text = table(rows, {2, 3, 4, 5, 6, 7, 8})
+    for c in result["snapshot"].get("captures", []):  # running `nmbridge capture`s
+        n = {k: sum(d[k] for d in c["directions"].values())
+             for k in ("seen", "captured", "capture_dropped", "rate_limited")}
+        text += (f"\ncapture {c['capture']} on {c['pair']} ({c['what']}"
+                 f"{', ' + repr(c['filter']) if c.get('filter') else ''}): {c['written']} written, "
+                 f"{n['seen']} seen, {n['capture_dropped']} capture_dropped, "
+                 f"{n['rate_limited']} rate_limited")
+    return text
 
 
 def stats_command(args: argparse.Namespace) -> int:
@@ -195,6 +205,47 @@ def ports_command(args: argparse.Namespace) -> int:
                      "yes" if p["zerocopy"] else "no",
                      "-" if link is None else f"{'up' if link['up'] else 'down'} ({link['operstate']})"])
     print(table(rows, {3, 4, 5}) if len(rows) > 1 else "no ports are open")
+    return EX_OK
+
+
+def add_capture_arguments(p: argparse.ArgumentParser) -> None:
+    add_control_argument(p)
+    p.add_argument("-p", "--pair", required=True, help="the pair to capture on")
+    p.add_argument("-d", "--direction", choices=("a-to-b", "b-to-a", "both"), default="both")
+    p.add_argument("--what", choices=("forwarded", "dropped", "all"), default="all",
+                   help="frames forwarded, dropped (by a filter, oversize, broken chain) or all")
+    p.add_argument("-f", "--filter", metavar="EXPR", help="a tcpdump expression frames must match")
+    p.add_argument("-c", "--count", type=int, default=0, metavar="N", help="stop after N frames")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S", help="stop after S seconds")
+    p.add_argument("-s", "--snaplen", type=int, default=262144, metavar="N",
+                   help="bytes kept of each frame (default 262144)")
+    p.add_argument("--rate", type=int, default=10000, metavar="FPS",
+                   help="frames per second the tap takes at most (0: no limit; default 10000)")
+    p.add_argument("-w", "--write", required=True, metavar="FILE",
+                   help="the pcapng file to write, or - for stdout (| tcpdump -r -)")
+
+
+def capture_command(args: argparse.Namespace) -> int:
+    from nmbridge.capture import run_client
+
+    req = {"pair": args.pair, "direction": args.direction, "what": args.what, "filter": args.filter,
+           "count": args.count, "duration": args.duration, "snaplen": args.snaplen, "rate": args.rate}
+
+    def started(h: dict[str, Any]) -> None:  # as tcpdump says "listening on ..."
+        expr = f", {h['filter']!r}" if h.get("filter") else ""
+        print(f"nmbridge capture: capture {h.get('capture')} on {', '.join(h.get('interfaces', []))} "
+              f"({h.get('what')}{expr}), snaplen {h.get('snaplen')}, "
+              f"at most {h.get('rate') or 'any number of'} frames/s", file=sys.stderr, flush=True)
+
+    if args.write == "-":
+        got = run_client(args.control, req, sys.stdout.buffer, on_start=started)
+    else:
+        with open(args.write, "wb") as out:
+            got = run_client(args.control, req, out, on_start=started)
+    print(f"nmbridge capture: {got.frames} frames written to "
+          f"{'stdout' if args.write == '-' else args.write}", file=sys.stderr)
+    for line in got.summaries:
+        print(f"  {line}", file=sys.stderr)
     return EX_OK
 
 
@@ -415,6 +466,12 @@ COMMANDS: list[Command] = [
                    "snapshot of the C counters, filter rule hits and link states as JSON."),
     Command("ports", "show the running bridge's ports: rings, slots, buffers, zero-copy, link state",
             add_ports_arguments, ports_command),
+    Command("capture", "capture what a pair forwards and drops, and why, as pcapng (live)",
+            add_capture_arguments, capture_command,
+            epilog="Through the control socket, without stopping anything. Dropped frames carry a\n"
+                   "comment naming the reason and the filter rule. Ends at --count, --duration,\n"
+                   "Ctrl-C or when the pair stops. Example:\n"
+                   "  nmbridge capture -p lan --what dropped -w - | tcpdump -nr -"),
     Command("reload", "make the running bridge re-read its config (as SIGHUP does) and say what changed",
             add_control_argument, reload_command,
             epilog="Filters are swapped between batches (no frame lost); pairs added, removed or\n"

@@ -2,9 +2,12 @@
 
 Request ``{"cmd": "stats"}`` (plus arguments); response ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": "..."}``. Unknown commands and malformed lines get an error
-response, never a crash. The socket is mode 0660 (owner and group: the service's user and
-the operators' group); a world-writable directory is refused, since anyone could replace
-the socket there.
+response, never a crash.  A streaming command (``capture``) answers with one JSON line
+``{"ok": true, "result": {...}, "stream": "pcapng"}`` and then raw bytes on the same
+connection until the server closes it; the client ends the stream early by half-closing its
+side (``shutdown(SHUT_WR)``: the server finishes cleanly) or by closing the connection.
+The socket is mode 0660 (owner and group: the service's user and the operators' group); a
+world-writable directory is refused, since anyone could replace the socket there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ DEFAULT_PATH = "/run/nmbridge/control.sock"
 MAX_LINE = 64 * 1024
 
 Handler = Callable[[dict[str, Any]], Any]
+
+
+class Stream:
+    """What a streaming handler returns: `header` goes out as the JSON reply's result, then
+    `run(sock)` writes the stream; the connection closes when it returns."""
+
+    def __init__(self, kind: str, header: dict[str, Any], run: Callable[[socket.socket], None]) -> None:
+        self.kind = kind
+        self.header = header
+        self.run = run
 
 
 class ControlError(NmbridgeError):
@@ -59,10 +72,17 @@ class _Connection(socketserver.StreamRequestHandler):
             if not line:
                 return
             reply = self.answer(line)
+            stream = reply.pop("stream", None)
+            if isinstance(stream, Stream):
+                reply["result"], reply["stream"] = stream.header, stream.kind
             try:
                 self.wfile.write(json.dumps(reply, default=str).encode() + b"\n")
                 self.wfile.flush()
             except OSError:
+                if not isinstance(stream, Stream):
+                    return
+            if isinstance(stream, Stream):
+                stream.run(self.connection)  # a client already gone ends it at once
                 return
 
     def answer(self, line: bytes) -> dict[str, Any]:
@@ -79,7 +99,10 @@ class _Connection(socketserver.StreamRequestHandler):
             known = ", ".join(sorted(self.server.handlers))
             return {"ok": False, "error": f"unknown command {req['cmd']!r} (known: {known})"}
         try:
-            return {"ok": True, "result": handler(req)}
+            result = handler(req)
+            if isinstance(result, Stream):
+                return {"ok": True, "stream": result}
+            return {"ok": True, "result": result}
         except ConfigError as e:
             return {"ok": False, "error": str(e), "kind": "config"}
         except NmbridgeError as e:

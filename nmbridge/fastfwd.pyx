@@ -25,6 +25,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, strerror
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from nmbridge.capring cimport (NMB_CAP_BROKEN_CHAIN, NMB_CAP_FILTERED, NMB_CAP_FORWARDED,
+                               NMB_CAP_OVERSIZE, nmb_tap, nmb_tap_offer, nmb_tap_offer_v)
 from nmbridge.netmap cimport (NETMAP_MAX_FRAGS, NS_BUF_CHANGED, NS_MOREFRAG, netmap_ring,
                               netmap_slot, nmb_buf, nmb_ring_empty, nmb_ring_space, nmb_rxring,
                               nmb_txring)
@@ -82,6 +84,8 @@ cdef extern from *:
     #define NMB_FENCE_RELEASE() __atomic_thread_fence(__ATOMIC_RELEASE)
     """
     nmb_filter *NMB_LOAD_PTR(nmb_filter *p) noexcept nogil
+    nmb_tap *NMB_LOAD_TAP "NMB_LOAD_PTR"(nmb_tap *p) noexcept nogil
+    void NMB_STORE_TAP "NMB_STORE_PTR"(nmb_tap *p, nmb_tap *v) noexcept nogil
     void NMB_STORE_PTR(nmb_filter *p, nmb_filter *v) noexcept nogil
     int NMB_LOAD_INT(int p) noexcept nogil
     void NMB_STORE_INT(int p, int v) noexcept nogil
@@ -112,6 +116,7 @@ cdef struct fwd_dir:
     bint zerocopy
     uint32_t burst
     nmb_filter *filter
+    nmb_tap *tap           # a running capture (nmb_capring.h), or NULL: loaded once per batch
     uint64_t skipping      # bit r: RX ring r is dropping the rest of a broken chain
     bint chain_wait        # the last batch left a chain whose rest has not arrived yet
     dir_stats st
@@ -159,8 +164,27 @@ cdef inline uint32_t avail(uint32_t from_, uint32_t tail, uint32_t n) noexcept n
     return tail - from_ if tail >= from_ else tail + n - from_
 
 
+cdef void tap_chain(nmb_tap *tap, unsigned reason, nmb_filter *filt, netmap_ring *rx,
+                    uint32_t j, uint32_t n, uint32_t total) noexcept nogil:
+    """A chain's verdict to the tap: the bytes of its n slots from RX slot j (at most
+    NETMAP_MAX_FRAGS of them, each at most a buffer), `total` on the wire."""
+    cdef const uint8_t *bufs[NETMAP_MAX_FRAGS]
+    cdef uint32_t lens[NETMAP_MAX_FRAGS]
+    cdef uint32_t i
+    cdef netmap_slot *rs
+    if n > NETMAP_MAX_FRAGS:
+        n = NETMAP_MAX_FRAGS
+    for i in range(n):
+        rs = &rx.slot[j]
+        bufs[i] = <const uint8_t *>nmb_buf(rx, rs.buf_idx)
+        lens[i] = rs.len if rs.len <= rx.nr_buf_size else rx.nr_buf_size
+        j = 0 if j + 1 == rx.num_slots else j + 1
+    nmb_tap_offer_v(tap, reason, filt, bufs, lens, n, total)
+
+
 cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
-                         uint32_t *pj, uint32_t *pk, int *blocked, uint64_t ring_bit) noexcept nogil:
+                         uint32_t *pj, uint32_t *pk, int *blocked, uint64_t ring_bit,
+                         nmb_tap *tap) noexcept nogil:
     """Move (or drop) the NS_MOREFRAG chain starting at RX slot *pj to TX slot *pk. Returns
     RX slots consumed; 0 with *blocked = 1 (no TX room yet) or 2 (chain not complete yet)."""
     cdef uint32_t j = pj[0], e = pj[0], t = pk[0], n = 0, i, tmp, total = 0
@@ -183,12 +207,16 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
         return 0
     if not complete or n > NETMAP_MAX_FRAGS or n > tx.num_slots - 1:
         d.st.broken_chain += 1          # longer than any ring or NETMAP_MAX_FRAGS allows
+        if tap != NULL:
+            tap_chain(tap, NMB_CAP_BROKEN_CHAIN, filt, rx, j, n, total)
         if not complete:
             d.skipping |= ring_bit      # its remaining slots are dropped as they arrive
         pj[0] = e
         return n
     if oversize:
         d.st.oversize += 1
+        if tap != NULL:
+            tap_chain(tap, NMB_CAP_OVERSIZE, filt, rx, j, n, total)
         pj[0] = e
         return n
     if n > avail(t, tx.tail, tx.num_slots):
@@ -197,8 +225,12 @@ cdef uint32_t move_chain(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_r
     rs = &rx.slot[j]
     if filt != NULL and filt.run(filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx), rs.len) == NMB_DROP:
         d.st.filtered += 1
+        if tap != NULL:
+            tap_chain(tap, NMB_CAP_FILTERED, filt, rx, j, n, total)
         pj[0] = e
         return n
+    if tap != NULL:
+        tap_chain(tap, NMB_CAP_FORWARDED, filt, rx, j, n, total)
     for i in range(n):
         rs = &rx.slot[j]
         ts = &tx.slot[t]
@@ -248,9 +280,11 @@ cdef inline bint filter_drops(nmb_filter *filt, netmap_ring *rx, netmap_slot *rs
 
 cdef inline uint32_t window(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
                             uint32_t *pj, uint32_t *pk, uint32_t m, const bint zc,
-                            const bint filtering, uint64_t *frames, uint64_t *nbytes) noexcept nogil:
+                            const bint filtering, uint64_t *frames, uint64_t *nbytes,
+                            nmb_tap *tap, const bint tapping) noexcept nogil:
     """Single-slot frames of a window of m slots that both rings own; stops at a chain.
-    Returns slots consumed. The bint modes are constants at each call site."""
+    Returns slots consumed. The bint modes are constants at each call site (`tapping`: offer
+    each verdict to `tap`; the untapped copies have no trace of it)."""
     cdef uint32_t j = pj[0], k = pk[0], i = 0, tmp, len_, dropped = 0
     cdef uint32_t max_len = rx.nr_buf_size if rx.nr_buf_size < tx.nr_buf_size else tx.nr_buf_size
     cdef uint32_t rx_n = rx.num_slots, tx_n = tx.num_slots
@@ -265,10 +299,19 @@ cdef inline uint32_t window(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netma
                 break
             d.st.oversize += 1
             dropped += 1
+            if tapping:
+                nmb_tap_offer(tap, NMB_CAP_OVERSIZE, filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx),
+                              len_ if len_ <= rx.nr_buf_size else rx.nr_buf_size, len_)
         elif filtering and filter_drops(filt, rx, rs, j, rx_n, len_):
             d.st.filtered += 1
             dropped += 1
+            if tapping:
+                nmb_tap_offer(tap, NMB_CAP_FILTERED, filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx),
+                              len_, len_)
         else:
+            if tapping:                 # before the swap: the frame is still in rs's buffer
+                nmb_tap_offer(tap, NMB_CAP_FORWARDED, filt, <const uint8_t *>nmb_buf(rx, rs.buf_idx),
+                              len_, len_)
             ts = &tx.slot[k]
             if zc:
                 tmp = ts.buf_idx
@@ -292,7 +335,7 @@ cdef inline uint32_t window(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netma
 
 
 cdef uint32_t move_ring(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ring *tx,
-                        uint32_t limit, int *blocked, uint64_t ring_bit) noexcept nogil:
+                        uint32_t limit, int *blocked, uint64_t ring_bit, nmb_tap *tap) noexcept nogil:
     """Move up to about `limit` RX slots of one ring pair (a chain may finish past it).
     Returns RX slots consumed; sets *blocked when TX is full or a chain must wait."""
     cdef uint32_t j = rx.head, k = tx.head, done = 0, m, i, got, rx_av, tx_av
@@ -313,19 +356,22 @@ cdef uint32_t move_ring(fwd_dir *d, nmb_filter *filt, netmap_ring *rx, netmap_ri
             blocked[0] = 1              # frames wait, this TX ring is full
             break
         m = min3(rx_av, tx_av, limit - done)
-        # four copies of one window loop, each with its mode fixed at compile time
-        if zc:
+        # four copies of one window loop, each with its mode fixed at compile time, and a
+        # fifth, general one for a direction with a capture running
+        if NMB_UNLIKELY(tap != NULL):
+            i = window(d, filt, rx, tx, &j, &k, m, zc, filt != NULL, &frames, &nbytes, tap, True)
+        elif zc:
             if filt == NULL:
-                i = window(d, NULL, rx, tx, &j, &k, m, True, False, &frames, &nbytes)
+                i = window(d, NULL, rx, tx, &j, &k, m, True, False, &frames, &nbytes, NULL, False)
             else:
-                i = window(d, filt, rx, tx, &j, &k, m, True, True, &frames, &nbytes)
+                i = window(d, filt, rx, tx, &j, &k, m, True, True, &frames, &nbytes, NULL, False)
         elif filt == NULL:
-            i = window(d, NULL, rx, tx, &j, &k, m, False, False, &frames, &nbytes)
+            i = window(d, NULL, rx, tx, &j, &k, m, False, False, &frames, &nbytes, NULL, False)
         else:
-            i = window(d, filt, rx, tx, &j, &k, m, False, True, &frames, &nbytes)
+            i = window(d, filt, rx, tx, &j, &k, m, False, True, &frames, &nbytes, NULL, False)
         done += i
         if i < m:                       # a chain starts at slot j
-            got = move_chain(d, filt, rx, tx, &j, &k, blocked, ring_bit)
+            got = move_chain(d, filt, rx, tx, &j, &k, blocked, ring_bit, tap)
             if got == 0:
                 break
             done += got
@@ -344,6 +390,7 @@ cdef uint32_t move_dir(fwd_dir *d) noexcept nogil:
     cdef netmap_ring *rx
     cdef int blocked
     cdef nmb_filter *filt = NMB_LOAD_PTR(d.filter)
+    cdef nmb_tap *tap = NMB_LOAD_TAP(d.tap)
     d.chain_wait = False
     while si < src.rx_last and di < dst.tx_last and done < d.burst:
         rx = nmb_rxring(src.nifp, si)
@@ -352,7 +399,7 @@ cdef uint32_t move_dir(fwd_dir *d) noexcept nogil:
             continue
         blocked = 0
         got = move_ring(d, filt, rx, nmb_txring(dst.nifp, di), d.burst - done, &blocked,
-                        1ULL << ((si - src.rx_first) & 63))
+                        1ULL << ((si - src.rx_first) & 63), tap)
         done += got
         if blocked == 1:
             di += 1                     # this TX ring is full: try the next one
@@ -609,6 +656,7 @@ cdef class Forwarder:
     cdef readonly bint zerocopy
     cdef readonly uint32_t burst
     cdef object _filters
+    cdef object _taps
     cdef list _retired
     cdef bint _running
 
@@ -637,6 +685,7 @@ cdef class Forwarder:
                              "zero-copy forwarding is impossible between them")
         self.zerocopy = a.c.mem_key == b.c.mem_key and zerocopy is not False
         self._filters = [None, None]
+        self._taps = [None, None]
         self._retired = []
         self.st.d[0].src, self.st.d[0].dst = a.c, b.c
         self.st.d[1].src, self.st.d[1].dst = b.c, a.c
@@ -646,6 +695,7 @@ cdef class Forwarder:
             self.st.d[i].zerocopy = self.zerocopy
             self.st.d[i].burst = burst
             self.st.d[i].filter = NULL
+            self.st.d[i].tap = NULL
         self.st.poll_timeout_ms = poll_timeout_ms
         self.st.poll_syncs = a.c.poll_syncs != 0 and b.c.poll_syncs != 0
         cdef size_t addr, nbytes
@@ -789,6 +839,30 @@ cdef class Forwarder:
                 time.sleep(0.0005)
             if self._running and self.st.epoch < seen + 2:
                 self._retired.append(old)   # a stuck loop may still hold it: never free it
+
+    def set_tap(self, str direction, tap) -> None:
+        """Install a capture tap (an object with ``address``, the C ``struct nmb_tap *``; see
+        nmbridge.capring) for "a_to_b" or "b_to_a", or None to remove it.  The loop picks it up
+        between batches; this returns once the change is in force (a new tap sees every frame
+        that arrives from now on; a removed one can no longer be written to)."""
+        cdef int i = _DIRECTIONS.index(direction)
+        cdef size_t addr = 0 if tap is None else tap.address
+        cdef uint64_t seen
+        cdef object old = self._taps[i]
+        self._taps[i] = tap
+        NMB_STORE_TAP(self.st.d[i].tap, <nmb_tap *>addr)
+        if self._running and (old is not None or tap is not None):
+            import time
+            seen = self.st.epoch
+            deadline = time.monotonic() + 5.0
+            while self._running and self.st.epoch < seen + 2 and time.monotonic() < deadline:
+                self.stop_wake()
+                time.sleep(0.0005)
+            if self._running and self.st.epoch < seen + 2 and old is not None:
+                self._retired.append(old)   # a stuck loop may still hold it: never free it
+
+    def tap(self, str direction):
+        return self._taps[_DIRECTIONS.index(direction)]
 
     def stop_wake(self) -> None:
         """Wake a loop sleeping in poll() without stopping it."""

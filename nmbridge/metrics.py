@@ -68,6 +68,26 @@ class BridgeCollector(Collector):
         for port, m in snap.get("modes", {}).items():
             mode.add_metric([port, m], 1.0)
         yield from (received, forwarded, drops, queued, nbytes, batches, stalls, hits, zc, link, mode)
+        yield from capture_metrics(snap)
+
+
+def capture_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Running captures (`nmbridge capture`): their taps' counters; none while none runs."""
+    running = GaugeMetricFamily("nmbridge_captures", "Captures running", labels=["pair"])
+    frames = CounterMetricFamily("nmbridge_capture_frames", "Frames a running capture's tap saw, "
+                                 "by outcome (captured, capture_dropped: ring full, rate_limited)",
+                                 labels=["pair", "direction", "capture", "outcome"])
+    per_pair: dict[str, int] = {}
+    for c in snap.get("captures", []):
+        pair = c.get("pair", "")
+        per_pair[pair] = per_pair.get(pair, 0) + 1
+        for d, t in c.get("directions", {}).items():
+            for outcome, v in (("captured", t["captured"]), ("capture_dropped", t["capture_dropped"]),
+                               ("rate_limited", t["rate_limited"])):
+                frames.add_metric([pair, d, str(c.get("capture", 0)), outcome], float(v))
+    for pair, count in per_pair.items():
+        running.add_metric([pair], float(count))
+    yield from (running, frames)
 
 
 class MetricsServer:

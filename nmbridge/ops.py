@@ -54,6 +54,9 @@ class Ops:
         self._control_problem: str | None = None  # the default socket could not be made
         self._samples: collections.deque[Snapshot] = collections.deque(maxlen=3)
         self._last_stats: Snapshot | None = None
+        self.captures: dict[int, Any] = {}  # id -> nmbridge.capture.Capture, while it runs
+        self.stopping = threading.Event()   # set by close(): running captures end
+        self._captures_lock = threading.Lock()
 
     # --- the control socket and metrics ---------------------------------------------------
 
@@ -70,6 +73,7 @@ class Ops:
         if not path:
             return
         handlers = {"stats": self._cmd_stats, "ports": self._cmd_ports, "reload": self._cmd_reload,
+                    "capture": self._cmd_capture, "captures": self._cmd_captures,
                     "version": lambda req: {"version": __version__}}
         try:
             self.control = control.ControlServer(path, handlers).start()
@@ -106,6 +110,7 @@ class Ops:
                    metrics=b.config.metrics.listen, systemd=b.notifier.enabled)
 
     def close(self) -> None:
+        self.stopping.set()
         for what in ("control", "metrics"):
             server = getattr(self, what)
             setattr(self, what, None)
@@ -205,6 +210,8 @@ class Ops:
         self._last_stats = cur
         for p in cur["pairs"]:
             self.bridge.log.info("stats", **event_fields(p, r.get(p["pair"], {})))
+        for c in cur.get("captures", []):  # running `nmbridge capture`s: one event each
+            self.bridge.log.info("capture_stats", **c)
 
     def _rate_base(self, cur: Snapshot) -> Snapshot | None:
         """The newest sample at least half a sample period older than `cur`."""
@@ -235,6 +242,40 @@ class Ops:
                             **info, "zerocopy": bool(p.fwd.zerocopy),
                             "link": None if ev is None else {"up": ev.up, "operstate": ev.operstate}})
         return {"bridge": self.bridge.config.bridge.name, "ports": out}
+
+    def _cmd_capture(self, req: dict[str, Any]) -> Any:
+        """Start a capture and stream it (see nmbridge.capture and control.Stream)."""
+        from nmbridge.capture import Capture, CaptureSpec
+        from nmbridge.control import Stream
+
+        spec = CaptureSpec.from_request(req)
+        pair = next((p for p in list(self.bridge.pairs) if p.config.name == spec.pair), None)
+        if pair is None:
+            known = ", ".join(p.config.name for p in self.bridge.pairs) or "none"
+            raise NmbridgeError(f"capture: no pair {spec.pair!r} (running: {known})")
+        with self._captures_lock:
+            for other in self.captures.values():
+                both = set(other.taps) & set(spec.directions)
+                if other.spec.pair == spec.pair and both:
+                    raise NmbridgeError(f"capture: pair {spec.pair} {'/'.join(sorted(both))} is "
+                                        f"being captured already (capture {other.id})")
+            cap = Capture(spec, pair, alive=lambda: pair in self.bridge.pairs and not pair.a.closed)
+            self.captures[cap.id] = cap
+        log = self.bridge.log
+
+        def run(sock: Any) -> None:
+            log.info("capture_started", **{k: v for k, v in cap.header().items() if k != "format"})
+            try:
+                cap.stream(sock, self.stopping)
+            finally:
+                self.captures.pop(cap.id, None)
+                log.info("capture_ended", capture=cap.id, pair=spec.pair, reason=cap.ended,
+                         written=cap.written, counters=cap.info()["directions"])
+
+        return Stream("pcapng", cap.header(), run)
+
+    def _cmd_captures(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"captures": [c.info() for c in list(self.captures.values())]}
 
     def _cmd_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         from nmbridge.control import ControlError

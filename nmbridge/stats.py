@@ -43,6 +43,28 @@ class Snapshot(TypedDict):
     pairs: list[PairStats]
     links: dict[str, bool]
     modes: NotRequired[dict[str, str]]  # port -> mode, for backends that have one (afxdp: zc/native/skb)
+    captures: NotRequired[list[CaptureStats]]  # running captures (see below)
+
+
+# --- running captures (nmbridge capture) -----------------------------------------------------
+
+class CaptureCounters(TypedDict):
+    seen: int             # frames that matched the capture's selection
+    captured: int         # copied into the tap's ring
+    capture_dropped: int  # the ring was full (the reader was behind): not captured
+    rate_limited: int     # over the capture's rate limit: not captured
+    bytes: int
+
+
+class CaptureStats(TypedDict, total=False):
+    capture: int
+    pair: str
+    what: str
+    filter: str | None
+    state: str            # "starting", then "running" once its taps are in
+    written: int
+    running_seconds: float
+    directions: dict[str, CaptureCounters]
 
 
 def rates(prev: Snapshot | None, cur: Snapshot) -> dict[str, dict[str, dict[str, float]]]:

@@ -141,6 +141,12 @@ cdef int load_bpf(bytes insns, nmb_bpf_op *out) except -1:
     return 0
 
 
+def decide_address() -> int:
+    """The address of ``nmb_filter_decide`` (first-match rule index, counts nothing): the
+    capture tap calls it on a Program's ``address`` to name the deciding rule."""
+    return <size_t>&nmb_filter_decide
+
+
 def check_bpf(bytes insns) -> None:
     """Raise BPFError unless the interpreter accepts `insns` (libpcap's struct bpf_insn array,
     8 native-endian bytes each)."""
