@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import os
 import sys
-from urllib.parse import parse_qsl
 
-from nmbridge.backends import OpenOptions
+from nmbridge.backends import OpenOptions, parse_options, whole_number
 from nmbridge.errors import PortError
 from nmbridge.port import Port, Region
 
@@ -46,9 +45,10 @@ def check_ifname(name: str) -> None:
         raise ValueError(f"interface name {name!r} is longer than 15 bytes")
     if name in (".", ".."):
         raise ValueError(f"{name!r} is not a valid interface name")
-    bad = [c for c in name if c in "/:" or c.isspace()]
+    bad = [c for c in name if c in "/:" or c.isspace() or not c.isprintable()]
     if bad:
-        raise ValueError(f"interface name {name!r} contains {bad[0]!r} ('/', ':' and spaces are not allowed)")
+        raise ValueError(f"interface name {name!r} contains {bad[0]!r} ('/', ':', spaces and control "
+                         "characters such as NUL are not allowed)")
 
 
 def parse(name: str) -> tuple[str, dict[str, int]]:
@@ -56,18 +56,20 @@ def parse(name: str) -> tuple[str, dict[str, int]]:
     ifname, _, query = name.partition("?")
     check_ifname(ifname)
     opts: dict[str, int] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+    for key, value in parse_options("afpacket", query).items():
         if key in _INT_OPTIONS:
             lo, hi = _INT_OPTIONS[key]
-            if not value.isdigit() or not lo <= int(value) <= hi:
+            n = whole_number(value, lo, hi)
+            if n is None:
                 raise ValueError(f"afpacket option {key}={value!r}: a whole number from {lo} to {hi}")
         elif key in _BOOL_OPTIONS:
             if value not in ("0", "1"):
                 raise ValueError(f"afpacket option {key}={value!r}: use 0 or 1")
+            n = int(value)
         else:
             known = ", ".join([*_INT_OPTIONS, *_BOOL_OPTIONS])
             raise ValueError(f"unknown afpacket option {key!r} (known: {known})")
-        opts[key] = int(value)
+        opts[key] = n
     if "block_size" in opts and opts["block_size"] % os.sysconf("SC_PAGE_SIZE"):
         raise ValueError(f"afpacket option block_size={opts['block_size']}: not a multiple of the page size")
     return ifname, opts
