@@ -24,7 +24,7 @@ from typing import Any
 
 from nmbridge.config import SOCKET_PATH_MAX
 from nmbridge.errors import ConfigError, NmbridgeError
-from nmbridge.logs import get_logger
+from nmbridge.serving import ConnectionLimit
 
 DEFAULT_PATH = "/run/nmbridge/control.sock"
 MAX_LINE = 64 * 1024
@@ -114,68 +114,10 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     request_queue_size = 64  # listen() backlog: a burst of clients waits instead of failing
     handlers: dict[str, Handler]
-    max_connections = MAX_CONNECTIONS
-    idle_timeout: float | None = IDLE_TIMEOUT
-
-    def server_activate(self) -> None:
-        self.active = 0
-        self.lock = threading.Lock()
-        self.refusing = False  # logged once per stretch of refusals
-        super().server_activate()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """A thread for the connection, unless MAX_CONNECTIONS are served already: then one
-        error line (never blocking the accepting thread) and close."""
-        with self.lock:
-            full = self.active >= self.max_connections
-            if not full:
-                self.active += 1
-                self.refusing = False
-            first_refusal = full and not self.refusing
-            self.refusing = self.refusing or full
-        if full:
-            if first_refusal:
-                get_logger().warning("control_busy", connections=self.max_connections,
-                                     note="more clients are refused until some close")
-            try:
-                request.setblocking(False)
-                request.send(_reply({"ok": False, "error": f"the bridge serves {self.max_connections} "
-                                     "control connections already: try again later"}))
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._done()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._done()
-
-    def _done(self) -> None:
-        with self.lock:
-            self.active -= 1
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Not socketserver's traceback on stderr: one log line (a bug of ours, since a
-        connection's own failures end it quietly)."""
-        import sys
-
-        e = sys.exc_info()[1]
-        get_logger().error("control_connection_failed", error=f"{type(e).__name__}: {e}")
 
 
 class _Connection(socketserver.StreamRequestHandler):
     server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.idle_timeout)  # reads and writes alike
 
     def handle(self) -> None:
         while True:
@@ -242,8 +184,10 @@ class ControlServer:
             os.umask(old)
         os.chmod(path, mode)
         self.server.handlers = dict(handlers)
-        self.server.max_connections = max_connections
-        self.server.idle_timeout = idle_timeout
+        refusal = _reply({"ok": False, "error": f"the bridge serves {max_connections} control connections "
+                          "already: try again later"})
+        self.limit = ConnectionLimit("control", max_connections, idle_timeout, refusal)
+        self.limit.install(self.server)
         self.path = path
         self.thread = threading.Thread(target=self.server.serve_forever, name="nmbridge-control",
                                        daemon=True)

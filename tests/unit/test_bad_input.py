@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from nmbridge.control import (
     request,
 )
 from nmbridge.errors import ConfigError
+from nmbridge.metrics import MAX_SCRAPES, MetricsServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0  # seconds; generous for a loaded machine, never slept
@@ -301,7 +303,7 @@ def test_a_client_that_resets_its_connection_ends_it_quietly(
         assert select.select([s], [], [], DEADLINE)[0]  # the reply is in our buffer, unread
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
-    wait_for(lambda: server.server.active == 0, "the reset connections to end")  # type: ignore[attr-defined]
+    wait_for(lambda: server.limit.active == 0, "the reset connections to end")
     assert request(server.path, "echo", x=2) == 2
     err = capfd.readouterr().err
     assert "Traceback" not in err and "ConnectionResetError" not in err
@@ -330,7 +332,7 @@ def test_connections_are_bounded_and_idle_ones_closed(tmp_path: Path) -> None:
     held: list[socket.socket] = []
     try:
         held = [connect(server.path) for _ in range(MAX_CONNECTIONS)]
-        wait_for(lambda: server.server.active == MAX_CONNECTIONS,  # type: ignore[attr-defined]
+        wait_for(lambda: server.limit.active == MAX_CONNECTIONS,
                  "every connection to be served")
         for _ in range(100):
             with connect(server.path) as s:
@@ -344,7 +346,7 @@ def test_connections_are_bounded_and_idle_ones_closed(tmp_path: Path) -> None:
             request(server.path, "echo", x=1)
         assert ask(held[0], b'{"cmd": "echo", "x": 5}\n')["result"] == 5  # the held ones still work
         held.pop().close()
-        wait_for(lambda: server.server.active < MAX_CONNECTIONS,  # type: ignore[attr-defined]
+        wait_for(lambda: server.limit.active < MAX_CONNECTIONS,
                  "a closed connection to free its place")
         assert request(server.path, "echo", x=3) == 3
     finally:
@@ -381,6 +383,33 @@ def test_fuzzed_requests_get_one_answer_each(server: ControlServer, lines: list[
             if not reply["ok"]:
                 assert isinstance(reply["error"], str) and "\n" not in reply["error"]
     assert request(server.path, "echo", x=7) == 7
+
+
+def test_metrics_endpoint_resets_and_idle_scrapers(capfd: pytest.CaptureFixture[str]) -> None:
+    """The same on the Prometheus endpoint: a reset was a traceback on stderr, and idle TCP
+    connections (from anywhere, when it listens publicly) each held a thread."""
+    m = MetricsServer("127.0.0.1:0", lambda: {"time": 0.0, "pairs": [], "links": {}})
+    held: list[socket.socket] = []
+    try:
+        for payload in (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"\x00" * 10000):
+            with socket.create_connection(("127.0.0.1", m.port), timeout=DEADLINE) as s:
+                s.sendall(payload)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+        held = [socket.create_connection(("127.0.0.1", m.port), timeout=DEADLINE)
+                for _ in range(MAX_SCRAPES)]
+        wait_for(lambda: m.limit.active == MAX_SCRAPES, "every idle connection to be served")
+        with socket.create_connection(("127.0.0.1", m.port), timeout=DEADLINE) as s:
+            assert s.recv(100).startswith(b"HTTP/1.0 503 ")
+        for s in held:
+            s.close()
+        wait_for(lambda: m.limit.active == 0, "the idle connections to end")
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=DEADLINE) as r:
+            assert r.status == 200
+    finally:
+        for s in held:
+            s.close()
+        m.close()
+    assert "Traceback" not in capfd.readouterr().err
 
 
 # --- a closed stdout (item 8; issue 18 item 5) --------------------------------------------
