@@ -289,11 +289,17 @@ def _show(value: object, depth: int = 0) -> str:
         s = "[" + ", ".join([*(_show(v, depth + 1) for v in value[:20]), *more]) + "]"
     elif isinstance(value, Mapping):
         more = ["..."] if len(value) > 20 else []
-        s = "{" + ", ".join([*(f"{k} = {_show(v, depth + 1)}" for k, v in list(value.items())[:20]),
+        s = "{" + ", ".join([*(f"{_bare(k)} = {_show(v, depth + 1)}" for k, v in list(value.items())[:20]),
                              *more]) + "}"
     else:
         s = str(value)
     return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _bare(key: object) -> str:
+    """A key as TOML spells it: bare when it can be, else quoted (and escaped)."""
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else json.dumps(text, ensure_ascii=False)
 
 
 def _kind(value: object) -> str:
@@ -363,7 +369,10 @@ class _Lines:
         while keypath:
             if keypath in self.lines:
                 return self.lines[keypath]
-            keypath = re.sub(r"(\[\d+\]|\.[^.\[\]]+|^[^.\[\]]+)$", "", keypath)
+            shorter = re.sub(r"(\[\d+\]|\.[^.\[\]]+|^[^.\[\]]+)$", "", keypath)
+            if len(shorter) >= len(keypath):  # a key the pattern cannot peel ("", "a[", "x]"): it
+                shorter = keypath.rpartition(".")[0]  # looped for ever (`bridge = { "" = 1 }`)
+            keypath = shorter
         return None
 
 
@@ -376,7 +385,8 @@ class _Loader:
         """``FILE:LINE: KEYPATH = VALUE: REASON`` (no ``= VALUE`` when the key is missing)."""
         line = self.lines.find(keypath)
         where = f"{self.path}:{line}" if line else self.path
-        what = keypath if value is ... else f"{keypath} = {_show(value)}"
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in keypath)  # a key "\n"
+        what = shown if value is ... else f"{shown} = {_show(value)}"
         return ConfigError(f"{where}: {what}: {reason}")
 
     # --- one table at a time ------------------------------------------------------------

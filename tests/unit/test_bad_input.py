@@ -54,7 +54,7 @@ def nmbridge(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     """`python3 -m nmbridge ARGV` as a user runs it (this tree first on the path)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "nmbridge", *argv], capture_output=True, text=True,
-                          timeout=120, env=env, **kw)
+                          env=env, **{"timeout": 120, **kw})
 
 
 def popen(*argv: str, **kw: Any) -> subprocess.Popen[bytes]:
@@ -127,6 +127,59 @@ def test_config_directory_and_integer_too_long(tmp_path: Path) -> None:
         config.load(tmp_path)
     with pytest.raises(ConfigError, match=r"^b.toml: a value TOML cannot hold: Exceeds the limit \(4300"):
         config.loads("[bridge]\nburst = " + "9" * 5000 + "\n" + PAIR, "b.toml")
+
+
+def test_an_empty_or_odd_key_in_an_inline_table_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    """Found by fuzzing: the line finder could not peel the key path `bridge.` and looped for
+    ever (`check` hung; a SIGHUP with that file would have hung the running bridge)."""
+    f = tmp_path / "b.toml"
+    for text, shown in (('bridge = { "" = 1 }\n', "bridge. = 1"),
+                        ('bridge = { "x[" = 1 }\n', "bridge.x[ = 1"),
+                        ('bridge = { "\\n" = 1 }\n', "bridge.\\n = 1")):
+        f.write_text(text)
+        done = nmbridge("check", "-c", str(f), timeout=DEADLINE)
+        assert done.returncode == 78
+        assert one_line(done.stderr).startswith(f"nmbridge: {f}:1: {shown}: unknown key; ")
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"bridge": {"name": {"\n": False}}})
+    assert str(e.value) == '<dict>: bridge.name = {"\\n" = false}: must be a string, not a table'
+
+
+_scalar = st.one_of(st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+                    st.sampled_from(["", "\x00", "²", "0x10", "arp", "10.0.0.0/8", "tcp port 22", "("]))
+_value = st.recursive(
+    _scalar, lambda k: st.lists(k, max_size=3) | st.dictionaries(st.text(max_size=6), k, max_size=3),
+    max_leaves=8)
+
+
+def _table(*keys: str) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(st.sampled_from(keys) | st.text(max_size=6), _value, max_size=4)
+
+
+_port = st.builds(lambda p, n: p + n, st.sampled_from(["afpacket:", "netmap:", "mem:", "vale0:", "", "x:"]),
+                  st.text(alphabet="ab0_-.^*@/{}?=&:\x00² ", max_size=14)) | _value
+_PAIR_KEYS = ["name", "ports", "direction", "filter", "filter_b_to_a", "link_setup"]
+_pair = st.dictionaries(st.sampled_from(_PAIR_KEYS),
+                        st.lists(_port, min_size=2, max_size=2) | _value | st.sampled_from(["f", "a-to-b"]),
+                        max_size=5)
+_rule = st.dictionaries(st.sampled_from(["name", "action", "pcap", "ethertype", "src_ip", "dst_port"]),
+                        _value | st.sampled_from(["pass", "drop"]), max_size=4)
+_document = st.fixed_dictionaries({}, optional={
+    "bridge": _table("name", "backend", "burst", "stats_interval", "ring_slots", "buf_size"),
+    "log": _table("level", "format"), "metrics": _table("listen"), "control": _table("socket"),
+    "filter": st.dictionaries(st.sampled_from(["f", "g"]), st.fixed_dictionaries(
+        {}, optional={"default": _value, "rule": st.lists(_rule, max_size=2) | _value}), max_size=2),
+    "pair": st.lists(_pair, max_size=3) | _value})
+
+
+@settings(max_examples=300, deadline=None)
+@given(_document)
+def test_fuzzed_configs_load_or_fail_in_one_line(document: dict[str, Any]) -> None:
+    try:
+        config.from_dict(document, "t")
+    except ConfigError as e:
+        assert "\n" not in str(e)
 
 
 # --- port names and options (item 9) -----------------------------------------------------
