@@ -179,6 +179,8 @@ def read_text(path: str | Path, limit: int = MAX_CONFIG_BYTES) -> bytes:
     opened non-blocking in case it became one) and never reads more than `limit` + 1 bytes
     (``-c /dev/zero`` is refused, not read until memory runs out)."""
     name = str(path)
+    if not name:
+        raise ConfigError("the config file path is empty")
 
     def refuse(what: str) -> ConfigError:
         return ConfigError(f"{name}: is {what}, not a config file: give the path of a regular TOML file "

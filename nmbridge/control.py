@@ -85,6 +85,9 @@ def check_path(path: str) -> None:
             raise ControlError(f"control socket path {path}: {d} is not a directory")
         if st.st_mode & stat.S_IWOTH:
             raise _world_writable(d, base)
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise ControlError(f"control socket directory {d}: permission denied (nmbridge must be able "
+                               "to create the socket there)")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

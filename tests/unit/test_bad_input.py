@@ -125,6 +125,8 @@ def test_config_larger_than_1_mib_is_refused(tmp_path: Path) -> None:
 def test_config_directory_and_integer_too_long(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"^{tmp_path}: is a directory, not a config file"):
         config.load(tmp_path)
+    with pytest.raises(ConfigError, match=r"^the config file path is empty$"):  # check -c ''
+        config.load("")
     with pytest.raises(ConfigError, match=r"^b.toml: a value TOML cannot hold: Exceeds the limit \(4300"):
         config.loads("[bridge]\nburst = " + "9" * 5000 + "\n" + PAIR, "b.toml")
 
