@@ -184,6 +184,18 @@ def test_fuzzed_configs_load_or_fail_in_one_line(document: dict[str, Any]) -> No
         assert "\n" not in str(e)
 
 
+def test_a_pcap_expression_longer_than_2048_characters_is_refused_before_libpcap(tmp_path: Path) -> None:
+    """Found: 20,000 `tcp port N` alternatives made libpcap's optimizer take gigabytes until the
+    kernel killed `nmbridge check` (a reload would have taken the running bridge down)."""
+    expr = " or ".join(f"tcp port {i}" for i in range(20000))
+    f = tmp_path / "b.toml"
+    f.write_text(f'[filter.f]\n[[filter.f.rule]]\naction = "drop"\npcap = "{expr}"\n{PAIR}filter = "f"\n')
+    done = nmbridge("check", "-c", str(f), timeout=DEADLINE)
+    assert done.returncode == 78
+    assert f"{len(expr)} characters, more than 2048: libpcap's optimizer" in one_line(done.stderr)
+    assert "split it into several rules" in done.stderr
+
+
 # --- port names and options (item 9) -----------------------------------------------------
 
 
