@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ from nmbridge.control import ControlError
 from nmbridge.errors import ConfigError, NmbridgeError
 
 EX_OK, EX_ERROR, EX_USAGE, EX_CONFIG, EX_INTERRUPTED = 0, 1, 2, 78, 130
+EX_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`; stdout's reader went away
+MAX_WATCH = 86_400.0  # seconds
 
 EPILOG = """\
 examples:
@@ -36,7 +39,8 @@ examples:
   nmbridge capture -p lan --what dropped -w - | tcpdump -nr -
                                                   what pair lan drops, live, each with its rule
 
-exit status: 0 ok, 1 error, 2 bad usage, 78 configuration error, 130 interrupted
+exit status: 0 ok, 1 error, 2 bad usage, 78 configuration error, 130 interrupted,
+             141 the reader of the output went away (`nmbridge stats --watch | head`)
 """
 
 
@@ -83,6 +87,7 @@ def run_command(args: argparse.Namespace) -> int:
     control = args.control
     if control:
         control = os.path.abspath(control)
+    check_control_socket(cfg, control)  # before touching anything
     check_capabilities(cfg, link_setup=not args.no_link_setup)  # before touching anything
     configure_logs(args, cfg)
     for w in cfg.warnings:  # what `check` warns about: rules that never match or never decide
@@ -91,6 +96,21 @@ def run_command(args: argparse.Namespace) -> int:
            log_level_fixed=bool(getattr(args, "log_level", None)),
            state_directory=getattr(args, "state_dir", None)).run()
     return EX_OK
+
+
+def check_control_socket(cfg: config.Config, control: str | None) -> None:
+    """Refuse a control socket that `run` would refuse, before any link is set up: a path no
+    socket can have, a world-writable directory, another nmbridge listening there.  Only a
+    socket asked for (--control or [control] socket): without one, the default path is best
+    effort (serve_ops warns and runs on)."""
+    from nmbridge.control import check_path
+
+    path = control if control is not None else cfg.control.path
+    if path and (control is not None or cfg.control.socket is not None):
+        try:
+            check_path(path)
+        except ControlError as e:
+            raise NmbridgeError(f"control socket: {e}") from None
 
 
 # --- stats, ports, reload: clients of the control socket ---------------------------------
@@ -158,8 +178,8 @@ def stats_command(args: argparse.Namespace) -> int:
     from nmbridge.stats import rates
 
     out: TextIO = sys.stdout
-    if args.watch is not None and args.watch <= 0:
-        fail("--watch SECONDS must be more than 0")
+    if args.watch is not None and not (0 < args.watch <= MAX_WATCH and math.isfinite(args.watch)):
+        fail(f"--watch SECONDS must be more than 0 and at most {MAX_WATCH:g}")
         return EX_USAGE
     prev: Any = None
     tty = out.isatty()
@@ -513,10 +533,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fail(message: str) -> None:
     """An error for a person: one line on stderr."""
-    print(f"nmbridge: {' '.join(message.split())}", file=sys.stderr)
+    try:
+        print(f"nmbridge: {' '.join(message.split())}", file=sys.stderr)
+    except (OSError, AttributeError):  # stderr closed: the exit status still says it
+        pass
+
+
+def standard_streams() -> None:
+    """Started with stdin, stdout or stderr closed (`>&-`): put /dev/null on the file
+    descriptor, so that no socket or port nmbridge opens later gets fd 0-2 (and receives
+    stray output), and give Python a stream to write to."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    standard_streams()
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): end quietly
+        logs.discard_output(sys.stdout)
+        return EX_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         configure_logs(args)

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Literal, TypeVar, cast
 
 import tomli
 
-from nmbridge.backends import PortSpec, backend_names, parse_spec, resolve_default
+from nmbridge.backends import PortSpec, backend, backend_names, parse_spec, resolve_default, whole_number
 from nmbridge.errors import ConfigError
 from nmbridge.filters import FilterWarning, check_filter
 from nmbridge.filters.model import Action, FilterConfig, FilterError, RuleConfig, action_hint
@@ -39,6 +40,8 @@ DIRECTIONS: tuple[Direction, ...] = ("both", "a_to_b", "b_to_a")
 ACTIONS: tuple[Action, ...] = ("pass", "drop")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # pair and filter names: they appear in key paths
 NAME_RULE = "1-64 letters, digits, '_' or '-'"
+MAX_CONFIG_BYTES = 1 << 20  # a bridge config is a few KiB; a bigger file is the wrong file
+MAX_PCAP = 2048  # characters of one pcap expression (libpcap's optimizer is superlinear)
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,26 +161,95 @@ def load(path: str | Path, bridge_overrides: Mapping[str, object] | None = None,
     `bridge_overrides` replaces ``[bridge]`` keys after the file is checked (a reload keeps
     the values that cannot change while running, and ports are then parsed with them).
     ``require_pairs=False`` accepts a file of filters only (``nmbridge filter test``)."""
-    name = str(path)
+    return loads(_read_utf8(path), str(path), bridge_overrides, require_pairs=require_pairs)
+
+
+def _read_utf8(path: str | Path) -> str:
+    """A config or rule file's text (see :func:`read_text`); ConfigError unless UTF-8."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return read_text(path).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file of `mode` is, when it is not a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def read_text(path: str | Path, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a config file; ConfigError (one line) unless it is a readable regular
+    file of at most `limit` bytes.  Never blocks (a FIFO is refused before it is opened, and
+    opened non-blocking in case it became one) and never reads more than `limit` + 1 bytes
+    (``-c /dev/zero`` is refused, not read until memory runs out)."""
+    name = str(path)
+    if not name:
+        raise ConfigError("the config file path is empty")
+
+    def refuse(what: str) -> ConfigError:
+        return ConfigError(f"{name}: is {what}, not a config file: give the path of a regular TOML file "
+                           "(write generated text to a file first)")
+
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind:
+            raise refuse(kind)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
-    return loads(text, name, bridge_overrides, require_pairs=require_pairs)
-
-
-def loads(text: str, path: str = "<string>", bridge_overrides: Mapping[str, object] | None = None, *,
-          require_pairs: bool = True) -> Config:
-    """Parse and validate TOML text; `path` names it in errors."""
     try:
-        data = tomli.loads(text)
+        kind = _not_regular(os.fstat(fd).st_mode)  # replaced between stat() and open()
+        if kind:
+            raise refuse(kind)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ConfigError(f"{name}: larger than {_size(limit)}: not a bridge config (they are a few KiB; "
+                          "is it the right file?)")
+    return b"".join(chunks)
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
+
+
+def _parse_toml(text: str, path: str) -> dict[str, object]:
+    """TOML text as a dict; ConfigError (one line, with the position where tomli gives one)."""
+    try:
+        return tomli.loads(text)
     except tomli.TOMLDecodeError as e:
         line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
         if line is None:  # tomli < 2.1: the position is only in the message
             raise ConfigError(f"{path}: {e}") from None
         raise ConfigError(f"{path}:{line}:{col}: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or inline tables nested too deeply (a bridge config needs "
+                          "a few levels)") from None
+    except ValueError as e:  # not TOMLDecodeError: an integer longer than int() reads (4300 digits)
+        reason = str(e).split(";")[0]
+        raise ConfigError(f"{path}: a value TOML cannot hold: {reason}") from None
+
+
+def loads(text: str, path: str = "<string>", bridge_overrides: Mapping[str, object] | None = None, *,
+          require_pairs: bool = True) -> Config:
+    """Parse and validate TOML text; `path` names it in errors."""
+    data = _parse_toml(text, path)
     cfg = from_dict(data, path, text, require_pairs=require_pairs)
     if bridge_overrides:
         bridge = data.get("bridge", {})
@@ -191,23 +263,12 @@ def load_rules(path: str | Path) -> tuple[FilterConfig, tuple[FilterWarning, ...
     and ``[[rule]]`` tables), for ``nmbridge filter test --rules``: the filter (named after
     the file; key paths ``rule[1]``, ``rule[2]``...) and its warnings.  Raises ConfigError,
     worded as :func:`load`'s."""
-    name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{name}: cannot read: {e.strerror or e}") from None
-    return loads_rules(text, name)
+    return loads_rules(_read_utf8(path), str(path))
 
 
 def loads_rules(text: str, path: str = "<string>") -> tuple[FilterConfig, tuple[FilterWarning, ...]]:
     """:func:`load_rules` on TOML text; `path` names it in errors."""
-    try:
-        data = tomli.loads(text)
-    except tomli.TOMLDecodeError as e:
-        line, col = getattr(e, "lineno", None), getattr(e, "colno", None)
-        raise ConfigError(f"{path}:{line}:{col}: {e.msg}" if line else f"{path}: {e}") from None
+    data = _parse_toml(text, path)
     loader = _Loader(path, text)
     f = loader.filter("", path, data)
     return f, tuple(loader.check_filter(f))
@@ -224,7 +285,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     """``"127.0.0.1:9108"`` / ``"[::1]:9108"`` / ``"localhost:9108"`` -> (host, port);
     ValueError with the reason."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or whole_number(port, 0, 65535) is None:
         raise ValueError("must be HOST:PORT with a port from 0 (any free one) to 65535, "
                          "e.g. \"127.0.0.1:9108\"")
     bracketed = host.startswith("[") and host.endswith("]")
@@ -257,19 +318,30 @@ def from_dict(data: Mapping[str, object], path: str = "<dict>", text: str | None
 T = TypeVar("T")
 
 
-def _show(value: object) -> str:
-    """A value as TOML would spell it, cut short when long."""
-    if isinstance(value, bool):
+def _show(value: object, depth: int = 0) -> str:
+    """A value as TOML would spell it, cut short when long (or deeply nested)."""
+    if depth > 8 and isinstance(value, list | Mapping):
+        s = "..."
+    elif isinstance(value, bool):
         s = "true" if value else "false"
     elif isinstance(value, str):
         s = json.dumps(value, ensure_ascii=False)
     elif isinstance(value, list):
-        s = "[" + ", ".join(_show(v) for v in value) + "]"
+        more = ["..."] if len(value) > 20 else []
+        s = "[" + ", ".join([*(_show(v, depth + 1) for v in value[:20]), *more]) + "]"
     elif isinstance(value, Mapping):
-        s = "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+        more = ["..."] if len(value) > 20 else []
+        s = "{" + ", ".join([*(f"{_bare(k)} = {_show(v, depth + 1)}" for k, v in list(value.items())[:20]),
+                             *more]) + "}"
     else:
         s = str(value)
     return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _bare(key: object) -> str:
+    """A key as TOML spells it: bare when it can be, else quoted (and escaped)."""
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else json.dumps(text, ensure_ascii=False)
 
 
 def _kind(value: object) -> str:
@@ -340,7 +412,10 @@ class _Lines:
         while keypath:
             if keypath in self.lines:
                 return self.lines[keypath]
-            keypath = re.sub(r"(\[\d+\]|\.[^.\[\]]+|^[^.\[\]]+)$", "", keypath)
+            shorter = re.sub(r"(\[\d+\]|\.[^.\[\]]+|^[^.\[\]]+)$", "", keypath)
+            if len(shorter) >= len(keypath):  # a key the pattern cannot peel ("", "a[", "x]"): it
+                shorter = keypath.rpartition(".")[0]  # looped for ever (`bridge = { "" = 1 }`)
+            keypath = shorter
         return None
 
 
@@ -354,7 +429,8 @@ class _Loader:
         """``FILE:LINE: KEYPATH = VALUE: REASON`` (no ``= VALUE`` when the key is missing)."""
         line = self.lines.find(keypath)
         where = f"{self.path}:{line}" if line else self.path
-        what = keypath if value is ... else f"{keypath} = {_show(value)}"
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in keypath)  # a key "\n"
+        what = shown if value is ... else f"{shown} = {_show(value)}"
         return ConfigError(f"{where}: {what}: {reason}")
 
     # --- one table at a time ------------------------------------------------------------
@@ -405,6 +481,8 @@ class _Loader:
             if not os.path.isabs(sock):
                 raise self.error("control.socket", "must be an absolute path (or \"\" for no control "
                                  "socket)", sock)
+            if "\0" in sock:
+                raise self.error("control.socket", "contains a NUL byte", sock)
             if len(os.fsencode(sock)) > SOCKET_PATH_MAX:
                 raise self.error("control.socket", f"longer than {SOCKET_PATH_MAX} bytes: a unix socket "
                                  "path cannot be", sock)
@@ -479,6 +557,11 @@ class _Loader:
             if not pcap.strip():
                 raise self.error(f"{keypath}.pcap", "must not be empty (leave pcap out to match every frame)",
                                  pcap)
+            if len(pcap) > MAX_PCAP:
+                raise self.error(f"{keypath}.pcap", f"{len(pcap)} characters, more than {MAX_PCAP}: "
+                                 "libpcap's optimizer needs time and memory growing much faster than the "
+                                 "expression (400 `port N` alternatives: 15 s; 20,000: gigabytes); split it "
+                                 "into several rules with the same action (the first match wins)", pcap)
             if fields:
                 first = next(iter(fields))
                 raise self.error(f"{keypath}.{first}", "a rule has structured fields or pcap, not both; "
@@ -521,6 +604,7 @@ class _Loader:
         pairs: list[PairConfig] = []
         names: dict[str, str] = {}  # pair name -> its key path
         owners: dict[tuple[str, str], tuple[str, str]] = {}  # (backend, interface) -> (pair, key path)
+        kernel: dict[str, tuple[PortSpec, str, str]] = {}  # kernel interface -> (spec, pair, key path)
         for i, body in enumerate(value):
             p = self.pair(f"pair[{i + 1}]", i, body, bridge, filters)
             if p.name in names:
@@ -538,8 +622,28 @@ class _Loader:
                                      f'{shown} is already in pair "{pair}" ({other}); an interface '
                                      "belongs to one pair only", written[j])
                 owners[interface] = (p.name, where)
+                self.one_backend_per_interface(kernel, spec, p.name, where, written[j])
             pairs.append(p)
         return tuple(pairs)
+
+    def one_backend_per_interface(self, kernel: dict[str, tuple[PortSpec, str, str]], spec: PortSpec,
+                                  pair: str, where: str, written: str) -> None:
+        """Refuse a kernel interface reached through two backends (``afpacket:eth1`` here,
+        ``netmap:eth1`` there): each would take every frame of the other's and transmit it
+        again.  Within one backend the backend decides (netmap: NIC rings and host rings of one
+        interface are two ports)."""
+        try:
+            interface = backend(spec.backend).interface(spec.name)
+        except ImportError:  # a backend not in this build: opening its port says so
+            return
+        if interface is None:
+            return
+        if interface in kernel and kernel[interface][0].backend != spec.backend:
+            other, other_pair, other_where = kernel[interface]
+            raise self.error(where, f'interface {interface} is already used through {other} in pair '
+                             f'"{other_pair}" ({other_where}); an interface is reached through one '
+                             "backend only", written)
+        kernel.setdefault(interface, (spec, pair, where))
 
     def pair(self, keypath: str, i: int, value: object, bridge: BridgeConfig,
              filters: Mapping[str, FilterConfig]) -> PairConfig:

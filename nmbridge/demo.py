@@ -51,6 +51,7 @@ from typing import Any, TextIO
 
 from nmbridge import caps, netns, probe
 from nmbridge.errors import NmbridgeError
+from nmbridge.logs import discard_output
 
 ROOT_MESSAGE = "nmbridge demo needs root (network namespaces): run it with sudo"
 
@@ -70,6 +71,9 @@ CAP_SYS_ADMIN = 21
 NEEDED_CAPS = ((CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (caps.CAP_NET_ADMIN, "CAP_NET_ADMIN"),
                (caps.CAP_NET_RAW, "CAP_NET_RAW"))
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+EX_OUTPUT_CLOSED = 141  # as the CLI: 128 + SIGPIPE
 
 
 class DemoError(NmbridgeError):
@@ -358,11 +362,23 @@ class Demo:
         self.bridge: BridgeProcess | None = None
         self.tmpdir: str | None = None
         self.step_no = 0
+        self.output_closed = False  # the reader of the progress went away (`demo | head`)
+        self.tearing_down = False
 
     def say(self, text: str = "") -> None:
-        print(text, file=self.progress, flush=True)
+        """Progress; a closed output never raises here (the teardown says things too, and
+        must go on to remove the lab): it is discarded and the next step stops the demo."""
+        if self.output_closed:
+            return
+        try:
+            print(text, file=self.progress, flush=True)
+        except BrokenPipeError:
+            self.output_closed = True
+            discard_output(self.progress)
 
     def step(self, text: str) -> None:
+        if self.output_closed and not self.tearing_down:
+            raise DemoError("the output was closed (its reader went away)")
         self.step_no += 1
         self.say(f"\n[{self.step_no}/6] {text}")
 
@@ -385,6 +401,8 @@ class Demo:
             status = 128 + e.signum
             with _signals_ignored():
                 self._teardown()  # idempotent: finishes a teardown the signal cut short
+        if self.output_closed:
+            status = EX_OUTPUT_CLOSED
         self._report(status)
         return status
 
@@ -504,6 +522,7 @@ class Demo:
     def _teardown(self) -> None:
         """Stop the bridge, then (unless --keep after a finished run) remove the lab and the
         config.  Idempotent; never raises."""
+        self.tearing_down = True
         if self.bridge is not None:
             try:
                 self.bridge.kill()

@@ -15,8 +15,13 @@ from prometheus_client.registry import Collector
 
 from nmbridge.config import is_loopback, parse_listen
 from nmbridge.errors import ConfigError, NmbridgeError
+from nmbridge.serving import ConnectionLimit
 from nmbridge.stats import Snapshot
 from nmbridge.stats import drops as drop_counts
+
+MAX_SCRAPES = 16  # connections served at once
+SCRAPE_TIMEOUT = 30.0  # seconds a connection may stay silent
+BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class BridgeCollector(Collector):
@@ -106,6 +111,9 @@ class MetricsServer:
             self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
             raise NmbridgeError(f"metrics.listen = {listen!r}: cannot listen: {e.strerror or e}") from None
+        # scrapers that reset, stall or multiply: bounded threads, no traceback (nmbridge.serving)
+        self.limit = ConnectionLimit("metrics", MAX_SCRAPES, SCRAPE_TIMEOUT, BUSY)
+        self.limit.install(self.server)
 
     @property
     def port(self) -> int:

@@ -73,6 +73,33 @@ class Backend(Protocol):
         """Open the port; raise PortError naming the port and the reason."""
 
 
+def parse_options(backend: str, query: str) -> dict[str, str]:
+    """The options after a port name's ``?``: ``a=1&b=2`` -> {"a": "1", "b": "2"}; ValueError
+    naming the option for a field that is not KEY=VALUE or a key given twice (the last one
+    silently winning would hide a typo)."""
+    opts: dict[str, str] = {}
+    for item in query.split("&") if query else ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{backend} option {item!r}: write KEY=VALUE, options separated by '&'")
+        if key in opts:
+            raise ValueError(f"{backend} option {key} is given twice ({key}={opts[key]!r} and "
+                             f"{key}={value!r}): keep one")
+        opts[key] = value
+    return opts
+
+
+def whole_number(value: str, lo: int, hi: int) -> int | None:
+    """`value` as an int when it is ASCII decimal digits (not "²", not "+1", not "1_0")
+    from `lo` to `hi`; else None."""
+    if not (value.isascii() and value.isdigit()):
+        return None
+    if len(value.lstrip("0")) > len(str(hi)):  # out of range; and int() refuses > 4300 digits
+        return None
+    n = int(value)
+    return n if lo <= n <= hi else None
+
+
 def backend(prefix: str) -> Backend:
     try:
         module = _BACKEND_MODULES[prefix]

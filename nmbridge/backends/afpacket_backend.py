@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import os
 import sys
-from urllib.parse import parse_qsl
 
 from nmbridge.accounting import PortAccounting
-from nmbridge.backends import OpenOptions
+from nmbridge.backends import OpenOptions, parse_options, whole_number
 from nmbridge.errors import PortError
 from nmbridge.port import Port, Region
 
@@ -57,9 +56,10 @@ def check_ifname(name: str) -> None:
         raise ValueError(f"interface name {name!r} is longer than 15 bytes")
     if name in (".", ".."):
         raise ValueError(f"{name!r} is not a valid interface name")
-    bad = [c for c in name if c in "/:" or c.isspace()]
+    bad = [c for c in name if c in "/:" or c.isspace() or not c.isprintable()]
     if bad:
-        raise ValueError(f"interface name {name!r} contains {bad[0]!r} ('/', ':' and spaces are not allowed)")
+        raise ValueError(f"interface name {name!r} contains {bad[0]!r} ('/', ':', spaces and control "
+                         "characters such as NUL are not allowed)")
 
 
 def parse(name: str) -> tuple[str, dict[str, int]]:
@@ -67,20 +67,26 @@ def parse(name: str) -> tuple[str, dict[str, int]]:
     ifname, _, query = name.partition("?")
     check_ifname(ifname)
     opts: dict[str, int] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+    given = parse_options("afpacket", query)
+    if "vnet" in given and "tx_vnet" in given:
+        raise ValueError("afpacket options vnet and tx_vnet are one option (tx_vnet is its old name): "
+                         "keep one")
+    for key, value in given.items():
         if key in _INT_OPTIONS:
             lo, hi = _INT_OPTIONS[key]
-            if not value.isdigit() or not lo <= int(value) <= hi:
+            n = whole_number(value, lo, hi)
+            if n is None:
                 raise ValueError(f"afpacket option {key}={value!r}: a whole number from {lo} to {hi}")
         elif key in _BOOL_OPTIONS:
             if value not in ("0", "1"):
                 raise ValueError(f"afpacket option {key}={value!r}: use 0 or 1")
+            n = int(value)
         elif key in _GONE_OPTIONS:
             raise ValueError(f"afpacket option {key} is gone: {_GONE_OPTIONS[key]}")
         else:
             known = ", ".join([*_INT_OPTIONS, *_BOOL_OPTIONS])
             raise ValueError(f"unknown afpacket option {key!r} (known: {known})")
-        opts["vnet" if key == "tx_vnet" else key] = int(value)
+        opts["vnet" if key == "tx_vnet" else key] = n
     return ifname, opts
 
 

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import socket
 import sys
-from urllib.parse import parse_qsl
 
 from nmbridge import caps
 from nmbridge.accounting import PortAccounting
-from nmbridge.backends import OpenOptions
+from nmbridge.backends import OpenOptions, parse_options, whole_number
 from nmbridge.backends.afpacket_backend import check_ifname
 from nmbridge.errors import PortError
 from nmbridge.port import Port, Region
@@ -41,12 +40,12 @@ def parse(name: str) -> tuple[str, dict[str, str]]:
     ifname, _, query = name.partition("?")
     check_ifname(ifname)
     opts: dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+    for key, value in parse_options("afxdp", query).items():
         if key == "mode":
             if value not in MODES:
                 raise ValueError(f"afxdp option mode={value!r}: use one of {', '.join(MODES)}")
         elif key == "queues":
-            if not value.isdigit() or not 1 <= int(value) <= 64:
+            if whole_number(value, 1, 64) is None:
                 raise ValueError(f"afxdp option queues={value!r}: a whole number from 1 to 64")
         elif key in _BOOL_OPTIONS:
             if value not in ("0", "1"):

@@ -8,10 +8,9 @@ Port names: ``mem:NAME`` (frames injected by a test, collected from TX) with opt
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl
 
 from nmbridge.accounting import PortAccounting
-from nmbridge.backends import OpenOptions
+from nmbridge.backends import OpenOptions, parse_options, whole_number
 from nmbridge.backends.mem import MemPort
 from nmbridge.errors import PortError
 from nmbridge.port import Port, Region
@@ -22,22 +21,21 @@ _OPTIONS = {"rx": ("queue", "source", "none"), "tx": ("collect", "sink")}
 
 def _parse(name: str) -> tuple[str, dict[str, str]]:
     base, _, query = name.partition("?")
-    if not _NAME.match(base):
+    if not _NAME.fullmatch(base):
         raise ValueError(f"mem port name {base!r} must be 1-15 letters, digits or '_'")
-    opts: dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+    opts = parse_options("mem", query)
+    for key, value in opts.items():
         if key in _OPTIONS:
             if value not in _OPTIONS[key]:
                 raise ValueError(f"mem option {key}={value!r}: use one of {', '.join(_OPTIONS[key])}")
         elif key == "frame_len":
-            if not value.isdigit() or not 14 <= int(value) <= 65535:
-                raise ValueError(f"mem option frame_len={value!r}: a number of bytes from 14")
+            if whole_number(value, 14, 65535) is None:
+                raise ValueError(f"mem option frame_len={value!r}: a number of bytes from 14 to 65535")
         elif key == "strict":
             if value not in ("0", "1"):
                 raise ValueError(f"mem option strict={value!r}: use 0 or 1")
         else:
             raise ValueError(f"unknown mem option {key!r} (known: rx, tx, frame_len, strict)")
-        opts[key] = value
     return base, opts
 
 

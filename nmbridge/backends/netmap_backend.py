@@ -93,9 +93,11 @@ def _number(text: str, spec: str, what: str, sep: str, limit: int) -> tuple[int,
     if not m:
         got = repr(text[0]) if text else "the end of the name"
         raise ValueError(f"netmap port {spec!r}: expected a {what} after {sep!r} but found {got}")
-    value = int(m.group())
+    digits = m.group()
+    value = int(digits) if len(digits.lstrip("0")) <= len(str(limit)) else limit + 1  # int() stops at 4300
     if value > limit:
-        raise ValueError(f"netmap port {spec!r}: {what} {value} after {sep!r} is out of range "
+        shown = digits if len(digits) <= 20 else digits[:17] + "..."
+        raise ValueError(f"netmap port {spec!r}: {what} {shown} after {sep!r} is out of range "
                          f"(at most {limit})")
     return value, text[m.end():]
 

@@ -159,3 +159,32 @@ def test_root_without_capabilities_is_refused() -> None:
     assert p.stderr.count("\n") == 1
     assert p.stderr.startswith("nmbridge demo needs root (network namespaces): ")
     assert "CAP_SYS_ADMIN" in p.stderr
+
+
+@pytest.mark.root
+def test_demo_into_head_removes_the_lab() -> None:
+    """`nmbridge demo | head`: the progress's reader goes away once the lab is built; the
+    demo stops at its next step and removes everything (it used to die on BrokenPipeError in
+    the middle of its teardown, leaving the three namespaces behind), exit 141, no traceback."""
+    proc = subprocess.Popen([*DEMO, "--frames", "100000000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    prefix = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"every name starts with (nmb[0-9a-f]{5})", line)
+            prefix = prefix or (m.group(1) if m else None)
+            if prefix and "namespace " in line and "-right" in line:  # printed once it is built
+                break
+        assert prefix is not None and leftovers(prefix) != []
+        proc.stdout.close()  # what head does
+        assert proc.wait(timeout=TIMEOUT) == 141
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert err == ""
+    assert leftovers(prefix) == []
