@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from nmbridge import doctor
-from nmbridge.backends import PortSpec
+from nmbridge.backends import PortSpec, parse_spec
 from nmbridge.errors import LinkError
 from nmbridge.links import (
     OFFLOADS,
@@ -25,6 +25,7 @@ from nmbridge.links import (
     _Kernel,
     in_netns,
     lookup_links,
+    pair_links,
 )
 from nmbridge.linkwatch import LinkEvent, LinkWatcher
 
@@ -225,3 +226,31 @@ def test_doctor_reports_problems_with_fixes_and_nothing_when_fixed(veth: Veth) -
         assert "fix:" not in out.getvalue() and "all interfaces ready" in out.getvalue()
     finally:
         links.restore()
+
+
+@pytest.mark.parametrize("query", ["", "?vnet=0"])
+def test_doctor_agrees_with_what_run_turns_off_per_backend(veth: Veth, query: str) -> None:
+    """An afpacket: port with vnet keeps TSO/GSO: set-up leaves them on and doctor (as
+    --no-link-setup) finds nothing wrong with them; with vnet=0 both turn them off."""
+    veth.set_features(veth.a, rx_gro=True)
+    specs = (parse_spec(f"afpacket:{veth.a}{query}"), parse_spec(f"afpacket:{veth.b}{query}"))
+    cfg = _Config(_Bridge(), (_Pair("p", specs),))
+    out = io.StringIO()
+    assert doctor.run_doctor(cfg, out, link_setup=False, netns=veth.ns) == 1
+    text = out.getvalue()
+    assert f"fix: ethtool -K {veth.a} gro off " in text, text
+    assert ("tso off" in text) == (query != ""), text
+    before = {n: veth.state(n) for n in (veth.a, veth.b)}
+    links = LinkManager(buf_size=2048, netns=veth.ns)
+    links.setup([pair_links("p", list(specs), True)])
+    try:
+        after = veth.state(veth.a)
+        assert not after.features["rx-gro"].active
+        assert after.features["tx-tcp-segmentation"].active == (query == "")
+        assert after.features["tx-generic-segmentation"].active == (query == "")
+        out = io.StringIO()
+        assert doctor.run_doctor(cfg, out, link_setup=False, netns=veth.ns) == 0, out.getvalue()
+    finally:
+        links.restore()
+    for n in (veth.a, veth.b):
+        assert snapshot(veth.state(n)) == snapshot(before[n])
