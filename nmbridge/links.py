@@ -21,7 +21,8 @@ A manager may hold the interfaces of several pairs: ``setup(..., held=...)`` loo
 checks interfaces it already set up without touching them again, ``restore(names)`` gives
 back only some, ``before_change`` lets the owner lock each interface (and hand back a restore
 record left by a run that died) after every check and before the first change, and
-``store`` sees every record as it changes (the owner persists them).  With link set-up off
+``store`` sees every record as it changes (the owner persists them).  An adopted record's
+offloads that this run leaves as they are (an older run turned them off) are put back at once.  With link set-up off
 for an interface, each problem ``nmbridge doctor`` would report about it is logged as a
 warning (:func:`check_state`).
 
@@ -46,7 +47,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import structlog
@@ -674,6 +675,8 @@ class LinkManager:
                         done.append(name)
                     if names[name]:
                         done.append(name)
+                        if rec is not None:
+                            self._give_back_unmanaged(k, rec, managed[name])
                         self._setup_one(k, self.states[name], managed[name])
                     elif rec is not None:  # a run that died set it up; this one must not: put it back
                         self._restore_with(k, [name])
@@ -696,6 +699,28 @@ class LinkManager:
                 self.store(name, rec)
             except Exception as e:
                 log.error("link_record_not_saved", ifname=name, reason=_reason(e))
+
+    def _give_back_unmanaged(self, k: _Kernel, rec: RestoreRecord, managed: Collection[str]) -> None:
+        """An adopted record (a run that died) may hold offloads this run leaves as they are —
+        an older nmbridge turned TSO/GSO off behind every port: put those back now, not at stop."""
+        name = rec.ifname
+        cur = self.states[name]
+        back = {f: v for f, v in rec.features.items()
+                if f in EVERY_OFFLOAD and f not in managed
+                and f in cur.features and cur.features[f].active != v}
+        if not back:
+            return
+        k.set_features(name, back)
+        after = k.lookup(name)
+        if after is None:
+            return  # gone: set-up says so next
+        self.states[name] = after
+        given = sorted(f for f in back if f in after.features and after.features[f].active == back[f])
+        keep = {f: v for f, v in rec.features.items() if f not in given}
+        newer = replace(rec, features=keep,
+                        set_features={f: v for f, v in rec.set_features.items() if f in keep})
+        self._keep(name, None if newer.empty else newer)
+        log.info("link_offloads_given_back", ifname=name, offloads=given)
 
     def _setup_one(self, k: _Kernel, before: LinkState, managed: Collection[str]) -> None:
         plan = plan_setup(before, managed)

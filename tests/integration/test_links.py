@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import os
@@ -22,7 +23,9 @@ from nmbridge.links import (
     LinkState,
     PairLinks,
     PortLink,
+    RestoreRecord,
     _Kernel,
+    changes_made,
     in_netns,
     lookup_links,
     pair_links,
@@ -254,3 +257,28 @@ def test_doctor_agrees_with_what_run_turns_off_per_backend(veth: Veth, query: st
         links.restore()
     for n in (veth.a, veth.b):
         assert snapshot(veth.state(n)) == snapshot(before[n])
+
+
+def test_tso_an_older_run_turned_off_is_given_back_at_start_for_vnet_ports(veth: Veth) -> None:
+    """A run that died (an older nmbridge: TSO/GSO off behind every port) left a record; this
+    run adopts it, puts back what it no longer manages at once, and still restores the rest."""
+    original = veth.state(veth.a)
+    veth.set_features(veth.a, tx_tcp_segmentation=False, tx_generic_segmentation=False)
+    dead = changes_made(original, veth.state(veth.a))
+    assert dead.features.get("tx-tcp-segmentation") is True
+    veth.set_features(veth.a, rx_gro=True)  # an original GRO on that this run turns off
+    original = dataclasses.replace(original, features={**original.features,
+                                                       "rx-gro": veth.state(veth.a).features["rx-gro"]})
+    specs = [parse_spec(f"afpacket:{veth.a}"), parse_spec(f"afpacket:{veth.b}")]
+    stored: dict[str, RestoreRecord | None] = {}
+    links = LinkManager(buf_size=2048, netns=veth.ns, store=stored.__setitem__)
+    links.setup([pair_links("p", specs, True)], before_change=lambda states: {veth.a: dead})
+    try:
+        now = veth.state(veth.a)
+        assert now.features["tx-tcp-segmentation"].active and now.features["tx-generic-segmentation"].active
+        assert not now.features["rx-gro"].active
+        rec = stored[veth.a]
+        assert rec is not None and "tx-tcp-segmentation" not in rec.features and rec.features["rx-gro"]
+    finally:
+        links.restore()
+    assert snapshot(veth.state(veth.a)) == snapshot(original)
