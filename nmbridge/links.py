@@ -22,9 +22,9 @@ checks interfaces it already set up without touching them again, ``restore(names
 back only some, ``before_change`` lets the owner lock each interface (and hand back a restore
 record left by a run that died) after every check and before the first change, and
 ``store`` sees every record as it changes (the owner persists them).  An adopted record's
-offloads that this run leaves as they are (an older run turned them off) are put back at once.  With link set-up off
-for an interface, each problem ``nmbridge doctor`` would report about it is logged as a
-warning (:func:`check_state`).
+offloads that this run leaves as they are (an older run turned them off) are put back at
+once.  With link set-up off for an interface, each problem ``nmbridge doctor`` would report
+about it is logged as a warning (:func:`check_state`).
 
 pyroute2 is untyped: everything that touches it lives in :class:`_Kernel` and the watcher's
 parser; the rest of the module is typed, and the decisions are pure functions over
