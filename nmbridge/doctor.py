@@ -1,10 +1,11 @@
 """``nmbridge doctor -c FILE``: check every interface of every port, change nothing.
 
 For each port: the backend is available here; for each interface behind a port: it exists,
-is up, is promiscuous, has no frame-merging/splitting offloads on, its MTU fits the buffer
-size and matches the other side of its pair; for ``netmap:`` ports, whether netmap will run
-the interface natively or through its emulated adapter (a heuristic, see
-:func:`netmap_mode`).  Each problem is printed with the command that fixes it.
+is up, is promiscuous, has none of the frame-merging/splitting offloads on that its port's
+backend needs off (those ``nmbridge run`` turns off: :func:`nmbridge.links.port_offloads`),
+its MTU fits the buffer size and matches the other side of its pair; for ``netmap:`` ports,
+whether netmap will run the interface natively or through its emulated adapter (a heuristic,
+see :func:`netmap_mode`).  Each problem is printed with the command that fixes it.
 
 Exit status: 0 when nothing needs fixing, 1 otherwise.  Things ``nmbridge run`` sets itself
 (link set-up on) are printed as notes and do not fail the check.
@@ -17,7 +18,15 @@ from collections.abc import Sequence
 from typing import Protocol, TextIO
 
 from nmbridge.backends import PortSpec, backend
-from nmbridge.links import CHAINING_BACKENDS, Finding, LinkState, check_mtu, check_state, lookup_links
+from nmbridge.links import (
+    CHAINING_BACKENDS,
+    Finding,
+    LinkState,
+    check_mtu,
+    check_state,
+    lookup_links,
+    port_offloads,
+)
 
 # Drivers that netmap ships native support for (its LINUX/ patches and in-tree adapters).
 # A heuristic: native mode also needs the netmap-patched module to be the one loaded, which
@@ -128,6 +137,13 @@ def collect_findings(config: DoctorConfig, link_setup: Sequence[bool] | None = N
     pairs = list(config.pairs)
     flags = list(link_setup) if link_setup is not None else [_pair_link_setup(config, p) for p in pairs]
     names = {i for p in pairs for s in p.ports if (i := _interface(s))}
+    # the offloads that must be off behind each interface: any of its ports' backends' need,
+    # as run's set-up works it out (so doctor reports just what run would change)
+    managed: dict[str, frozenset[str]] = {}
+    for p in pairs:
+        for s in p.ports:
+            if (i := _interface(s)) is not None:
+                managed[i] = managed.get(i, frozenset()) | port_offloads(s)
     states: dict[str, LinkState | None] = lookup_links(sorted(names), netns) if names else {}
     seen: set[str] = set()
     out: list[tuple[str, list[Finding]]] = []
@@ -150,7 +166,7 @@ def collect_findings(config: DoctorConfig, link_setup: Sequence[bool] | None = N
             sides.append((ifname, st.mtu))
             if ifname not in seen:
                 seen.add(ifname)
-                found += check_state(st, setup)
+                found += check_state(st, setup, managed[ifname])
             if spec.backend == "netmap":
                 found.append(netmap_mode(ifname, st.driver))
             if spec.backend == "afxdp":

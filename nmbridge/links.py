@@ -6,8 +6,9 @@ For every interface behind a port (``afpacket:eth1`` -> ``eth1``), before the po
 * check the MTU of the two sides of a pair against each other and against the buffer size
   (:func:`check_mtu`, a pure function that ``nmbridge doctor`` uses too);
 * unless link set-up is off for it: bring it up, turn promiscuous mode on and turn off the
-  offloads that merge or split frames (:data:`OFFLOADS`), where the interface has them on and
-  lets them be changed.
+  offloads that merge or split frames (:data:`OFFLOADS`) that its port's backend declares must
+  be off (``Backend.offloads_off``: an ``afpacket:`` port with ``vnet`` leaves TX segmentation
+  on, its egress kernel segments), where the interface has them on and lets them be changed.
 
 What was changed is worked out by comparing a snapshot taken before with one taken after
 (:func:`changes_made`), so the kernel's own knock-on changes are recorded too, and
@@ -20,9 +21,10 @@ A manager may hold the interfaces of several pairs: ``setup(..., held=...)`` loo
 checks interfaces it already set up without touching them again, ``restore(names)`` gives
 back only some, ``before_change`` lets the owner lock each interface (and hand back a restore
 record left by a run that died) after every check and before the first change, and
-``store`` sees every record as it changes (the owner persists them).  With link set-up off
-for an interface, each problem ``nmbridge doctor`` would report about it is logged as a
-warning (:func:`check_state`).
+``store`` sees every record as it changes (the owner persists them).  An adopted record's
+offloads that this run leaves as they are (an older run turned them off) are put back at
+once.  With link set-up off for an interface, each problem ``nmbridge doctor`` would report
+about it is logged as a warning (:func:`check_state`).
 
 pyroute2 is untyped: everything that touches it lives in :class:`_Kernel` and the watcher's
 parser; the rest of the module is typed, and the decisions are pure functions over
@@ -45,7 +47,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import structlog
@@ -62,31 +64,71 @@ ETH_HLEN = 14
 VLAN_HLEN = 4
 
 
+# Groups of offloads: what a backend declares must be off behind its ports
+# (``Backend.offloads_off``).
+RX_MERGING = "rx-merging"  # receive side: the kernel merges wire frames into one large frame
+TX_SEGMENTATION = "tx-segmentation"  # transmit side: the kernel passes super-frames on unsegmented
+VLAN_STRIPPING = "vlan-stripping"  # receive side: the tag moves from the frame into metadata
+OFFLOAD_GROUPS: frozenset[str] = frozenset({RX_MERGING, TX_SEGMENTATION, VLAN_STRIPPING})
+
+
 @dataclass(frozen=True)
 class Offload:
-    """An offload nmbridge turns off: the kernel feature name and ``ethtool -K`` keyword."""
+    """An offload nmbridge may turn off: the kernel feature name, ``ethtool -K`` keyword, group."""
 
     feature: str
     keyword: str
+    group: str
     why: str
 
 
+_MERGES = "merges received frames into one large frame"
+_SPLITS = "passes frames larger than the MTU"
+
 # Features that make the kernel hand over or expect frames that are not one wire frame each.
+# Which of them set-up turns off on an interface depends on the backend of the port(s) behind
+# it: each backend declares the groups that must be off (``offloads_off``); a TX offload only
+# matters to what the interface transmits, so a backend whose egress hands the kernel GSO
+# metadata (afpacket: with vnet) leaves TX_SEGMENTATION as it is.
 OFFLOADS: tuple[Offload, ...] = (
-    Offload("rx-gro", "gro", "merges received frames into one large frame"),
-    Offload("rx-gro-hw", "rx-gro-hw", "merges received frames into one large frame"),
-    Offload("rx-lro", "lro", "merges received frames into one large frame"),
-    Offload("tx-generic-segmentation", "gso", "passes frames larger than the MTU"),
-    Offload("tx-tcp-segmentation", "tso", "passes frames larger than the MTU"),
-    Offload("tx-tcp-ecn-segmentation", "tx-tcp-ecn-segmentation", "passes frames larger than the MTU"),
-    Offload("tx-tcp-mangleid-segmentation", "tx-tcp-mangleid-segmentation",
-            "passes frames larger than the MTU"),
-    Offload("tx-tcp6-segmentation", "tx-tcp6-segmentation", "passes frames larger than the MTU"),
-    Offload("tx-udp-segmentation", "tx-udp-segmentation", "passes frames larger than the MTU"),
-    Offload("rx-vlan-hw-parse", "rxvlan", "strips 802.1Q tags from received frames"),
-    Offload("rx-vlan-stag-hw-parse", "rx-vlan-stag-hw-parse", "strips 802.1ad tags from received frames"),
+    Offload("rx-gro", "gro", RX_MERGING, _MERGES),
+    Offload("rx-gro-hw", "rx-gro-hw", RX_MERGING, _MERGES),
+    Offload("rx-lro", "lro", RX_MERGING, _MERGES),
+    Offload("tx-generic-segmentation", "gso", TX_SEGMENTATION, _SPLITS),
+    Offload("tx-tcp-segmentation", "tso", TX_SEGMENTATION, _SPLITS),
+    Offload("tx-tcp-ecn-segmentation", "tx-tcp-ecn-segmentation", TX_SEGMENTATION, _SPLITS),
+    Offload("tx-tcp-mangleid-segmentation", "tx-tcp-mangleid-segmentation", TX_SEGMENTATION, _SPLITS),
+    Offload("tx-tcp6-segmentation", "tx-tcp6-segmentation", TX_SEGMENTATION, _SPLITS),
+    # Linux 6.18+ (AccECN); absent elsewhere, and then simply not there to turn off
+    Offload("tx-tcp-accecn-segmentation", "tx-tcp-accecn-segmentation", TX_SEGMENTATION, _SPLITS),
+    Offload("tx-udp-segmentation", "tx-udp-segmentation", TX_SEGMENTATION, _SPLITS),
+    Offload("rx-vlan-hw-parse", "rxvlan", VLAN_STRIPPING, "strips 802.1Q tags from received frames"),
+    Offload("rx-vlan-stag-hw-parse", "rx-vlan-stag-hw-parse", VLAN_STRIPPING,
+            "strips 802.1ad tags from received frames"),
 )
 OFFLOAD_BY_FEATURE: dict[str, Offload] = {o.feature: o for o in OFFLOADS}
+EVERY_OFFLOAD: frozenset[str] = frozenset(OFFLOAD_BY_FEATURE)
+
+
+def offload_features(groups: Collection[str]) -> frozenset[str]:
+    """The kernel feature names of some offload groups; raises ValueError on an unknown group."""
+    unknown = set(groups) - OFFLOAD_GROUPS
+    if unknown:
+        raise ValueError(f"unknown offload group(s): {', '.join(sorted(unknown))}")
+    return frozenset(o.feature for o in OFFLOADS if o.group in groups)
+
+
+def port_offloads(spec: Any) -> frozenset[str]:
+    """The features that must be off behind one port (a PortSpec), as its backend declares.
+
+    A backend that cannot say (it fails to load) gets every offload off: the safe side.
+    """
+    from nmbridge.backends import backend
+
+    try:
+        return offload_features(backend(spec.backend).offloads_off(spec.name))
+    except Exception:
+        return EVERY_OFFLOAD
 
 
 @dataclass(frozen=True)
@@ -130,10 +172,15 @@ class SetupPlan:
         return not (self.bring_up or self.promisc_on or self.offloads_off)
 
 
-def plan_setup(state: LinkState) -> SetupPlan:
+def plan_setup(state: LinkState, managed: Collection[str] = EVERY_OFFLOAD) -> SetupPlan:
+    """What set-up changes on one interface; ``managed``: the offload features (of
+    :data:`OFFLOADS`) that must be off behind it (see :func:`port_offloads`), the rest are
+    left as they are."""
     off: list[str] = []
     fixed: list[str] = []
     for o in OFFLOADS:
+        if o.feature not in managed:
+            continue
         f = state.features.get(o.feature)
         if f is None or not f.active:
             continue
@@ -315,8 +362,10 @@ def _keywords(features: Sequence[str]) -> list[str]:
                     and f.endswith("-segmentation"))]
 
 
-def check_state(state: LinkState, link_setup: bool) -> list[Finding]:
-    """Findings about up/promisc/offloads.
+def check_state(state: LinkState, link_setup: bool,
+                managed: Collection[str] = EVERY_OFFLOAD) -> list[Finding]:
+    """Findings about up/promisc/offloads (``managed``: the offloads that must be off behind
+    this interface, as for :func:`plan_setup`; the others are no problem).
 
     With ``link_setup`` nmbridge run fixes these itself (and restores them), so they are
     notes; without it they are warnings the operator must fix.
@@ -330,7 +379,7 @@ def check_state(state: LinkState, link_setup: bool) -> list[Finding]:
     if not state.promisc:
         out.append(Finding(n, sev, f"promiscuous mode is off: frames for other MACs are not "
                                    f"received{suffix}", f"ip link set dev {n} promisc on"))
-    plan = plan_setup(state)
+    plan = plan_setup(state, managed)
     if plan.offloads_off:
         names = _keywords(plan.offloads_off)
         why = sorted({OFFLOAD_BY_FEATURE[f].why for f in plan.offloads_off})
@@ -485,10 +534,12 @@ class _Kernel:
 
 @dataclass(frozen=True)
 class PortLink:
-    """The interface behind one port of a pair (``ifname`` None: a port with no interface)."""
+    """The interface behind one port of a pair (``ifname`` None: a port with no interface),
+    and the offload features its backend needs off there (all of them unless told)."""
 
     port: str
     ifname: str | None
+    offloads_off: frozenset[str] = EVERY_OFFLOAD
 
 
 @dataclass(frozen=True)
@@ -507,7 +558,7 @@ def pair_links(pair_name: str, specs: Sequence[Any], link_setup: bool) -> PairLi
     """Build a :class:`PairLinks` from a pair's two PortSpecs, asking each backend for its interface."""
     from nmbridge.backends import backend
 
-    ports = tuple(PortLink(str(s), backend(s.backend).interface(s.name)) for s in specs)
+    ports = tuple(PortLink(str(s), backend(s.backend).interface(s.name), port_offloads(s)) for s in specs)
     if len(ports) != 2:
         raise ValueError(f"pair {pair_name!r} has {len(ports)} ports, not 2")
     chains = all(s.backend in CHAINING_BACKENDS for s in specs)
@@ -571,12 +622,14 @@ class LinkManager:
         with in_netns(self.netns), _Kernel() as k:
             # 1. look everything up before touching anything
             names: dict[str, bool] = {}  # ifname -> set it up (only if every pair using it agrees)
+            managed: dict[str, frozenset[str]] = {}  # ifname -> offloads off (any port's need)
             where: dict[str, str] = {}  # ifname -> "pair lan: port afpacket:eth1" (first user)
             for pair in pairs:
                 users: dict[str, list[str]] = {}  # both ports of netmap:eth1 <-> netmap:eth1^
                 for pl in pair.ports:
                     if pl.ifname is not None:
                         names[pl.ifname] = names.get(pl.ifname, True) and pair.link_setup
+                        managed[pl.ifname] = managed.get(pl.ifname, frozenset()) | pl.offloads_off
                         users.setdefault(pl.ifname, []).append(str(pl.port))
                 for ifname, ports in users.items():
                     where.setdefault(ifname, f"pair {pair.name}: port{'s' * (len(ports) > 1)} "
@@ -600,7 +653,8 @@ class LinkManager:
             fresh = [n for n in names if n not in held]
             for name in fresh:
                 if not names[name]:  # left as it is: what doctor would report is the operator's
-                    findings += [f for f in check_state(self.states[name], False) if f.severity != "note"]
+                    findings += [f for f in check_state(self.states[name], False, managed[name])
+                                 if f.severity != "note"]
             errors = [f for f in findings if f.severity == "error"]
             if errors:
                 raise LinkError("; ".join(f"{where[f.ifname]}: {f.ifname}: {f.problem}" for f in errors))
@@ -621,7 +675,9 @@ class LinkManager:
                         done.append(name)
                     if names[name]:
                         done.append(name)
-                        self._setup_one(k, self.states[name])
+                        if rec is not None:
+                            self._give_back_unmanaged(k, rec, managed[name])
+                        self._setup_one(k, self.states[name], managed[name])
                     elif rec is not None:  # a run that died set it up; this one must not: put it back
                         self._restore_with(k, [name])
                         log.info("link_setup_skipped", ifname=name, reason="link_setup = false")
@@ -644,8 +700,30 @@ class LinkManager:
             except Exception as e:
                 log.error("link_record_not_saved", ifname=name, reason=_reason(e))
 
-    def _setup_one(self, k: _Kernel, before: LinkState) -> None:
-        plan = plan_setup(before)
+    def _give_back_unmanaged(self, k: _Kernel, rec: RestoreRecord, managed: Collection[str]) -> None:
+        """An adopted record (a run that died) may hold offloads this run leaves as they are —
+        an older nmbridge turned TSO/GSO off behind every port: put those back now, not at stop."""
+        name = rec.ifname
+        cur = self.states[name]
+        back = {f: v for f, v in rec.features.items()
+                if f in EVERY_OFFLOAD and f not in managed
+                and f in cur.features and cur.features[f].active != v}
+        if not back:
+            return
+        k.set_features(name, back)
+        after = k.lookup(name)
+        if after is None:
+            return  # gone: set-up says so next
+        self.states[name] = after
+        given = sorted(f for f in back if f in after.features and after.features[f].active == back[f])
+        keep = {f: v for f, v in rec.features.items() if f not in given}
+        newer = replace(rec, features=keep,
+                        set_features={f: v for f, v in rec.set_features.items() if f in keep})
+        self._keep(name, None if newer.empty else newer)
+        log.info("link_offloads_given_back", ifname=name, offloads=given)
+
+    def _setup_one(self, k: _Kernel, before: LinkState, managed: Collection[str]) -> None:
+        plan = plan_setup(before, managed)
         name = before.ifname
         for feature in plan.fixed_on:
             log.warning("offload_fixed_on", ifname=name, offload=OFFLOAD_BY_FEATURE[feature].keyword)

@@ -69,6 +69,11 @@ class Backend(Protocol):
     def interface(self, name: str) -> str | None:
         """The kernel interface behind the port (for link set-up), or None."""
 
+    def offloads_off(self, name: str) -> frozenset[str]:
+        """The offload groups (``nmbridge.links.RX_MERGING``, ``TX_SEGMENTATION``,
+        ``VLAN_STRIPPING``) that link set-up must turn off on the port's interface: those that
+        would hand the port, or expect from it, frames it cannot carry."""
+
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         """Open the port; raise PortError naming the port and the reason."""
 

@@ -32,6 +32,7 @@ import sys
 from nmbridge.accounting import PortAccounting
 from nmbridge.backends import OpenOptions, parse_options, whole_number
 from nmbridge.errors import PortError
+from nmbridge.links import RX_MERGING, TX_SEGMENTATION, VLAN_STRIPPING
 from nmbridge.port import Port, Region
 
 _INT_OPTIONS = {
@@ -43,6 +44,8 @@ _INT_OPTIONS = {
 }
 _BOOL_OPTIONS = ("rx_ring", "promisc", "qdisc_bypass", "tx_ring", "vnet", "tx_vnet")
 _CAP_NET_RAW = 13
+_OFFLOADS_OFF = frozenset({RX_MERGING, TX_SEGMENTATION, VLAN_STRIPPING})
+_OFFLOADS_OFF_VNET = frozenset({RX_MERGING, VLAN_STRIPPING})
 _RING_GONE = "the receive ring is a TPACKET_V2 ring now (no blocks, no retire timer): rx_frames=N sizes it"
 _GONE_OPTIONS = {"blocks": _RING_GONE, "block_size": _RING_GONE, "block_timeout_ms": _RING_GONE}
 
@@ -144,6 +147,14 @@ class _AfPacketBackend:
 
     def interface(self, name: str) -> str | None:
         return parse(name)[0]
+
+    def offloads_off(self, name: str) -> frozenset[str]:
+        # With vnet the GSO request of a super-frame crosses with it and the egress kernel
+        # segments it (or hands it on whole to a veth peer): TX segmentation may stay on.
+        # Receive merging stays off: GRO would hand the filters and counters merged frames,
+        # and a pair whose other side has no GSO metadata would drop them.
+        vnet = bool(parse(name)[1].get("vnet", 1))
+        return _OFFLOADS_OFF_VNET if vnet else _OFFLOADS_OFF
 
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         from nmbridge.backends import afpacket

@@ -28,6 +28,7 @@ from nmbridge.accounting import PortAccounting
 from nmbridge.backends import OpenOptions, parse_options, whole_number
 from nmbridge.backends.afpacket_backend import check_ifname
 from nmbridge.errors import PortError
+from nmbridge.links import OFFLOAD_GROUPS
 from nmbridge.port import Port, Region
 
 MODES = ("auto", "zc", "native", "skb")
@@ -132,6 +133,10 @@ class _AfXdpBackend:
 
     def interface(self, name: str) -> str | None:
         return parse(name)[0]
+
+    def offloads_off(self, name: str) -> frozenset[str]:
+        # An XDP descriptor is one frame in one chunk: no GSO metadata either way.
+        return OFFLOAD_GROUPS
 
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         from nmbridge.backends.afxdp import AfXdpPort

@@ -57,6 +57,9 @@ class _MemBackend:
     def interface(self, name: str) -> str | None:
         return None
 
+    def offloads_off(self, name: str) -> frozenset[str]:
+        return frozenset()  # no interface
+
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         assert region is not None
         base, opts = _parse(name)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 from nmbridge.backends import OpenOptions
 from nmbridge.errors import PortError
+from nmbridge.links import OFFLOAD_GROUPS
 from nmbridge.port import Port, Region
 
 if TYPE_CHECKING:
@@ -239,6 +240,10 @@ class _NetmapBackend:
 
     def interface(self, name: str) -> str | None:
         return parse_name(name).interface
+
+    def offloads_off(self, name: str) -> frozenset[str]:
+        # netmap slots are wire frames: the host stack would hand its rings super-frames
+        return OFFLOAD_GROUPS
 
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         return open_port(name)

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from rawio import RunningBridge, wait_for
 
-from nmbridge import netns, probe
+from nmbridge import links, netns, probe
 from nmbridge.backends import OpenOptions, PortSet, parse_spec
 from nmbridge.backends.afpacket import AfPacketPort
 from nmbridge.demo import BridgeProcess
+from nmbridge.links import lookup_links
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")]
@@ -67,6 +68,43 @@ def test_tcp_with_offloads_on(lab: netns.Lab, tmp_path: Path, query: str) -> Non
         c = lr[d]
         assert c["received"] == c["forwarded"] + c["dropped"] + c["queued"], (d, c)
         assert c["queued"] == 0 and c["dropped"] == 0, (d, c)
+
+
+def features(lb: netns.Lab, ifname: str) -> dict[str, bool]:
+    st = lookup_links([ifname], lb.ns_bridge)[ifname]
+    assert st is not None
+    return {n: f.active for n, f in st.features.items()}
+
+
+@pytest.mark.parametrize("query", ["", "?vnet=0"])
+def test_run_leaves_tx_segmentation_to_vnet_ports_and_turns_gro_off(lab: netns.Lab, tmp_path: Path,
+                                                                   query: str) -> None:
+    """With vnet (the default) the egress kernel gets each super-frame's GSO request, so set-up
+    leaves TSO/GSO as they were; GRO goes off either way; vnet=0 turns TX segmentation off.
+    Everything set-up changed is back after the run."""
+    sides = (lab.bridge_left_if, lab.bridge_right_if)
+    with links.in_netns(lab.ns_bridge), links._Kernel() as k:
+        for name in sides:
+            k.set_features(name, {"rx-gro": True})  # veth's GRO is off by default: the case to undo
+    before = {name: features(lab, name) for name in sides}
+    for name in sides:
+        assert before[name]["rx-gro"] and before[name]["tx-tcp-segmentation"]
+        assert before[name]["tx-generic-segmentation"]
+    br = run_bridge(lab, tmp_path, query)
+    try:
+        during = {name: features(lab, name) for name in sides}
+        _stopped, status = br.stop()
+    finally:
+        br.kill()
+    assert status == 0
+    seg = [f for f in before[sides[0]] if netns._is_segmentation(f)]
+    for name in sides:
+        assert not during[name]["rx-gro"]
+        if query == "":
+            assert {f: during[name][f] for f in seg} == {f: before[name][f] for f in seg}
+        else:
+            assert not any(during[name][f] for f in seg), during[name]
+        assert features(lab, name) == before[name]  # restored exactly
 
 
 # --- one crafted GSO super-frame ------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import os
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from nmbridge import doctor
-from nmbridge.backends import PortSpec
+from nmbridge.backends import PortSpec, parse_spec
 from nmbridge.errors import LinkError
 from nmbridge.links import (
     OFFLOADS,
@@ -22,9 +23,12 @@ from nmbridge.links import (
     LinkState,
     PairLinks,
     PortLink,
+    RestoreRecord,
     _Kernel,
+    changes_made,
     in_netns,
     lookup_links,
+    pair_links,
 )
 from nmbridge.linkwatch import LinkEvent, LinkWatcher
 
@@ -225,3 +229,56 @@ def test_doctor_reports_problems_with_fixes_and_nothing_when_fixed(veth: Veth) -
         assert "fix:" not in out.getvalue() and "all interfaces ready" in out.getvalue()
     finally:
         links.restore()
+
+
+@pytest.mark.parametrize("query", ["", "?vnet=0"])
+def test_doctor_agrees_with_what_run_turns_off_per_backend(veth: Veth, query: str) -> None:
+    """An afpacket: port with vnet keeps TSO/GSO: set-up leaves them on and doctor (as
+    --no-link-setup) finds nothing wrong with them; with vnet=0 both turn them off."""
+    veth.set_features(veth.a, rx_gro=True)
+    specs = (parse_spec(f"afpacket:{veth.a}{query}"), parse_spec(f"afpacket:{veth.b}{query}"))
+    cfg = _Config(_Bridge(), (_Pair("p", specs),))
+    out = io.StringIO()
+    assert doctor.run_doctor(cfg, out, link_setup=False, netns=veth.ns) == 1
+    text = out.getvalue()
+    assert f"fix: ethtool -K {veth.a} gro off " in text, text
+    assert ("tso off" in text) == (query != ""), text
+    before = {n: veth.state(n) for n in (veth.a, veth.b)}
+    links = LinkManager(buf_size=2048, netns=veth.ns)
+    links.setup([pair_links("p", list(specs), True)])
+    try:
+        after = veth.state(veth.a)
+        assert not after.features["rx-gro"].active
+        assert after.features["tx-tcp-segmentation"].active == (query == "")
+        assert after.features["tx-generic-segmentation"].active == (query == "")
+        out = io.StringIO()
+        assert doctor.run_doctor(cfg, out, link_setup=False, netns=veth.ns) == 0, out.getvalue()
+    finally:
+        links.restore()
+    for n in (veth.a, veth.b):
+        assert snapshot(veth.state(n)) == snapshot(before[n])
+
+
+def test_tso_an_older_run_turned_off_is_given_back_at_start_for_vnet_ports(veth: Veth) -> None:
+    """A run that died (an older nmbridge: TSO/GSO off behind every port) left a record; this
+    run adopts it, puts back what it no longer manages at once, and still restores the rest."""
+    original = veth.state(veth.a)
+    veth.set_features(veth.a, tx_tcp_segmentation=False, tx_generic_segmentation=False)
+    dead = changes_made(original, veth.state(veth.a))
+    assert dead.features.get("tx-tcp-segmentation") is True
+    veth.set_features(veth.a, rx_gro=True)  # an original GRO on that this run turns off
+    original = dataclasses.replace(original, features={**original.features,
+                                                       "rx-gro": veth.state(veth.a).features["rx-gro"]})
+    specs = [parse_spec(f"afpacket:{veth.a}"), parse_spec(f"afpacket:{veth.b}")]
+    stored: dict[str, RestoreRecord | None] = {}
+    links = LinkManager(buf_size=2048, netns=veth.ns, store=stored.__setitem__)
+    links.setup([pair_links("p", specs, True)], before_change=lambda states: {veth.a: dead})
+    try:
+        now = veth.state(veth.a)
+        assert now.features["tx-tcp-segmentation"].active and now.features["tx-generic-segmentation"].active
+        assert not now.features["rx-gro"].active
+        rec = stored[veth.a]
+        assert rec is not None and "tx-tcp-segmentation" not in rec.features and rec.features["rx-gro"]
+    finally:
+        links.restore()
+    assert snapshot(veth.state(veth.a)) == snapshot(original)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nmbridge.backends import backend, backend_names, parse_spec
 from nmbridge.links import (
+    EVERY_OFFLOAD,
+    OFFLOAD_GROUPS,
     OFFLOADS,
     Feature,
     LinkState,
@@ -16,8 +20,11 @@ from nmbridge.links import (
     check_mtu,
     check_state,
     frame_limit,
+    offload_features,
+    pair_links,
     plan_restore,
     plan_setup,
+    port_offloads,
 )
 from nmbridge.linkwatch import link_is_up
 
@@ -70,6 +77,78 @@ def test_every_managed_offload_has_an_ethtool_keyword_and_unique_feature() -> No
     assert {"rx-gro", "rx-lro", "tx-generic-segmentation", "tx-tcp-segmentation",
             "rx-vlan-hw-parse"} <= {o.feature for o in OFFLOADS}
     assert all(o.keyword and " " not in o.keyword for o in OFFLOADS)
+
+
+# ---------------------------------------------------------------- which offloads, per backend
+
+TX_SEG = {"tx-generic-segmentation", "tx-tcp-segmentation", "tx-tcp-ecn-segmentation",
+          "tx-tcp-accecn-segmentation", "tx-tcp-mangleid-segmentation", "tx-tcp6-segmentation",
+          "tx-udp-segmentation"}
+RX_MERGE = {"rx-gro", "rx-gro-hw", "rx-lro"}
+VLAN = {"rx-vlan-hw-parse", "rx-vlan-stag-hw-parse"}
+
+
+def everything_on(name: str = "eth1") -> LinkState:
+    return state(name, up=True, promisc=True, **{o.feature.replace("-", "_"): (True, True) for o in OFFLOADS})
+
+
+def test_offload_groups_cover_the_table_exactly() -> None:
+    assert offload_features(OFFLOAD_GROUPS) == EVERY_OFFLOAD
+    assert offload_features({"tx-segmentation"}) == TX_SEG
+    assert offload_features({"rx-merging"}) == RX_MERGE
+    assert offload_features({"vlan-stripping"}) == VLAN
+    with pytest.raises(ValueError, match="unknown offload group"):
+        offload_features({"tx-checksum"})
+
+
+def test_every_backend_declares_known_offload_groups() -> None:
+    names = {"mem": "a", "afpacket": "eth1", "afxdp": "eth1", "netmap": "eth1"}
+    assert set(names) == set(backend_names())
+    for b in backend_names():
+        assert backend(b).offloads_off(names[b]) <= OFFLOAD_GROUPS
+
+
+@pytest.mark.parametrize(("port", "off"), [
+    ("afpacket:eth1", RX_MERGE | VLAN),  # vnet (default): GSO requests reach the egress kernel
+    ("afpacket:eth1?vnet=1", RX_MERGE | VLAN),
+    ("afpacket:eth1?vnet=0", RX_MERGE | VLAN | TX_SEG),  # plain frames: segment before us
+    ("afpacket:eth1?tx_vnet=0", RX_MERGE | VLAN | TX_SEG),
+    ("afxdp:eth1", RX_MERGE | VLAN | TX_SEG),  # an XDP descriptor carries no offload metadata
+    ("netmap:eth1", RX_MERGE | VLAN | TX_SEG),
+    ("netmap:eth1^", RX_MERGE | VLAN | TX_SEG),
+])
+def test_plan_turns_off_what_the_ports_backend_cannot_carry(port: str, off: set[str]) -> None:
+    managed = port_offloads(parse_spec(port))
+    assert managed == off
+    plan = plan_setup(everything_on(), managed)
+    assert set(plan.offloads_off) == off
+    assert not plan.bring_up and not plan.promisc_on
+    # what is left on is no problem for doctor / --no-link-setup either
+    found = check_state(everything_on(), link_setup=False, managed=managed)
+    assert len(found) == 1
+    named = set(found[0].problem.split(": ", 1)[1].split(" (")[0].split(", "))
+    tso_covers = TX_SEG - {"tx-generic-segmentation", "tx-tcp-segmentation", "tx-udp-segmentation"}
+    tso_covers = tso_covers if "tx-tcp-segmentation" in off else set()
+    assert named == {o.keyword for o in OFFLOADS if o.feature in off - tso_covers}
+
+
+def test_afpacket_vnet_ports_are_ready_with_tso_and_gso_on_but_not_with_gro() -> None:
+    managed = port_offloads(parse_spec("afpacket:eth1"))
+    s = state(up=True, promisc=True, tx_tcp_segmentation=(True, True), tx_generic_segmentation=(True, True),
+              rx_gro=(False, True))
+    assert plan_setup(s, managed).empty and check_state(s, False, managed) == []
+    s = with_features(s, rx_gro=True)
+    assert plan_setup(s, managed).offloads_off == ("rx-gro",)
+    assert [f.fix for f in check_state(s, False, managed)] == ["ethtool -K eth1 gro off"]
+
+
+def test_pair_links_carry_each_ports_offloads() -> None:
+    pl = pair_links("p", [parse_spec("afpacket:eth1"), parse_spec("afpacket:eth2?vnet=0")], True)
+    assert "tx-tcp-segmentation" not in pl.ports[0].offloads_off
+    assert "tx-tcp-segmentation" in pl.ports[1].offloads_off
+    assert pl.ports[0].offloads_off >= RX_MERGE | VLAN
+    mem = pair_links("m", [parse_spec("mem:a"), parse_spec("afxdp:eth3")], True)
+    assert mem.ports[0].ifname is None and mem.ports[1].offloads_off == EVERY_OFFLOAD
 
 
 # ---------------------------------------------------------------- what restore puts back
