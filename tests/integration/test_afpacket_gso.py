@@ -67,7 +67,10 @@ def test_tcp_with_offloads_on(lab: netns.Lab, tmp_path: Path, query: str) -> Non
     for d in ("a_to_b", "b_to_a"):  # every super-frame accounted for, none lost on transmit
         c = lr[d]
         assert c["received"] == c["forwarded"] + c["dropped"] + c["queued"], (d, c)
-        assert c["queued"] == 0 and c["dropped"] == 0, (d, c)
+        assert c["queued"] == 0, (d, c)
+        # on a loaded host the kernel may overrun the receive side (TCP resends those); any
+        # other reason -- lost on transmit, a super-frame not carried -- is a bug
+        assert {r for r, n in c["drops"].items() if n} <= {"rx_kernel_drops"}, (d, c)
 
 
 def features(lb: netns.Lab, ifname: str) -> dict[str, bool]:
