@@ -40,7 +40,7 @@ root=$work/root
 
 # The packages of a small Debian server: minbase + boot (kernel, systemd, udev), network
 # (ifupdown, DHCP client), what Vagrant needs (sshd, sudo, rsync) and what the official box has.
-packages=systemd-sysv,udev,kmod,linux-image-amd64,initramfs-tools,zstd,openssh-server,sudo,rsync
+packages=systemd-sysv,dbus,udev,kmod,linux-image-amd64,initramfs-tools,zstd,openssh-server,sudo,rsync
 packages+=,ifupdown,isc-dhcp-client,iproute2,iputils-ping,netbase,ca-certificates,procps,less,nano
 echo "box: mmdebstrap bookworm from $mirror"
 # (the hooks run in mmdebstrap's shell, where "$1" is the new root: single quotes on purpose)

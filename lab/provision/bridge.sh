@@ -42,7 +42,11 @@ for pkg in python3 python3-venv python3-dev gcc libc6-dev libpcap0.8 iproute2 et
 done
 if ((${#missing[@]})); then
     say "installing ${missing[*]}"
-    apt-get update -qq
+    # the package lists `common` fetched minutes ago are good enough (an update costs minutes
+    # in an emulated VM); older or missing ones are fetched again
+    if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 -print -quit)" ]; then
+        apt-get update -qq
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
