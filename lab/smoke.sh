@@ -73,7 +73,7 @@ step() {   # step NAME: ends the running step (ok) and starts NAME
 end_step() {
     [ -n "$step_name" ] || return 0
     local took=$(($(date +%s) - step_t0))
-    steps+=("$(printf '%-52s %5ss  %s' "$step_name" "$took" "$1")")
+    steps+=("$(printf '%-60s %5ss  %s' "$step_name" "$took" "$1")")
     echo "--- smoke: $step_name: $1 in ${took}s"
     step_name=""
 }
@@ -91,6 +91,7 @@ cleanup() {
     local rc=$?
     set +e
     [ "$rc" -eq 0 ] || end_step FAILED
+    local d n
     if ((vms_created)); then
         if [ "${NMBRIDGE_LAB_KEEP:-0}" = 1 ]; then
             say "NMBRIDGE_LAB_KEEP=1: the lab stays up; to take it down:"
@@ -100,21 +101,21 @@ cleanup() {
             vg destroy -f
             local drc=$?
             end_step "$([ "$drc" -eq 0 ] && echo ok || echo FAILED)"
+            # what vagrant-libvirt leaves when a run dies half-way: this run's domains and
+            # networks (only once this run created them: never a lab of the user's)
+            for d in $(virsh list --all --name 2>/dev/null | grep -E "^$(basename "$root")_(left|bridge|right)$"); do
+                virsh destroy "$d" >/dev/null 2>&1; virsh undefine "$d" --remove-all-storage >/dev/null 2>&1
+                say "removed leftover domain $d"
+            done
+            for n in nmb-left nmb-right nmb-mgmt; do
+                if virsh net-info "$n" >/dev/null 2>&1; then
+                    virsh net-destroy "$n" >/dev/null 2>&1; virsh net-undefine "$n" >/dev/null 2>&1
+                    say "removed leftover network $n"
+                fi
+            done
         fi
     fi
     if [ "${NMBRIDGE_LAB_KEEP:-0}" != 1 ]; then
-        # what vagrant-libvirt leaves when a run dies half-way: this run's domains and networks
-        local d n
-        for d in $(virsh list --all --name 2>/dev/null | grep -E "^$(basename "$root")_(left|bridge|right)$"); do
-            virsh destroy "$d" >/dev/null 2>&1; virsh undefine "$d" --remove-all-storage >/dev/null 2>&1
-            say "removed leftover domain $d"
-        done
-        for n in nmb-left nmb-right nmb-mgmt; do
-            if virsh net-info "$n" >/dev/null 2>&1; then
-                virsh net-destroy "$n" >/dev/null 2>&1; virsh net-undefine "$n" >/dev/null 2>&1
-                say "removed leftover network $n"
-            fi
-        done
         for d in "${started_daemons[@]}"; do
             if [ -f "/run/$d.pid" ]; then
                 kill "$(cat "/run/$d.pid")" 2>/dev/null && say "stopped $d (started by this script)"
