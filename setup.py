@@ -27,8 +27,14 @@ EXTENSIONS = [
     ext("nmbridge.backends.netmap", "nmbridge/backends/netmap.pyx", "nmport.c"),
     ext("nmbridge.filters.engine", "nmbridge/filters/engine.pyx", "filter.c", "bpf.c"),
 ]
-# a backend or engine still being written is simply not built yet
-EXTENSIONS = [e for e in EXTENSIONS if all(Path(s).exists() for s in e.sources)]
+# Every listed source must be there: a missing one is a build error that names it, never an
+# extension quietly left out of an install that then "succeeds" without it.
+_HERE = Path(__file__).resolve().parent
+_MISSING = [s for e in EXTENSIONS for s in e.sources if not (_HERE / s).is_file()]
+if _MISSING:
+    raise SystemExit("setup.py: error: extension source(s) missing from the build tree: "
+                     + ", ".join(dict.fromkeys(_MISSING))
+                     + " (a build from a copy of the project must include csrc/ and nmbridge/)")
 
 setup(
     ext_modules=cythonize(

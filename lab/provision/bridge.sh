@@ -42,28 +42,48 @@ for pkg in python3 python3-venv python3-dev gcc libc6-dev libpcap0.8 iproute2 et
 done
 if ((${#missing[@]})); then
     say "installing ${missing[*]}"
-    apt-get update -qq
+    # the package lists `common` fetched minutes ago are good enough (an update costs minutes
+    # in an emulated VM); older or missing ones are fetched again
+    if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 -print -quit)" ]; then
+        apt-get update -qq
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# --- pip behind a TLS-inspecting proxy: the CA bundle the Vagrantfile copied in, if any -----
+# (NMBRIDGE_LAB_CA_BUNDLE on the host); kept in /etc/pip.conf for pip run by hand later.
+if [ -n "${NMB_CA_BUNDLE:-}" ]; then
+    install -D -m 0644 "$NMB_CA_BUNDLE" /usr/local/share/nmbridge-lab/ca-bundle.pem
+    printf '[global]\ncert = /usr/local/share/nmbridge-lab/ca-bundle.pem\n' > /etc/pip.conf
+    say "pip trusts the CA bundle given by NMBRIDGE_LAB_CA_BUNDLE"
+fi
+
 # --- nmbridge in a venv, rebuilt when the source changed ----------------------------------
+# What a user's `pip install .` of a clone builds: the whole synced tree, copied to a build
+# directory outside it (build output never lands in /vagrant). setup.py refuses to build when
+# an extension's source is missing. The digest covers every file that can go into the build:
+# the whole tree but for the parts a build never reads (the lab itself, tests, benchmarks).
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 stamp=$venv/.nmbridge-source.sha256
-digest=$(cd "$src" && find pyproject.toml setup.py nmbridge -type f \
-            ! -name '*.so' ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
-         | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+digest=$(cd "$src" && find . -type f \
+            ! -path './lab/*' ! -path './tests/*' ! -path './benchmarks/*' ! -path './.git/*' \
+            ! -path './.vagrant/*' ! -path '*/__pycache__/*' ! -path './build/*' \
+            ! -name '*.so' ! -name '*.pyc' -print0 \
+         | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$digest" ] || ! "$venv/bin/nmbridge" version >/dev/null 2>&1; then
     say "building and installing nmbridge from $src into $venv (compiles the extensions)"
-    # build from a copy: the synced folder is the user's tree, build output stays out of it
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
-    cp -a "$src/pyproject.toml" "$src/setup.py" "$src/README.md" "$src/nmbridge" "$build/"
+    cp -a "$src/." "$build/"
+    rm -rf "$build/.vagrant" "$build/.git" "$build/build"
     "$venv/bin/pip" install -q "$build"
     echo "$digest" > "$stamp"
     changed+=" package"
 fi
 ln -sfn "$venv/bin/nmbridge" /usr/local/bin/nmbridge
-say "$(nmbridge version)"
+# (an assignment, so that `set -e` stops here when nmbridge cannot even start)
+version=$(nmbridge version)
+say "$version"
 
 # --- the config: the two data NICs by MAC, netmap: or afpacket: ------------------------------
 mkdir -p "$conf_dir"
@@ -80,6 +100,10 @@ for mac in "$mac_a" "$mac_b"; do
     dev=$(ip -o link show | awk -v mac="$mac" '{
         for (i = 1; i < NF; i++) if ($i == "link/ether" && tolower($(i + 1)) == mac) {
             name = $2; sub(/:$/, "", name); sub(/@.*/, "", name); print name } }')
+    if [ -z "$dev" ]; then
+        echo "bridge: no interface has MAC $mac" >&2
+        exit 1
+    fi
     want+="net.ipv6.conf.${dev}.disable_ipv6 = 1"$'\n'
 done
 if [ "$(cat "$sysctl_conf" 2>/dev/null || true)"$'\n' != "$want" ]; then
@@ -139,4 +163,6 @@ if [ -n "$changed" ] || ! systemctl is-active --quiet nmbridge; then
         exit 1
     fi
 fi
-say "nmbridge is $(systemctl is-active nmbridge): $(grep -m1 '^ports' "$conf")"
+state=$(systemctl is-active nmbridge)
+ports=$(grep -m1 '^ports' "$conf")
+say "nmbridge is $state: $ports"

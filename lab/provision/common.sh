@@ -21,4 +21,5 @@ apt_install() {
 }
 
 apt_install iproute2 iputils-ping tcpdump ethtool jq
-echo "common: $(hostname) ready"
+host=$(hostname)
+echo "common: $host ready"

@@ -24,17 +24,18 @@ if [ -z "$names" ]; then
     exit 1
 fi
 if [ "$(wc -l <<<"$names")" -ne 1 ]; then
-    echo "host: more than one interface has MAC $mac: $(echo "$names" | tr "\n" " ")" >&2
+    echo "host: more than one interface has MAC $mac: ${names//$'\n'/ }" >&2
     exit 1
 fi
 ifname=$names
 
 # Vagrant writes the address into /etc/network/interfaces; if it is not up, say so loudly
 # rather than guess: the lab's ping would fail later for no visible reason.
-if ! ip -o -4 addr show dev "$ifname" | grep -q " ${addr} "; then
+has_addr() { [[ "$(ip -o -4 addr show dev "$ifname")" == *" ${addr} "* ]]; }
+if ! has_addr; then
     echo "host: $ifname ($mac) does not have $addr; bringing it up with: ifup $ifname" >&2
     ifup "$ifname" || true
-    if ! ip -o -4 addr show dev "$ifname" | grep -q " ${addr} "; then
+    if ! has_addr; then
         echo "host: $ifname still has no $addr; check /etc/network/interfaces" >&2
         exit 1
     fi
@@ -49,4 +50,5 @@ if [ ! -f "$conf" ] || [ "$(cat "$conf")" != "$want" ]; then
 fi
 sysctl -q -p "$conf"
 
-echo "host: $(hostname) data NIC $ifname ($mac) has $addr"
+host=$(hostname)
+echo "host: $host data NIC $ifname ($mac) has $addr"

@@ -84,11 +84,20 @@ env.vagrantfile.machine_names.each do |name|
       box: c.vm.box, box_version: c.vm.box_version,
       networks: c.vm.networks.map { |type, options| { type: type, options: options } },
       provisioners: c.vm.provisioners.map { |p|
-        { name: p.name, type: p.type, path: p.config.path, args: p.config.args } },
+        prc = p.config
+        { name: p.name, type: p.type, path: prc.respond_to?(:path) ? prc.path : nil,
+          args: prc.respond_to?(:args) ? prc.args : nil, env: prc.respond_to?(:env) ? prc.env : nil,
+          source: prc.respond_to?(:source) ? prc.source : nil,
+          destination: prc.respond_to?(:destination) ? prc.destination : nil } },
       synced_folders: c.vm.synced_folders,
       customizations: pc.respond_to?(:customizations) ? pc.customizations : nil,
       network_adapters: pc.respond_to?(:network_adapters) ? pc.network_adapters.keys : nil,
       nic_model_type: pc.respond_to?(:nic_model_type) ? pc.nic_model_type : nil,
+      driver: pc.respond_to?(:driver) ? pc.driver : nil,
+      cpu_mode: pc.respond_to?(:cpu_mode) ? pc.cpu_mode : nil,
+      cpu_model: pc.respond_to?(:cpu_model) ? pc.cpu_model : nil,
+      management_network_address:
+        pc.respond_to?(:management_network_address) ? pc.management_network_address : nil,
     }
   end
 end
@@ -96,13 +105,12 @@ puts JSON.generate(out)
 """
 
 
-@pytest.fixture(scope="module")
-def machines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+def dump_machines(tmp: Path, **env: str) -> dict[str, dict[str, Any]]:
     ruby = shutil.which("ruby")
     if VAGRANT is None or ruby is None:
         pytest.skip("vagrant (and the Ruby it runs on) is not installed")
-    tmp = tmp_path_factory.mktemp("vagrant")
-    done = subprocess.run([ruby, "-e", DUMP_RB, str(ROOT)], env=vagrant_env(tmp),
+    lab_env = {k: v for k, v in vagrant_env(tmp).items() if not k.startswith("NMBRIDGE_LAB_")}
+    done = subprocess.run([ruby, "-e", DUMP_RB, str(ROOT)], env={**lab_env, **env},
                           capture_output=True, text=True, timeout=300)
     if done.returncode and "cannot load such file -- vagrant" in done.stderr:
         pytest.skip("vagrant's Ruby library is not loadable by the system ruby (a vagrant with its "
@@ -110,6 +118,11 @@ def machines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
     assert done.returncode == 0, done.stderr
     data: dict[str, dict[str, Any]] = json.loads(done.stdout.splitlines()[-1])
     return data
+
+
+@pytest.fixture(scope="module")
+def machines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    return dump_machines(tmp_path_factory.mktemp("vagrant"))
 
 
 def data_nics(machine: dict[str, Any]) -> list[dict[str, Any]]:
@@ -195,21 +208,61 @@ def test_provisioners_get_the_macs_of_their_nics(machines: dict[str, dict[str, A
             assert p["path"] == "lab/provision/host.sh"
             assert p["args"] == [colon(nics[0]["mac"]), f"{nics[0]['ip']}/24"]
         for p in m["provisioners"]:
-            assert (ROOT / p["path"]).is_file(), p["path"]
+            assert p["type"] == "shell" and (ROOT / p["path"]).is_file(), p
+        if name == "bridge":
+            assert by_name["bridge"]["env"] == {"NMB_CA_BUNDLE": ""}
+
+
+def test_a_ca_bundle_for_pip_is_copied_into_the_bridge_vm(tmp_path: Path) -> None:
+    """NMBRIDGE_LAB_CA_BUNDLE: behind a TLS-inspecting proxy, pip in `bridge` must trust its CA."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    dumped = dump_machines(tmp_path, NMBRIDGE_LAB_CA_BUNDLE=str(bundle))
+    for name, providers in dumped.items():
+        names = [p["name"] for p in providers["libvirt"]["provisioners"]]
+        if name != "bridge":
+            assert "ca-bundle" not in names
+            continue
+        assert names.index("ca-bundle") < names.index("bridge")  # copied before it is used
+        by_name = {p["name"]: p for p in providers["libvirt"]["provisioners"]}
+        assert by_name["ca-bundle"]["type"] == "file"
+        assert by_name["ca-bundle"]["source"] == str(bundle)
+        assert by_name["bridge"]["env"] == {"NMB_CA_BUNDLE": by_name["ca-bundle"]["destination"]}
+
+
+@pytest.mark.parametrize("accel", ["kvm", "qemu"])
+def test_libvirt_emulation_without_kvm(tmp_path: Path, accel: str) -> None:
+    """Without KVM the domains are plain qemu with an emulated CPU model (the host's is not on
+    offer); NMBRIDGE_LAB_ACCEL overrides the Vagrantfile's guess."""
+    dumped = dump_machines(tmp_path, NMBRIDGE_LAB_ACCEL=accel)
+    for name, providers in dumped.items():
+        lv = providers["libvirt"]
+        if accel == "qemu":
+            assert (lv["driver"], lv["cpu_mode"], lv["cpu_model"]) == ("qemu", "custom", "qemu64"), name
+        else:
+            assert lv["driver"] != "qemu" and lv["cpu_mode"] != "custom", name
+
+
+def test_the_management_network_is_the_labs_own(machines: dict[str, dict[str, Any]]) -> None:
+    nets = {ipaddress.ip_network(m["libvirt"]["management_network_address"]) for m in machines.values()}
+    assert nets == {ipaddress.ip_network("172.30.77.0/24")}
+    # never one of the lab's own data subnets
+    assert not any(n.overlaps(ipaddress.ip_network("10.77.0.0/24")) for n in nets)
 
 
 # --- the provisioning scripts -----------------------------------------------------------------
 
 
 SCRIPTS = sorted(PROVISION.glob("*.sh"))
+LAB_SCRIPTS = [*SCRIPTS, ROOT / "lab" / "smoke.sh", ROOT / "lab" / "box" / "build.sh"]
 
 
 def test_the_three_provisioning_scripts_exist() -> None:
     assert [s.name for s in SCRIPTS] == ["bridge.sh", "common.sh", "host.sh"]
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_provisioning_script_is_strict_bash(script: Path) -> None:
+@pytest.mark.parametrize("script", LAB_SCRIPTS, ids=lambda p: p.name)
+def test_lab_script_is_strict_bash(script: Path) -> None:
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "\nset -euo pipefail\n" in text
@@ -217,9 +270,30 @@ def test_provisioning_script_is_strict_bash(script: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_no_command_substitution_hides_a_failure(script: Path) -> None:
+    """`set -e` ignores a failing `$(...)` used as an argument (`say "$(nmbridge version)"` once
+    let a broken install through): provisioning assigns it to a variable first, which stops."""
+    for n, line in enumerate(script.read_text().splitlines(), 1):
+        code = line.split("#", 1)[0] if not line.lstrip().startswith("#") else ""
+        assert not re.search(r"\b(echo|say|printf)\b[^|;&]*\$\(", code), f"{script.name}:{n}: {line.strip()}"
+
+
+def test_bridge_provisioning_builds_the_whole_tree_and_hashes_csrc() -> None:
+    """What a user's `pip install .` builds: the whole tree (csrc/ included), copied out of the
+    synced folder; the source digest leaves out only what a build never reads."""
+    text = (PROVISION / "bridge.sh").read_text()
+    assert 'cp -a "$src/." "$build/"' in text
+    assert '"$venv/bin/pip" install -q "$build"' in text
+    digest = text[text.index("digest=$("):text.index("if [", text.index("digest=$("))]
+    excluded = set(re.findall(r"! -path '\./([^/*]+)/\*'", digest))
+    assert excluded <= {"lab", "tests", "benchmarks", ".git", ".vagrant", "build"}, excluded
+    assert "find . -type f" in digest
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
-def test_provisioning_scripts_pass_shellcheck() -> None:
-    done = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+def test_lab_scripts_pass_shellcheck() -> None:
+    done = subprocess.run(["shellcheck", *map(str, LAB_SCRIPTS)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
