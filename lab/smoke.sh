@@ -286,7 +286,7 @@ ping_out() {   # ping_out COUNT: the summary line of COUNT pings from left to ri
 }
 filtered() {   # frames the pair's a->b filter dropped, from `nmbridge stats --json`
     on bridge sudo nmbridge stats --json | python3 -c \
-        'import json, sys; print(json.load(sys.stdin)["snapshot"]["pairs"][0]["directions"]["a_to_b"].get("filtered", 0))'
+        'import json, sys; print(json.load(sys.stdin)["snapshot"]["pairs"][0]["directions"]["a_to_b"].get("dropped", {}).get("filtered", 0))'
 }
 
 step "ping left -> right through the bridge"
@@ -324,8 +324,10 @@ on bridge sudo nmbridge stats
 
 step "the README's journal query: stats events"
 # (lab/README.md section 5, as written there)
-events=$(on bridge "sudo journalctl -u nmbridge -o json --no-pager | jq -c '.MESSAGE | fromjson? | select(.event == \"stats\")'" | wc -l)
-say "$events stats events in the journal"
+lines=$(on bridge "sudo journalctl -u nmbridge -o json --no-pager | jq -c '.MESSAGE | fromjson? | select(.event == \"stats\")'")
+events=$(grep -c '"event":"stats"' <<<"$lines" || true)
+say "$events stats events in the journal; the last:"
+say "$(tail -n 1 <<<"$lines")"
 ((events >= 1)) || fail "journalctl | jq found no stats event"
 
 end_step ok
