@@ -170,6 +170,25 @@ cdef class Port:
         ``accounting`` for what they mean to a pair's numbers)."""
         return {}
 
+    def rxsync(self) -> None:
+        """One rxsync, as the forwarder would call it (for tests and benchmarks driving rings
+        by hand); RingError with the backend's reason."""
+        self._check_open()
+        cdef int rc
+        with nogil:
+            rc = self.c.rxsync(self.c)
+        if rc != 0:
+            raise RingError(self.c.error.decode(errors="replace"))
+
+    def txsync(self) -> None:
+        """One txsync, as the forwarder would call it (see rxsync)."""
+        self._check_open()
+        cdef int rc
+        with nogil:
+            rc = self.c.txsync(self.c)
+        if rc != 0:
+            raise RingError(self.c.error.decode(errors="replace"))
+
     def ring_state(self) -> dict:
         """head/cur/tail of every ring this port forwards (for tests and `nmbridge ports`)."""
         self._check_open()

@@ -142,20 +142,3 @@ cdef class AfPacketPort(Port):
         self._check_open()
         if nmb_afpacket_check(self.c) != 0:
             raise RingError(self.c.error.decode(errors="replace"))
-
-    def rxsync(self) -> None:
-        """One rxsync, as the forwarder would call it (for tests driving rings by hand)."""
-        self._check_open()
-        cdef int rc
-        with nogil:
-            rc = self.c.rxsync(self.c)
-        if rc != 0:
-            raise RingError(self.c.error.decode(errors="replace"))
-
-    def txsync(self) -> None:
-        self._check_open()
-        cdef int rc
-        with nogil:
-            rc = self.c.txsync(self.c)
-        if rc != 0:
-            raise RingError(self.c.error.decode(errors="replace"))

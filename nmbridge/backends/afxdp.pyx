@@ -185,23 +185,6 @@ cdef class AfXdpPort(Port):
         if nmb_afxdp_check(self.c) != 0:
             raise RingError(self.c.error.decode(errors="replace"))
 
-    def rxsync(self) -> None:
-        """One rxsync, as the forwarder would call it (for tests driving rings by hand)."""
-        self._check_open()
-        cdef int rc
-        with nogil:
-            rc = self.c.rxsync(self.c)
-        if rc != 0:
-            raise RingError(self.c.error.decode(errors="replace"))
-
-    def txsync(self) -> None:
-        self._check_open()
-        cdef int rc
-        with nogil:
-            rc = self.c.txsync(self.c)
-        if rc != 0:
-            raise RingError(self.c.error.decode(errors="replace"))
-
 
 @cython.no_gc_clear
 cdef class FakeXskPort(AfXdpPort):

@@ -176,14 +176,3 @@ cdef class MemPort(Port):
         self._check_open()
         if nmb_memport_check(self.c) != 0:
             raise RingError(self.c.error.decode(errors="replace"))
-
-    def rxsync(self) -> None:
-        """One rxsync, as the forwarder would call it (for tests driving rings by hand)."""
-        self._check_open()
-        if self.c.rxsync(self.c) != 0:
-            raise RingError(self.c.error.decode(errors="replace"))
-
-    def txsync(self) -> None:
-        self._check_open()
-        if self.c.txsync(self.c) != 0:
-            raise RingError(self.c.error.decode(errors="replace"))
