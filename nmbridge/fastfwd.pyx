@@ -488,53 +488,51 @@ cdef int spin(fwd_state *f, nmb_port *a, nmb_port *b) noexcept nogil:
     return 0
 
 
-cdef int wait(fwd_state *f) noexcept nogil:
-    """Nothing could move: poll() for what each direction needs (bridge.c's discipline),
-    after busy polling for as long as a port asks (spin_us)."""
-    cdef pollfd fds[3]
-    cdef nmb_port *a = f.d[0].src
-    cdef nmb_port *b = f.d[0].dst
-    cdef int rc = spin(f, a, b)
-    cdef uint64_t v
-    if rc != 0:
-        return rc if rc < 0 else 0
-    fds[0].fd = a.fd
-    fds[1].fd = b.fd
-    fds[2].fd = f.stop_fd
-    fds[0].events = fds[1].events = fds[0].revents = fds[1].revents = fds[2].revents = 0
-    fds[2].events = POLLIN
-    if f.d[0].enabled:
-        if rx_pending(a):
-            fds[1].events |= POLLOUT
-        else:
-            fds[0].events |= POLLIN
-    if f.d[1].enabled:
-        if rx_pending(b):
-            fds[0].events |= POLLOUT
-        else:
-            fds[1].events |= POLLIN
-    f.polls += 1
-    rc = poll(fds, 3, f.poll_timeout_ms)
-    if rc < 0 and errno != EINTR:
-        rc = -errno
-        return port_failed(f, a, b"poll", rc)
-    if fds[2].revents & POLLIN:
-        read(f.stop_fd, &v, sizeof(v))
-    # the kernel's poll() has synced its rings; user-memory ports sync now
-    if not a.poll_syncs or not b.poll_syncs:
-        return sync_all(f)
-    return 0
-
-
 cdef inline void want(fwd_dir *d, pollfd *src, pollfd *dst) noexcept nogil:
-    """What one direction waits for: room on the destination while the source holds frames
-    it can move, else new frames (and the release of the consumed ones) on the source."""
+    """What one direction waits for (bridge.c's discipline): room on the destination while
+    the source holds frames it can move, else new frames (and the release of the consumed
+    ones) on the source -- also when all it holds is a chain whose rest has not arrived."""
     if not d.enabled:
         return
     if rx_pending(d.src) and not d.chain_wait:
         dst.events |= POLLOUT
     else:
         src.events |= POLLIN
+
+
+cdef int poll_ports(fwd_state *f, pollfd *fds) noexcept nogil:
+    """One poll() on both ports, for what each direction waits for, and on the stop eventfd
+    (drained when it fired).  0, or -1 with the pair failed."""
+    cdef nmb_port *a = f.d[0].src
+    cdef uint64_t v
+    cdef int rc
+    fds[0].fd = a.fd
+    fds[1].fd = f.d[0].dst.fd
+    fds[2].fd = f.stop_fd
+    fds[0].events = fds[1].events = fds[0].revents = fds[1].revents = fds[2].revents = 0
+    fds[2].events = POLLIN
+    want(&f.d[0], &fds[0], &fds[1])
+    want(&f.d[1], &fds[1], &fds[0])
+    f.polls += 1
+    rc = poll(fds, 3, f.poll_timeout_ms)
+    if rc < 0 and errno != EINTR:
+        return port_failed(f, a, b"poll", -errno)
+    if fds[2].revents & POLLIN:
+        read(f.stop_fd, &v, sizeof(v))
+    return 0
+
+
+cdef int wait(fwd_state *f) noexcept nogil:
+    """Nothing could move (user-memory ports): busy-poll for as long as a port asks
+    (spin_us), else poll() for what each direction needs, then sync: the backends play the
+    NIC at sync time."""
+    cdef pollfd fds[3]
+    cdef int rc = spin(f, f.d[0].src, f.d[0].dst)
+    if rc != 0:
+        return rc if rc < 0 else 0
+    if poll_ports(f, fds) < 0:
+        return -1
+    return sync_all(f)
 
 
 cdef int poll_round(fwd_state *f) noexcept nogil:
@@ -545,24 +543,8 @@ cdef int poll_round(fwd_state *f) noexcept nogil:
     consumed go back, and the call sleeps only when no direction can progress: a source with
     nothing to read waits for frames, a destination that is full waits for room."""
     cdef pollfd fds[3]
-    cdef nmb_port *a = f.d[0].src
-    cdef nmb_port *b = f.d[0].dst
-    cdef int rc
-    cdef uint64_t v
-    fds[0].fd = a.fd
-    fds[1].fd = b.fd
-    fds[2].fd = f.stop_fd
-    fds[0].events = fds[1].events = fds[0].revents = fds[1].revents = fds[2].revents = 0
-    fds[2].events = POLLIN
-    want(&f.d[0], &fds[0], &fds[1])
-    want(&f.d[1], &fds[1], &fds[0])
-    f.polls += 1
-    rc = poll(fds, 3, f.poll_timeout_ms)
-    if rc < 0 and errno != EINTR:
-        rc = -errno
-        return port_failed(f, a, b"poll", rc)
-    if fds[2].revents & POLLIN:
-        read(f.stop_fd, &v, sizeof(v))
+    if poll_ports(f, fds) < 0:
+        return -1
     # POLLERR: a sync inside poll() failed; the ioctls say why (and fail the pair if it lasts)
     if fds[0].revents & (POLLERR | POLLNVAL) or fds[1].revents & (POLLERR | POLLNVAL):
         return sync_all(f)
