@@ -4,16 +4,26 @@
 them whole (the VLAN tag the kernel moved into metadata is put back from PACKET_AUXDATA).
 ``Collector``: the frames carrying a test token, in arrival order.  ``wait_for``: poll a
 condition with a deadline.  ``RunningBridge``: what the ``start_bridge`` fixture returns.
+``NmbridgeRun``: the real ``nmbridge run`` in a lab's bridge namespace, its JSON log events
+read by a thread.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import queue
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,3 +117,67 @@ class RunningBridge:
         self.fwd.stop()  # type: ignore[attr-defined]
         self.thread.join(10)
         self.portset.close()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_DEADLINE = 60.0  # seconds an event or an exit may take
+
+
+class NmbridgeRun:
+    """`nmbridge run -c CONFIG` in the lab's bridge namespace (behind `prefix`, e.g. setpriv),
+    JSON logs read by a thread; `state`: its --state-dir (locks, restore records)."""
+
+    def __init__(self, lb: netns.Lab, config: Path, *prefix: str, args: tuple[str, ...] = (),
+                 control: str = "", state: Path | str | None = None) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        extra = [*args, *(["--state-dir", str(state)] if state else [])]
+        self.proc = lb.popen(lb.ns_bridge, *prefix, sys.executable, "-m", "nmbridge", "--log-format", "json",
+                             "run", "-c", str(config), "--control", control, *extra, cwd="/", env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.seen: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+        self.lines.put(None)
+
+    def wait_event(self, name: str, **match: object) -> dict[str, Any]:
+        """The next event `name` whose fields match `match`; the test fails if nmbridge ends first."""
+        deadline = time.monotonic() + RUN_DEADLINE
+        while True:
+            ev = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if ev is None:
+                self.lines.put(None)
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                pytest.fail(f"nmbridge ended before {name!r}: {err}")
+            self.seen.append(ev)
+            if ev["event"] == name and all(ev.get(k) == v for k, v in match.items()):
+                return ev
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Every event `name` logged so far."""
+        while True:
+            try:
+                ev = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if ev is None:
+                self.lines.put(None)
+                break
+            self.seen.append(ev)
+        return [e for e in self.seen if e["event"] == name]
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM; the `stopped` event (exit status 0 asserted)."""
+        self.proc.send_signal(signal.SIGTERM)
+        stopped = self.wait_event("stopped")
+        assert self.proc.wait(RUN_DEADLINE) == 0
+        return stopped
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

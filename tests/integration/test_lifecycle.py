@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import struct
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rawio import RawPort, wait_for
+from rawio import NmbridgeRun, RawPort, wait_for
 
 from nmbridge import netns
 from nmbridge.control import request
@@ -33,60 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 60.0
 TEST_TYPE = 0x88B5
 
-
-class Run:
-    """`nmbridge run -c CONFIG` in the lab's bridge namespace, JSON logs read by a thread."""
-
-    def __init__(self, lb: Lab, config: Path, state: Path, *args: str, control: str = "") -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-        self.proc = lb.popen(lb.ns_bridge, sys.executable, "-m", "nmbridge", "--log-format", "json",
-                             "run", "-c", str(config), "--control", control, "--state-dir", str(state),
-                             *args, cwd="/", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-        self.lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
-        self.seen: list[dict[str, Any]] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-        self.lines.put(None)
-
-    def wait_event(self, name: str, **match: object) -> dict[str, Any]:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            ev = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            if ev is None:
-                self.lines.put(None)
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                pytest.fail(f"nmbridge ended before {name!r}: {err}")
-            self.seen.append(ev)
-            if ev["event"] == name and all(ev.get(k) == v for k, v in match.items()):
-                return ev
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        while True:
-            try:
-                ev = self.lines.get_nowait()
-            except queue.Empty:
-                break
-            if ev is None:
-                self.lines.put(None)
-                break
-            self.seen.append(ev)
-        return [e for e in self.seen if e["event"] == name]
-
-    def stop(self) -> dict[str, Any]:
-        self.proc.send_signal(signal.SIGTERM)
-        stopped = self.wait_event("stopped")
-        assert self.proc.wait(DEADLINE) == 0
-        return stopped
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -135,7 +80,7 @@ def flags(lb: Lab, ifname: str) -> tuple[bool, bool]:
 def test_a_second_bridge_on_the_same_interface_is_refused_before_touching_it(
         lab: Lab, tmp_path: Path) -> None:
     cfg = write_config(lab, tmp_path / "b.toml")
-    first = Run(lab, cfg, tmp_path / "state", control=str(tmp_path / "one.sock"))
+    first = NmbridgeRun(lab, cfg, control=str(tmp_path / "one.sock"), state=tmp_path / "state")
     try:
         first.wait_event("ready")
         assert send_and_count(lab, 50) == 50
@@ -164,7 +109,7 @@ def test_after_kill_9_the_next_run_restores_the_true_original_state(lab: Lab, tm
     lab.set_up(lab.ns_bridge, lab.bridge_left_if, False)  # originally down, not promiscuous
     assert flags(lab, lab.bridge_left_if) == (False, False)
     state = tmp_path / "state"
-    first = Run(lab, cfg, state)
+    first = NmbridgeRun(lab, cfg, state=state)
     try:
         first.wait_event("ready")
         assert flags(lab, lab.bridge_left_if) == (True, True)
@@ -175,7 +120,7 @@ def test_after_kill_9_the_next_run_restores_the_true_original_state(lab: Lab, tm
     finally:
         first.kill()
     assert flags(lab, lab.bridge_left_if)[0]  # left up by the dead run
-    second = Run(lab, cfg, state)
+    second = NmbridgeRun(lab, cfg, state=state)
     try:
         recovered = second.wait_event("link_record_recovered", ifname=lab.bridge_left_if)
         assert recovered["original"][:2] == ["down", "promisc off"] and recovered["level"] == "warning"
@@ -192,7 +137,7 @@ def test_a_restart_by_reload_does_not_bounce_a_link_that_was_down(lab: Lab, tmp_
     cfg = write_config(lab, tmp_path / "b.toml")
     lab.set_up(lab.ns_bridge, lab.bridge_left_if, False)
     sock = str(tmp_path / "c.sock")
-    run = Run(lab, cfg, tmp_path / "state", control=sock)
+    run = NmbridgeRun(lab, cfg, control=sock, state=tmp_path / "state")
     try:
         run.wait_event("ready")
         cfg.write_text(cfg.read_text() + 'direction = "a-to-b"\n')
@@ -211,7 +156,7 @@ def test_a_restart_by_reload_does_not_bounce_a_link_that_was_down(lab: Lab, tmp_
 def test_a_reload_naming_a_missing_interface_keeps_the_pair_forwarding(lab: Lab, tmp_path: Path) -> None:
     cfg = write_config(lab, tmp_path / "b.toml")
     sock = str(tmp_path / "c.sock")
-    run = Run(lab, cfg, tmp_path / "state", control=sock)
+    run = NmbridgeRun(lab, cfg, control=sock, state=tmp_path / "state")
     try:
         run.wait_event("ready")
         cfg.write_text(cfg.read_text().replace(lab.bridge_right_if, "nmbnope0"))
@@ -230,7 +175,7 @@ def test_a_reload_naming_a_missing_interface_keeps_the_pair_forwarding(lab: Lab,
 def test_no_link_setup_warns_about_what_doctor_would_report(lab: Lab, tmp_path: Path) -> None:
     cfg = write_config(lab, tmp_path / "b.toml")
     lab.set_up(lab.ns_bridge, lab.bridge_left_if, False)
-    run = Run(lab, cfg, tmp_path / "state", "--no-link-setup")
+    run = NmbridgeRun(lab, cfg, args=("--no-link-setup",), state=tmp_path / "state")
     try:
         run.wait_event("ready")
         checks = [e for e in run.events("link_check") if e["ifname"] == lab.bridge_left_if]
@@ -259,7 +204,7 @@ def recreate_left(lb: Lab) -> None:
 def test_an_interface_deleted_and_recreated_is_reopened(lab: Lab, tmp_path: Path) -> None:
     cfg = write_config(lab, tmp_path / "b.toml")
     sock = str(tmp_path / "c.sock")
-    run = Run(lab, cfg, tmp_path / "state", control=sock)
+    run = NmbridgeRun(lab, cfg, control=sock, state=tmp_path / "state")
 
     def left_link() -> dict[str, Any] | None:
         ports = request(sock, "ports")["ports"]
@@ -317,7 +262,7 @@ def test_link_setup_turned_on_and_off_by_reload(lab: Lab, tmp_path: Path) -> Non
     cfg = write_config(lab, tmp_path / "b.toml", "link_setup = false\n")
     lab.set_up(lab.ns_bridge, lab.bridge_left_if, False)
     sock = str(tmp_path / "c.sock")
-    run = Run(lab, cfg, tmp_path / "state", control=sock)
+    run = NmbridgeRun(lab, cfg, control=sock, state=tmp_path / "state")
     try:
         run.wait_event("ready")
         assert flags(lab, lab.bridge_left_if) == (False, False)

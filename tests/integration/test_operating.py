@@ -6,9 +6,7 @@ left ns -- veth -- [bridge ns: nmbridge run, two afpacket: ports] -- veth -- rig
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import select
 import shutil
 import signal
@@ -16,14 +14,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from rawio import RawPort, wait_for
+from rawio import NmbridgeRun, RawPort, wait_for
 
 from nmbridge import netns
 from nmbridge.control import request
@@ -45,49 +41,6 @@ ethertype = 0x88b6
 """
 
 
-class Run:
-    """`nmbridge run -c CONFIG` in the lab's bridge namespace, JSON logs read by a thread."""
-
-    def __init__(self, lb: Lab, config: Path, *prefix: str, control: str = "", state: str = "") -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-        if state:
-            env["NMBRIDGE_STATE_DIR"] = state
-        self.proc = lb.popen(lb.ns_bridge, *prefix, sys.executable, "-m", "nmbridge", "--log-format", "json",
-                             "run", "-c", str(config), "--control", control, cwd="/", env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
-        self.seen: list[dict[str, Any]] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-        self.lines.put(None)
-
-    def wait_event(self, name: str) -> dict[str, Any]:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            ev = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            if ev is None:
-                self.lines.put(None)
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                pytest.fail(f"nmbridge ended before {name!r}: {err}")
-            self.seen.append(ev)
-            if ev["event"] == name:
-                return ev
-
-    def stop(self) -> dict[str, Any]:
-        self.proc.send_signal(signal.SIGTERM)
-        stopped = self.wait_event("stopped")
-        assert self.proc.wait(DEADLINE) == 0
-        return stopped
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
@@ -108,7 +61,7 @@ def test_sighup_swaps_a_filter_under_steady_traffic_and_loses_no_frame(lab: Lab,
             'filter = "f"\n')
     cfg.write_text(head + FILTER.format(action="drop"))
     sock = str(tmp_path / "c.sock")
-    run = Run(lab, cfg, control=sock)
+    run = NmbridgeRun(lab, cfg, control=sock)
     tx, rx = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
     token = os.urandom(8)
     delivered = {PASS_TYPE: 0, MAYBE_TYPE: 0}
@@ -206,7 +159,7 @@ def test_an_unprivileged_user_with_capabilities_forwards_on_veth(lab: Lab, publi
     state = public_dir / "state"  # /run/nmbridge is root's: the service gets its own (RuntimeDirectory)
     state.mkdir()
     os.chown(state, 65534, 65534)
-    run = Run(lab, cfg, *_setpriv("net_admin", "net_raw"), state=str(state))
+    run = NmbridgeRun(lab, cfg, *_setpriv("net_admin", "net_raw"), state=state)
     tx, rx = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
     token = os.urandom(8)
     try:
