@@ -53,42 +53,14 @@ def test_bad_names_are_refused(name: str, reason: str) -> None:
 # helpers
 
 @pytest.fixture
-def bridge() -> Iterator[Callable[..., RunningBridge]]:
-    """bridge(lab, left="afxdp", right="afxdp", query=""): a Forwarder over two ports of the
-    given backends in the lab's bridge namespace (one region), stopped at teardown (a test
-    may stop it itself first: ``rb.stop()``; the fixture then only checks it did not fail)."""
-    from nmbridge.fastfwd import Forwarder
+def bridge(start_bridge: Callable[..., RunningBridge]) -> Callable[..., RunningBridge]:
+    """bridge(lab, right="afxdp", query="", slots=1024): conftest's start_bridge with an afxdp:
+    port on the left veth and one of `right`'s backend on the right (`query`: afxdp options)."""
 
-    running: list[RunningBridge] = []
+    def start(lb: Lab, *, right: str = "afxdp", query: str = "", slots: int = 1024) -> RunningBridge:
+        return start_bridge(lb, left="afxdp", right=right, query=query, slots=slots)
 
-    def start(lb: Lab, *, left: str = "afxdp", right: str = "afxdp", query: str = "",
-              slots: int = 1024) -> RunningBridge:
-        ps = PortSet(OpenOptions(slots=slots))
-        specs = [parse_spec(f"{left}:{lb.bridge_left_if}{query if left == 'afxdp' else ''}"),
-                 parse_spec(f"{right}:{lb.bridge_right_if}{query if right == 'afxdp' else ''}")]
-        a, b = in_netns(lb.ns_bridge, ps.open, specs)
-        fwd = Forwarder(a, b, burst=256, poll_timeout_ms=100)
-        errors: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                fwd.run()
-            except BaseException as e:
-                errors.append(e)
-
-        t = threading.Thread(target=body, name="forwarder", daemon=True)
-        rb = RunningBridge(lb, ps, a, b, fwd, t, errors)
-        running.append(rb)
-        t.start()
-        wait_for(lambda: fwd.running, what="the forwarder to start")
-        return rb
-
-    yield start
-    for rb in running:
-        alive = rb.thread.is_alive() or not rb.portset.ports  # not alive: stopped by the test
-        rb.stop()
-        assert not rb.errors, f"the forwarder failed: {rb.errors[0]}"
-        assert alive, "the forwarder stopped by itself"
+    return start
 
 
 def xdp_attached(lb: Lab, ifname: str) -> bool:
