@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rawio import Collector, RawPort, wait_for
+from rawio import Collector, NmbridgeRun, RawPort, wait_for
 from scapy.utils import PcapNgReader
 from test_filter_afpacket import EXPECTED, crafted, local_mac
-from test_operating import Run, frame
+from test_operating import frame
 
 from nmbridge.control import request
 from nmbridge.netns import Lab
@@ -48,13 +48,13 @@ pcap = "arp or udp port 53"
 
 
 @pytest.fixture
-def bridge(lab: Lab, tmp_path: Path) -> Iterator[tuple[Run, str]]:
+def bridge(lab: Lab, tmp_path: Path) -> Iterator[tuple[NmbridgeRun, str]]:
     cfg = tmp_path / "bridge.toml"
     cfg.write_text('[bridge]\nstats_interval = 0\nbackend = "afpacket"\n'
                    f'[[pair]]\nname = "lab"\nports = ["{lab.bridge_left_if}", "{lab.bridge_right_if}"]\n'
                    'filter_a_to_b = "e2e"\n' + FILTER)
     sock = str(tmp_path / "c.sock")
-    run = Run(lab, cfg, control=sock)
+    run = NmbridgeRun(lab, cfg, control=sock)
     try:
         run.wait_event("ready")
         yield run, sock
@@ -86,7 +86,7 @@ def read(path: Path) -> tuple[list[bytes], list[list[bytes]]]:
 
 @pytest.mark.root
 def test_dropped_and_forwarded_frames_byte_for_byte_with_their_rule(
-        lab: Lab, bridge: tuple[Run, str], tmp_path: Path) -> None:
+        lab: Lab, bridge: tuple[NmbridgeRun, str], tmp_path: Path) -> None:
     _run, sock = bridge
     left, right = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
     try:
@@ -148,7 +148,8 @@ def test_dropped_and_forwarded_frames_byte_for_byte_with_their_rule(
 
 
 @pytest.mark.root
-def test_a_client_that_goes_away_ends_its_capture(lab: Lab, bridge: tuple[Run, str], tmp_path: Path) -> None:
+def test_a_client_that_goes_away_ends_its_capture(lab: Lab, bridge: tuple[NmbridgeRun, str],
+                                                  tmp_path: Path) -> None:
     run, sock = bridge
     # killed: the bridge notices, takes the tap out and goes on forwarding
     c = client(sock, "--what", "all", "-w", "-")
@@ -184,7 +185,7 @@ def test_a_client_that_goes_away_ends_its_capture(lab: Lab, bridge: tuple[Run, s
 
 @pytest.mark.root
 def test_full_rate_capture_loses_no_forwarded_frame_and_counts_what_it_skipped(
-        lab: Lab, bridge: tuple[Run, str], tmp_path: Path) -> None:
+        lab: Lab, bridge: tuple[NmbridgeRun, str], tmp_path: Path) -> None:
     _run, sock = bridge
     out = tmp_path / "all.pcapng"
     c = client(sock, "--what", "all", "--rate", "100", "-w", str(out))  # a low limit: it must skip
