@@ -490,18 +490,31 @@ static uint32_t rx_recv(struct afport *ap, struct netmap_ring *ring, struct nmb_
     return got;
 }
 
+/* What both receive paths do first: count the sync, the kernel's checks on the user's
+ * head/cur, take back the slots the user released ([hwcur, head)), and say how many slots
+ * the "NIC" may fill (*room).  0 or -errno with the port's error set. */
+static int rx_prologue(struct afport *ap, const struct netmap_ring *ring, uint32_t *room)
+{
+    struct nmb_kring *kr = &ap->rx_kr;
+    char err[NMB_PORT_ERRLEN - 32];
+    uint32_t n = ring->num_slots;
+    ap->st.rxsyncs++;
+    if (nmb_kring_check(ring, kr, "rx ring 0", err, sizeof(err)))
+        return fail(ap, -EINVAL, err);
+    kr->hwcur = ring->head;
+    *room = (kr->hwcur + n - 1 - kr->hwtail) % n;
+    return 0;
+}
+
 static int afp_rxsync_recv(struct nmb_port *p)
 {
     struct afport *ap = (struct afport *)p;
     struct netmap_ring *ring = nmb_rxring(p->nifp, 0);
     struct nmb_kring *kr = &ap->rx_kr;
-    char err[NMB_PORT_ERRLEN - 32];
-    ap->st.rxsyncs++;
-    if (nmb_kring_check(ring, kr, "rx ring 0", err, sizeof(err)))
-        return fail(ap, -EINVAL, err);
-    kr->hwcur = ring->head; /* the user released [hwcur, head) */
-    uint32_t n = ring->num_slots;
-    uint32_t room = (kr->hwcur + n - 1 - kr->hwtail) % n; /* slots the "NIC" may fill */
+    uint32_t room;
+    int rc = rx_prologue(ap, ring, &room);
+    if (rc)
+        return rc;
     int idle = 1;
     if (rx_deliver_pending(ap, ring, kr, &room)) {
         while (room > 0) {
@@ -539,13 +552,10 @@ static int afp_rxsync_ring(struct nmb_port *p)
     struct afport *ap = (struct afport *)p;
     struct netmap_ring *ring = nmb_rxring(p->nifp, 0);
     struct nmb_kring *kr = &ap->rx_kr;
-    char err[NMB_PORT_ERRLEN - 32];
-    ap->st.rxsyncs++;
-    if (nmb_kring_check(ring, kr, "rx ring 0", err, sizeof(err)))
-        return fail(ap, -EINVAL, err);
-    kr->hwcur = ring->head; /* the user released [hwcur, head) */
-    uint32_t n = ring->num_slots, bs = ring->nr_buf_size;
-    uint32_t room = (kr->hwcur + n - 1 - kr->hwtail) % n; /* slots the "NIC" may fill */
+    uint32_t room, n = ring->num_slots, bs = ring->nr_buf_size;
+    int rc = rx_prologue(ap, ring, &room);
+    if (rc)
+        return rc;
     int idle = 1;
     if (!rx_deliver_pending(ap, ring, kr, &room))
         goto out;
