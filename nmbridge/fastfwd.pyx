@@ -801,26 +801,30 @@ cdef class Forwarder:
     def running(self) -> bool:
         return self._running
 
+    def _swapped(self, old) -> None:
+        """After a pointer the loop reads once per batch (filter, tap) was replaced: wait until
+        the loop is two epochs on, so the batch that might have held the old one has ended; a
+        stuck loop may still hold `old` (if any), which is then kept alive, never freed."""
+        import time
+        cdef uint64_t seen = self.st.epoch
+        deadline = time.monotonic() + 5.0
+        while self._running and self.st.epoch < seen + 2 and time.monotonic() < deadline:
+            self.stop_wake()
+            time.sleep(0.0005)
+        if self._running and self.st.epoch < seen + 2 and old is not None:
+            self._retired.append(old)
+
     def set_filter(self, str direction, filt) -> None:
         """Install a compiled filter (an object with ``address``, the C ``struct nmb_filter *``)
         for "a_to_b" or "b_to_a", or None for no filter. The loop picks it up between batches;
         this returns once the old filter can no longer be in use."""
         cdef int i = _DIRECTIONS.index(direction)
         cdef size_t addr = 0 if filt is None else filt.address
-        cdef uint64_t seen
         cdef object old = self._filters[i]
         self._filters[i] = filt
         NMB_STORE_PTR(self.st.d[i].filter, <nmb_filter *>addr)
         if self._running and old is not None:
-            import time
-            seen = self.st.epoch
-            deadline = time.monotonic() + 5.0
-            # two epochs on: the batch that might have held the old pointer has ended
-            while self._running and self.st.epoch < seen + 2 and time.monotonic() < deadline:
-                self.stop_wake()
-                time.sleep(0.0005)
-            if self._running and self.st.epoch < seen + 2:
-                self._retired.append(old)   # a stuck loop may still hold it: never free it
+            self._swapped(old)
 
     def set_tap(self, str direction, tap) -> None:
         """Install a capture tap (an object with ``address``, the C ``struct nmb_tap *``; see
@@ -829,19 +833,11 @@ cdef class Forwarder:
         that arrives from now on; a removed one can no longer be written to)."""
         cdef int i = _DIRECTIONS.index(direction)
         cdef size_t addr = 0 if tap is None else tap.address
-        cdef uint64_t seen
         cdef object old = self._taps[i]
         self._taps[i] = tap
         NMB_STORE_TAP(self.st.d[i].tap, <nmb_tap *>addr)
         if self._running and (old is not None or tap is not None):
-            import time
-            seen = self.st.epoch
-            deadline = time.monotonic() + 5.0
-            while self._running and self.st.epoch < seen + 2 and time.monotonic() < deadline:
-                self.stop_wake()
-                time.sleep(0.0005)
-            if self._running and self.st.epoch < seen + 2 and old is not None:
-                self._retired.append(old)   # a stuck loop may still hold it: never free it
+            self._swapped(old)
 
     def tap(self, str direction):
         return self._taps[_DIRECTIONS.index(direction)]
