@@ -181,3 +181,26 @@ class NmbridgeRun:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def udp_both_ways(lb: netns.Lab, sizes: tuple[int, ...] = (1, 100, 1472, 4000)) -> None:
+    """Datagrams of `sizes` from left's kernel stack to right's and back (4000 bytes: one the
+    IP layer fragments); each must arrive intact, from the right address."""
+    import secrets
+
+    a = netns.netns_socket(lb.ns_left, socket.AF_INET, socket.SOCK_DGRAM)
+    b = netns.netns_socket(lb.ns_right, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        a.bind((lb.left_ip, 40001))
+        b.bind((lb.right_ip, 40002))
+        a.settimeout(5)
+        b.settimeout(5)
+        for size in sizes:
+            msg = secrets.token_bytes(size)
+            a.sendto(msg, (lb.right_ip, 40002))
+            assert b.recvfrom(65536) == (msg, (lb.left_ip, 40001))
+            b.sendto(msg[::-1], (lb.left_ip, 40001))
+            assert a.recvfrom(65536) == (msg[::-1], (lb.right_ip, 40002))
+    finally:
+        a.close()
+        b.close()

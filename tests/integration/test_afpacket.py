@@ -8,18 +8,17 @@ from __future__ import annotations
 import os
 import random
 import secrets
-import socket
 import struct
 import time
 from collections.abc import Callable
 
 import pytest
-from rawio import TEST_ETHERTYPE, Collector, RawPort, RunningBridge, wait_for
+from rawio import TEST_ETHERTYPE, Collector, RawPort, RunningBridge, udp_both_ways, wait_for
 
 from nmbridge import netns
 from nmbridge.backends import OpenOptions, PortSet, backend, parse_spec
 from nmbridge.errors import PortError
-from nmbridge.netns import Lab, in_netns, netns_socket
+from nmbridge.netns import Lab, in_netns
 from nmbridge.port import Region
 
 StartBridge = Callable[..., RunningBridge]
@@ -168,22 +167,7 @@ def test_udp_both_ways(lab: Lab, start_bridge: StartBridge, query: str, counter:
     egress port's kernel in a virtio-net header) arrive intact both ways, including one the IP
     layer fragments.  Without the header (vnet=0) the backend finishes the checksum itself."""
     rb = start_bridge(lab, query=query)
-    a = netns_socket(lab.ns_left, socket.AF_INET, socket.SOCK_DGRAM)
-    b = netns_socket(lab.ns_right, socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        a.bind((lab.left_ip, 40001))
-        b.bind((lab.right_ip, 40002))
-        a.settimeout(5)
-        b.settimeout(5)
-        for size in (1, 100, 1472, 4000):
-            msg = secrets.token_bytes(size)
-            a.sendto(msg, (lab.right_ip, 40002))
-            assert b.recvfrom(65536) == (msg, (lab.left_ip, 40001))
-            b.sendto(msg[::-1], (lab.left_ip, 40001))
-            assert a.recvfrom(65536) == (msg[::-1], (lab.right_ip, 40002))
-    finally:
-        a.close()
-        b.close()
+    udp_both_ways(lab)
     done = rb.left.counters()[counter] + rb.right.counters()[counter]  # type: ignore[attr-defined]
     assert done >= 1
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -20,13 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rawio import TEST_ETHERTYPE, Collector, RawPort, RunningBridge, wait_for
+from rawio import TEST_ETHERTYPE, Collector, RawPort, RunningBridge, udp_both_ways, wait_for
 
 from nmbridge import netns
 from nmbridge.backends import OpenOptions, PortSet, backend, parse_spec
 from nmbridge.backends.afxdp_backend import kernel_lacks_af_xdp
 from nmbridge.errors import PortError
-from nmbridge.netns import Lab, in_netns, netns_socket
+from nmbridge.netns import Lab, in_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 _LACKS = kernel_lacks_af_xdp() if os.geteuid() == 0 else None
@@ -182,22 +181,7 @@ def test_arp_and_ping_both_ways(lab: Lab, bridge: StartBridge, mode: str, extra:
 def test_udp_from_local_stacks_arrives_intact(lab: Lab, bridge: StartBridge) -> None:
     """veth peers hand over CHECKSUM_PARTIAL frames; the port finishes their checksums."""
     rb = bridge(lab)
-    a = netns_socket(lab.ns_left, socket.AF_INET, socket.SOCK_DGRAM)
-    b = netns_socket(lab.ns_right, socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        a.bind((lab.left_ip, 40001))
-        b.bind((lab.right_ip, 40002))
-        a.settimeout(5)
-        b.settimeout(5)
-        for size in (1, 100, 1472, 4000):
-            msg = secrets.token_bytes(size)
-            a.sendto(msg, (lab.right_ip, 40002))
-            assert b.recvfrom(65536) == (msg, (lab.left_ip, 40001))
-            b.sendto(msg[::-1], (lab.left_ip, 40001))
-            assert a.recvfrom(65536) == (msg[::-1], (lab.right_ip, 40002))
-    finally:
-        a.close()
-        b.close()
+    udp_both_ways(lab)
     fixed = sum(p.counters()["rx_csum_fixed"] for p in (rb.left, rb.right))  # type: ignore[attr-defined]
     assert fixed >= 6
 
