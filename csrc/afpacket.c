@@ -1160,6 +1160,20 @@ static void afp_free(struct afport *ap)
         return NULL;                            \
     } while (0)
 
+
+/* A PACKET_RX_RING/PACKET_TX_RING request for `frames` frames of `fs` bytes (a power of two):
+ * blocks of 64 KiB (or one frame, when larger), rounded up to whole blocks. */
+static void ring_req(struct tpacket_req *req, uint32_t fs, uint32_t frames)
+{
+    uint32_t bsz = fs > (1u << 16) ? fs : (1u << 16), per_block = bsz / fs;
+    uint32_t nblocks = (frames + per_block - 1) / per_block;
+    memset(req, 0, sizeof(*req));
+    req->tp_block_size = bsz;
+    req->tp_block_nr = nblocks;
+    req->tp_frame_size = fs;
+    req->tp_frame_nr = nblocks * per_block;
+}
+
 struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct nmb_afpacket_opts *o,
                                    char *err, size_t errlen)
 {
@@ -1219,21 +1233,15 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
             fs <<= 1;
         if (!frames)
             frames = (8u << 20) / fs;
-        uint32_t bsz = fs > (1u << 16) ? fs : (1u << 16), per_block = bsz / fs;
-        uint32_t nblocks = (frames + per_block - 1) / per_block;
         struct tpacket_req req;
-        memset(&req, 0, sizeof(req));
-        req.tp_block_size = bsz;
-        req.tp_block_nr = nblocks;
-        req.tp_frame_size = fs;
-        req.tp_frame_nr = nblocks * per_block;
+        ring_req(&req, fs, frames);
         if (setsockopt(fd, SOL_PACKET, PACKET_COPY_THRESH, &one, sizeof(one)))
             OPEN_FAIL("PACKET_COPY_THRESH: %s", strerror(errno));
         if (setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof(req)))
             OPEN_FAIL("PACKET_RX_RING (%u frames of %u bytes): %s", req.tp_frame_nr, fs, strerror(errno));
         ap->rx_frame_size = fs;
         ap->rx_frame_count = req.tp_frame_nr;
-        rx_len = (size_t)bsz * nblocks;
+        rx_len = (size_t)req.tp_block_size * req.tp_block_nr;
     }
     if (o->tx_ring) {
         /* frames of MTU + 18 bytes (2048 at least), in blocks of 64 KiB or one frame */
@@ -1241,26 +1249,19 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
         ap->tx_vnet = ap->vnet ? VNET_LEN : 0;
         while (fs < TX_DATA_OFF + ap->tx_vnet + (uint32_t)ap->mtu + ETH_HLEN + 4 && fs < (1u << 20))
             fs <<= 1;
-        uint32_t bsz = fs > (1u << 16) ? fs : (1u << 16);
         /* default: as many frames as slots, in at most 4 MiB (jumbo MTUs: fewer frames) */
         uint32_t frames = o->tx_frames;
         if (!frames) {
             uint32_t fit = (4u << 20) / fs;
             frames = o->slots < fit ? o->slots : fit < 64 ? 64 : fit;
         }
-        uint32_t per_block = bsz / fs;
-        uint32_t nblocks = (frames + per_block - 1) / per_block;
         struct tpacket_req treq;
-        memset(&treq, 0, sizeof(treq));
-        treq.tp_block_size = bsz;
-        treq.tp_block_nr = nblocks;
-        treq.tp_frame_size = fs;
-        treq.tp_frame_nr = nblocks * per_block;
+        ring_req(&treq, fs, frames);
         if (setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &treq, sizeof(treq)))
             OPEN_FAIL("PACKET_TX_RING (%u frames of %u bytes): %s", treq.tp_frame_nr, fs, strerror(errno));
         ap->tx_frame_size = fs;
         ap->tx_frame_count = treq.tp_frame_nr;
-        tx_len = (size_t)bsz * nblocks;
+        tx_len = (size_t)treq.tp_block_size * treq.tp_block_nr;
         refresh_tx_max(ap);
     }
     ap->map_len = rx_len + tx_len;
