@@ -54,6 +54,7 @@ class BridgeKind:
     name: str
     prefix: str | None = None  # None: the Linux bridge
     options: str = ""
+    settings: str = ""  # more [bridge] keys, TOML lines (e.g. "rt_priority = 0")
 
     def unavailable(self) -> str | None:
         if self.prefix is None:
@@ -98,7 +99,8 @@ def config_text(lb: netns.Lab, kind: BridgeKind) -> str:
     q = f"?{kind.options}" if kind.options else ""
     return ("[bridge]\n"
             'name = "latency"\n'
-            "stats_interval = 0\n\n"
+            "stats_interval = 0\n"
+            f"{kind.settings}\n\n"
             "[[pair]]\n"
             'name = "lr"\n'
             f'ports = ["{kind.prefix}:{lb.bridge_left_if}{q}", "{kind.prefix}:{lb.bridge_right_if}{q}"]\n')

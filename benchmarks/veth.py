@@ -37,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,16 +52,25 @@ from nmbridge import netns  # noqa: E402
 # The nmbridge side: runs inside the bridge namespace until SIGTERM, then prints JSON.
 CHILD = r"""
 import json, resource, signal, sys, threading
+from dataclasses import replace
+from nmbridge import sched
 from nmbridge.backends import OpenOptions, PortSet, parse_spec
+from nmbridge.config import BridgeConfig
 from nmbridge.fastfwd import Forwarder
-left, right, burst, slots, opts, kind = sys.argv[1:7]
+left, right, burst, slots, opts, kind, settings = sys.argv[1:8]
+pairs = (kv.split("=") for kv in settings.split(",") if kv)
+bridge = replace(BridgeConfig(), **{k: int(v) for k, v in pairs})
+got = []
 burst, slots = int(burst), int(slots)
 ps = PortSet(OpenOptions(slots=slots))
 a, b = ps.open([parse_spec(kind + ":" + left + opts), parse_spec(kind + ":" + right + opts)])
 fwd = Forwarder(a, b, burst=burst, poll_timeout_ms=100)
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
-t = threading.Thread(target=fwd.run)
+def forward():  # as `nmbridge run` does: the thread's scheduling from [bridge], then the loop
+    got.append(sched.choose(bridge).describe())
+    fwd.run()
+t = threading.Thread(target=forward)
 t.start()
 print("ready", flush=True)
 done.wait()
@@ -71,7 +82,7 @@ print(json.dumps({"peak_rss_kib": hwm, "cpu_user_s": ru.ru_utime, "cpu_sys_s": r
                   "ctx_voluntary": ru.ru_nvcsw, "ctx_involuntary": ru.ru_nivcsw,
                   "forwarder": fwd.stats(), "polls": fwd.polls,
                   "left_port": a.counters(), "right_port": b.counters(),
-                  "mode": a.info().get("mode")}), flush=True)
+                  "mode": a.info().get("mode"), "sched": got[0] if got else None}), flush=True)
 ps.close()
 """
 
@@ -158,10 +169,37 @@ class Window:
     backlog_drops: int
     cpu_s: float  # all CPUs, non-idle, across the window
     background_cpu_s: float  # the machine's background load at its pre-round rate, same window
+    canary_share: float | None = None  # CPU share a spinning normal process got on the bridge's CPU
+
+
+@contextmanager
+def canary(cpu: str | None) -> Iterator[Callable[[], float | None]]:
+    """A normal process spinning on `cpu` while the block runs; yields a function that gives
+    the share of the CPU it got (None without a canary)."""
+    if cpu is None:
+        yield lambda: None
+        return
+    p = subprocess.Popen(["taskset", "-c", cpu, sys.executable, "-c", "while True: pass"])
+
+    def cpu_ticks() -> int:
+        with open(f"/proc/{p.pid}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()
+        return int(v[11]) + int(v[12])  # utime, stime
+
+    got: list[float] = []
+    try:
+        time.sleep(0.2)
+        c0, t0 = cpu_ticks(), time.monotonic()
+        yield lambda: got[0] if got else None
+    finally:
+        if p.poll() is None and not got:
+            got.append((cpu_ticks() - c0) / TICK / (time.monotonic() - t0))
+        p.kill()
+        p.wait()
 
 
 def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float, cpu: str | None = None,
-            idle: float = 1.0) -> Window:
+            idle: float = 1.0, canary_cpu: str | None = None) -> Window:
     """Run trafgen in left; count frames arriving in right over `seconds` after `warmup`."""
     bg = background_cpu(idle)
     # trafgen forks its sender: it gets a process group of its own, and the whole group is
@@ -173,16 +211,17 @@ def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float, cpu: str | 
         time.sleep(warmup)
         if gen.poll() is not None:
             raise SystemExit(f"trafgen exited: {gen.stderr.read().decode() if gen.stderr else ''}")
-        r0, g0, d0, t0, j0 = snapshot(lb)
-        time.sleep(seconds)
-        r1, g1, d1, t1, j1 = snapshot(lb)
+        with canary(canary_cpu) as share:
+            r0, g0, d0, t0, j0 = snapshot(lb)
+            time.sleep(seconds)
+            r1, g1, d1, t1, j1 = snapshot(lb)
     finally:
         stop_group(gen)
-    return Window(r1 - r0, t1 - t0, g1 - g0, d1 - d0, (j1 - j0) / TICK, bg * (t1 - t0))
+    return Window(r1 - r0, t1 - t0, g1 - g0, d1 - d0, (j1 - j0) / TICK, bg * (t1 - t0), share())
 
 
 def make_round(name: str, w: Window, extra: dict[str, Any]) -> Round:
-    extra = dict(extra, backlog_drops=w.backlog_drops)
+    extra = dict(extra, backlog_drops=w.backlog_drops, canary_share=w.canary_share)
     net = max(0.0, w.cpu_s - w.background_cpu_s)
     return Round(name, w.frames, w.seconds, w.frames / w.seconds, w.generated / w.seconds,
                  cpu_s=w.cpu_s, background_cpu_s=w.background_cpu_s,
@@ -196,7 +235,8 @@ def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
         for ifname in (lb.bridge_left_if, lb.bridge_right_if):
             lb.ip(lb.ns_bridge, "link", "set", "dev", ifname, "master", "br0")
         lb.set_up(lb.ns_bridge, "br0")
-        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle)
+        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle,
+                    args.bridge_cpu if args.canary else None)
     finally:
         lb.ip(lb.ns_bridge, "link", "del", "br0", check=False)
     return make_round("linux", w, {})
@@ -207,7 +247,7 @@ def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace, kind: str) 
     query = args.afxdp_options if kind == "afxdp" else args.options
     opts = "?" + query if query else ""
     child = lb.popen(lb.ns_bridge, *pinned(args.bridge_cpu, sys.executable), "-c", CHILD, lb.bridge_left_if,
-                     lb.bridge_right_if, str(args.burst), str(args.slots), opts, kind,
+                     lb.bridge_right_if, str(args.burst), str(args.slots), opts, kind, args.sched,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert child.stdout is not None
@@ -216,7 +256,8 @@ def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace, kind: str) 
             child.wait(5)
             err = child.stderr.read() if child.stderr else ""
             raise SystemExit(f"nmbridge did not start: {err.strip().splitlines()[-1:] or line}")
-        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle)
+        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle,
+                    args.bridge_cpu if args.canary else None)
     finally:
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=20)
@@ -255,11 +296,22 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=1024, help="nmbridge ring slots")
     ap.add_argument("--options", default="", help="afpacket port options, e.g. tx_ring=0&blocks=128")
     ap.add_argument("--afxdp-options", default="", help="afxdp port options, e.g. mode=skb")
+    ap.add_argument("--sched", default="", metavar="KEY=N,...",
+                    help="nmbridge's [bridge] scheduling keys (rt_priority, sched_slice_us) when not "
+                         "its defaults, e.g. rt_priority=0")
     ap.add_argument("--pin", action="store_true",
                     help="trafgen on CPU 0 (for every bridge), nmbridge's process on CPU 1")
+    ap.add_argument("--one-cpu", action="store_true",
+                    help="trafgen and nmbridge both on CPU 0: what a 1-CPU machine would do")
+    ap.add_argument("--canary", action="store_true",
+                    help="a normal (SCHED_OTHER) process spinning on the bridge's CPU (CPU 1, or 0 with "
+                         "--one-cpu) during the window: the share of CPU it got says what is left "
+                         "to the rest of the machine")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    args.gen_cpu, args.bridge_cpu = ("0", "1") if args.pin else (None, None)
+    if args.canary and not (args.pin or args.one_cpu):
+        args.pin = True
+    args.gen_cpu, args.bridge_cpu = ("0", "1") if args.pin else ("0", "0") if args.one_cpu else (None, None)
     names = [b.strip() for b in args.bridges.split(",") if b.strip()]
     bad = [b for b in names if b not in BRIDGES]
     if bad or not names:
@@ -280,7 +332,9 @@ def main() -> int:
                     print(f"round {i + 1} {r.bridge:9} {r.rate_pps / 1e6:7.3f} Mpps delivered "
                           f"(generator {r.generator_pps / 1e6:.3f} Mpps), "
                           f"CPU {r.cpu_ns_per_frame:7.0f} ns/frame "
-                          f"({r.net_cpu_ns_per_frame:.0f} less background)", flush=True)
+                          f"({r.net_cpu_ns_per_frame:.0f} less background)"
+                          + (f", canary got {r.extra['canary_share']:.0%} of CPU {args.bridge_cpu}"
+                             if r.extra.get("canary_share") is not None else ""), flush=True)
     per: dict[str, dict[str, Any]] = {}
     for name in names:
         rs = [r for r in rounds if r.bridge == name]
@@ -293,6 +347,7 @@ def main() -> int:
         if name != "linux":
             per[name]["peak_rss_mib"] = max(int(r.extra["peak_rss_kib"]) for r in rs) / 1024
             per[name]["mode"] = rs[-1].extra.get("mode")
+            per[name]["sched"] = rs[-1].extra.get("sched")
 
     def ratio(a: str, b: str) -> float | None:
         if a in per and b in per and per[b]["pps"]:
@@ -306,6 +361,7 @@ def main() -> int:
         "pinned": args.pin,
         "options": args.options,
         "afxdp_options": args.afxdp_options,
+        "sched": args.sched,
         "bridges": per,
         "ratios": {"afxdp/linux": ratio("afxdp", "linux"), "afxdp/afpacket": ratio("afxdp", "afpacket"),
                    "afpacket/linux": ratio("afpacket", "linux")},
@@ -339,7 +395,7 @@ def main() -> int:
         print(f"last {name} round: process cpu {last['cpu_user_s']:.2f}s user + "
               f"{last['cpu_sys_s']:.2f}s sys, "
               f"polls {last['polls']}, context switches {last['ctx_voluntary']} voluntary / "
-              f"{last['ctx_involuntary']} involuntary")
+              f"{last['ctx_involuntary']} involuntary; forwarding thread {last.get('sched')}")
     return 0
 
 

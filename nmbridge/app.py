@@ -34,7 +34,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nmbridge import caps
+from nmbridge import caps, sched
 from nmbridge import filters as filters_module
 from nmbridge.backends import OpenOptions, PortSet, PortSpec, backend
 from nmbridge.config import Config, PairConfig
@@ -251,6 +251,7 @@ class Bridge:
                       filters=p.config.filters)
 
     def _forward(self, p: _Pair) -> None:
+        sched.enter_forwarding(self.config.bridge, self.log)  # this thread: SCHED_FIFO or a short slice
         try:
             p.fwd.run()
         except Exception as e:  # PortError mostly; anything else must stop the bridge too

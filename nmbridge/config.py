@@ -41,6 +41,7 @@ ACTIONS: tuple[Action, ...] = ("pass", "drop")
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # pair and filter names: they appear in key paths
 NAME_RULE = "1-64 letters, digits, '_' or '-'"
 MAX_CONFIG_BYTES = 1 << 20  # a bridge config is a few KiB; a bigger file is the wrong file
+SCHED_CHOICES = ("auto", "fifo", "other")  # [bridge] sched: see nmbridge.sched
 MAX_PCAP = 2048  # characters of one pcap expression (libpcap's optimizer is superlinear)
 
 
@@ -58,6 +59,10 @@ class BridgeConfig:
     ring_slots: int = 1024  # slots per ring of user-memory ports
     buf_size: int = 2048  # bytes per buffer of user-memory ports
     link_setup: bool = True  # bring links up, promiscuous, offloads off
+    sched: str = "auto"  # forwarding threads: "fifo" (SCHED_FIFO, when permitted), "other", "auto"
+    rt_priority: int = 1  # their SCHED_FIFO priority
+    sched_slice_us: int = 100  # EEVDF slice of a normal forwarding thread (Linux 6.12+); 0: the kernel's
+    cpu_dma_latency_us: int = -1  # hold /dev/cpu_dma_latency at this (PM QoS) while running; -1: no
 
 
 @dataclass(frozen=True)
@@ -501,6 +506,10 @@ class _Loader:
         buf_size = t.get_int("buf_size", d.buf_size, 256, 65536)
         if buf_size % 64:
             raise self.error("bridge.buf_size", "must be a multiple of 64", buf_size)
+        sched_slice_us = t.get_int("sched_slice_us", d.sched_slice_us, 0, 100_000)
+        if 0 < sched_slice_us < 100:
+            raise self.error("bridge.sched_slice_us", "must be 0 (the kernel's) or 100 .. 100000 µs",
+                             sched_slice_us)
         return BridgeConfig(
             name=name,
             backend=t.get_choice("backend", ("auto", *backend_names()), d.backend),
@@ -510,6 +519,10 @@ class _Loader:
             ring_slots=ring_slots,
             buf_size=buf_size,
             link_setup=t.get_bool("link_setup", d.link_setup),
+            sched=t.get_choice("sched", SCHED_CHOICES, d.sched),
+            rt_priority=t.get_int("rt_priority", d.rt_priority, 1, 99),
+            sched_slice_us=sched_slice_us,
+            cpu_dma_latency_us=t.get_int("cpu_dma_latency_us", d.cpu_dma_latency_us, -1, 2_000_000_000),
         )
 
     def log(self, t: _Table) -> LogConfig:

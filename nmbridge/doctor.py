@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO, cast
 
 from nmbridge.backends import PortSpec, backend
 from nmbridge.links import (
@@ -199,6 +199,11 @@ def run_doctor(config: DoctorConfig, out: TextIO, link_setup: bool = True, netns
             print("  " + f.line().replace("\n", "\n  "), file=out)
         if not any(f.severity != "note" for f in found):
             print("  ok", file=out)
+    settings = config.bridge
+    if hasattr(settings, "sched"):  # a full BridgeConfig: how its forwarding threads would run
+        from nmbridge import sched
+
+        print(sched.describe_settings(cast(Any, settings)), file=out)
     if problems:
         print(f"{problems} problem{'s' if problems != 1 else ''} to fix", file=out)
         return 1
