@@ -59,7 +59,7 @@ from nmbridge.config import BridgeConfig
 from nmbridge.fastfwd import Forwarder
 left, right, burst, slots, opts, kind, settings = sys.argv[1:8]
 pairs = (kv.split("=") for kv in settings.split(",") if kv)
-bridge = replace(BridgeConfig(), **{k: int(v) for k, v in pairs})
+bridge = replace(BridgeConfig(), **{k: int(v) if v.lstrip("-").isdigit() else v for k, v in pairs})
 got = []
 burst, slots = int(burst), int(slots)
 ps = PortSet(OpenOptions(slots=slots))
@@ -296,9 +296,9 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=1024, help="nmbridge ring slots")
     ap.add_argument("--options", default="", help="afpacket port options, e.g. tx_ring=0&blocks=128")
     ap.add_argument("--afxdp-options", default="", help="afxdp port options, e.g. mode=skb")
-    ap.add_argument("--sched", default="", metavar="KEY=N,...",
-                    help="nmbridge's [bridge] scheduling keys (rt_priority, sched_slice_us) when not "
-                         "its defaults, e.g. rt_priority=0")
+    ap.add_argument("--sched", default="", metavar="KEY=VALUE,...",
+                    help="nmbridge's [bridge] scheduling keys (sched, rt_priority, sched_slice_us) when "
+                         "not its defaults, e.g. sched=other,sched_slice_us=0 (the kernel's defaults)")
     ap.add_argument("--pin", action="store_true",
                     help="trafgen on CPU 0 (for every bridge), nmbridge's process on CPU 1")
     ap.add_argument("--one-cpu", action="store_true",

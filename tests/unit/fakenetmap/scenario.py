@@ -228,11 +228,52 @@ def syscalls() -> list[dict[str, float]]:
     return out
 
 
+def prompt() -> None:
+    """The poll discipline adds no timeout's worth of delay (issue 12): with a 60 s poll
+    timeout, frames that arrive while the loop sleeps in poll() wake it, and the frames it just
+    moved leave through the next poll()'s TX sync (the port is registered without
+    NR_NO_TX_POLL) -- not when that poll() times out.  Each wave must arrive long before 60 s."""
+    import threading
+    import time
+
+    a = open_port("netmap:pa", device=DEV)
+    b = open_port("netmap:pb", device=DEV)
+    fwd = Forwarder(a, b, direction="a-to-b", poll_timeout_ms=60_000)
+    t = threading.Thread(target=fwd.run)
+    t.start()
+    try:
+        for wave in range(3):
+            deadline = time.monotonic() + 10.0
+            # asleep in poll(): the first time; after a wave the loop is already in the poll()
+            # whose TX sync sent that wave out
+            polls = fwd.polls
+            while polls < 1:
+                assert time.monotonic() < deadline, "the loop never went to poll()"
+                time.sleep(0.001)
+                polls = fwd.polls
+            frames = [bytes([wave, i]) * 30 for i in range(5)]
+            assert a.send(frames) == 5  # a's wire loops them into a's RX: they arrive now
+            got: list[bytes] = []
+            while len(got) < 5:
+                assert time.monotonic() < deadline, f"wave {wave}: {len(got)} of 5 after 10 s"
+                got += b.recv()
+                time.sleep(0.001)
+            assert got == frames
+            assert fwd.polls <= polls + 2  # woken once by the wave, then asleep again
+    finally:
+        fwd.stop()
+        t.join(10)
+    assert not t.is_alive()
+    a.close()
+    b.close()
+
+
 def main() -> None:
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what == "all":
         basics()
         exclusive()
+        prompt()
     counts = syscalls()
     print(json.dumps(counts))
     print("ok")
