@@ -14,9 +14,12 @@ nmbridge runs as ``nmbridge run -c CONFIG`` (its defaults) inside the bridge nam
 entry of BRIDGES per backend: a backend this build or machine lacks is skipped with the
 reason.  Adding one is one more entry (its port prefix and options).  Needs root.
 
-``--rt PRIO`` runs nmbridge's threads SCHED_FIFO (as ``CPUSchedulingPolicy=fifo`` would in its
-systemd unit): on a busy host the scheduler, not the bridge, decides a user-space thread's
-tail latency, while the Linux bridge forwards inside the sender's softirq.
+nmbridge's defaults make its forwarding threads SCHED_FIFO priority 1 (``[bridge] sched``:
+on a busy host the scheduler, not the bridge, decides a user-space thread's tail latency, while
+the Linux bridge forwards inside the sender's softirq).  ``--rt PRIO`` runs every thread of the
+process SCHED_FIFO at PRIO (as ``CPUSchedulingPolicy=fifo`` would in its systemd unit).  A
+variant is one more BRIDGES entry: port options, or [bridge] keys in ``settings`` (e.g.
+``BridgeKind("afpacket-other", "afpacket", settings='sched = "other"')``).
 
     python benchmarks/latency.py [--probes 2000] [--rate 1000] [--rounds 2] [--rt 50] [--json]
 """

@@ -1,5 +1,5 @@
-"""How the kernel schedules a forwarding thread (``[bridge] rt_priority``, ``sched_slice_us``)
-and the opt-in idle-state limit (``[bridge] cpu_dma_latency_us``).
+"""How the kernel schedules a forwarding thread (``[bridge] sched``, ``rt_priority``,
+``sched_slice_us``) and the opt-in idle-state limit (``[bridge] cpu_dma_latency_us``).
 
 A frame that reaches an idle ``afpacket:`` port waits for nmbridge's forwarding thread to be
 woken and to get a CPU.  On a busy host the second part is the tail: a normal (SCHED_OTHER)
@@ -30,9 +30,6 @@ from typing import Protocol
 
 SCHED_OTHER = 0
 SCHED_FIFO = 1
-RT_PRIORITY_MAX = 99
-SLICE_MIN_US = 100  # the kernel clamps a custom slice to 0.1 .. 100 ms
-SLICE_MAX_US = 100_000
 DMA_LATENCY_PATH = "/dev/cpu_dma_latency"
 # sched_setattr(2) system call numbers (glibc has no wrapper); others: not attempted
 _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "armv7l": 380, "riscv64": 274, "ppc64le": 355,
@@ -126,13 +123,8 @@ class _Log(Protocol):
     def warning(self, event: str, **kw: object) -> object: ...
 
 
-class _Dma(Protocol):
-    @property
-    def cpu_dma_latency_us(self) -> int: ...
-
-
 _lock = threading.Lock()
-_said: list[str] = []  # what this process logged already (once per process, not per thread)
+_said: set[str] = set()  # what this process logged already (once per process, not per thread)
 _held: list[DmaLatency] = []  # the PM QoS request, held until the process ends
 
 
@@ -145,7 +137,7 @@ def enter_forwarding(settings: _Settings, log: _Log) -> Applied:
     with _lock:
         first = not _said
         said = got.describe() in _said
-        _said.append(got.describe())
+        _said.add(got.describe())
         dma = getattr(settings, "cpu_dma_latency_us", -1)
         dma_note: dict[str, object] = {}
         if first and isinstance(dma, int) and dma >= 0:

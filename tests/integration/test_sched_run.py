@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rawio import NmbridgeRun
@@ -33,6 +34,12 @@ def tasks(pid: int) -> dict[int, dict[str, int]]:
     return out
 
 
+def event(run: NmbridgeRun, name: str) -> dict[str, Any]:
+    """Event `name`, logged already or the next one (the forwarding thread's `forwarding_sched`
+    and the main thread's `ready` come in either order)."""
+    return next((e for e in run.seen if e["event"] == name), None) or run.wait_event(name)
+
+
 def config(dirpath: Path, lab: Lab, bridge: str = "") -> Path:
     cfg = dirpath / "bridge.toml"
     cfg.write_text(f"[bridge]\nstats_interval = 0\n{bridge}\n[[pair]]\nname = \"lab\"\n"
@@ -45,9 +52,9 @@ def config(dirpath: Path, lab: Lab, bridge: str = "") -> Path:
 def test_by_default_the_forwarding_thread_alone_runs_sched_fifo_priority_1(lab: Lab, tmp_path: Path) -> None:
     run = NmbridgeRun(lab, config(tmp_path, lab))
     try:
-        ev = run.wait_event("forwarding_sched")
+        ev = event(run, "forwarding_sched")
         assert (ev["level"], ev["sched"]) == ("info", "SCHED_FIFO priority 1")
-        run.wait_event("ready")
+        event(run, "ready")
         t = tasks(run.proc.pid)
         fifo = [tid for tid, f in t.items() if f["policy"] == sched.SCHED_FIFO]
         assert len(fifo) == 1 and fifo[0] != run.proc.pid  # one pair: one forwarding thread, not main
@@ -62,9 +69,9 @@ def test_by_default_the_forwarding_thread_alone_runs_sched_fifo_priority_1(lab: 
 def test_sched_other_keeps_every_thread_normal_with_the_slice(lab: Lab, tmp_path: Path) -> None:
     run = NmbridgeRun(lab, config(tmp_path, lab, 'sched = "other"\nsched_slice_us = 250'))
     try:
-        ev = run.wait_event("forwarding_sched")
+        ev = event(run, "forwarding_sched")
         assert (ev["level"], ev["sched"]) == ("info", "SCHED_OTHER, slice 250 µs")
-        run.wait_event("ready")
+        event(run, "ready")
         t = tasks(run.proc.pid)
         assert all(f["policy"] == sched.SCHED_OTHER for f in t.values())
         if any("se.slice" in f for f in t.values()):
@@ -86,8 +93,8 @@ def test_the_service_user_gets_fifo_only_with_cap_sys_nice_and_else_one_warning(
     caps = ("net_admin", "net_raw", *(("sys_nice",) if nice_cap else ()))
     run = NmbridgeRun(lab, config(public_dir, lab), *_setpriv(*caps), state=state)
     try:
-        ev = run.wait_event("forwarding_sched")
-        run.wait_event("ready")
+        ev = event(run, "forwarding_sched")
+        event(run, "ready")
         t = tasks(run.proc.pid)
         if nice_cap:
             assert (ev["level"], ev["sched"]) == ("info", "SCHED_FIFO priority 1")

@@ -151,7 +151,7 @@ class Log:
 
 def test_enter_forwarding_logs_once_per_process_and_warns_on_a_fallback(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sched, "_said", [])
+    monkeypatch.setattr(sched, "_said", set())
 
     def refuse(prio: int) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
