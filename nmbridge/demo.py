@@ -441,8 +441,13 @@ class Demo:
         t0 = time.monotonic()
         fwd = br.wait_event("forwarding", FORWARDING_TIMEOUT)
         s.zero_copy = bool(fwd.get("zero_copy"))
+        # how its forwarding thread is scheduled (logged by the thread itself, in either order)
+        sched = next((e for e in br.seen if e.get("event") == "forwarding_sched"), None)
+        if sched is None:
+            sched = br.wait_event("forwarding_sched", FORWARDING_TIMEOUT)
         self.say(f"      the bridge is forwarding (after {time.monotonic() - t0:.1f} s; pid {br.proc.pid}), "
-                 f"{'zero-copy' if s.zero_copy else 'copying'}")
+                 f"{'zero-copy' if s.zero_copy else 'copying'}; its forwarding thread runs "
+                 f"{sched.get('sched')}")
 
         self.step("Ping, both ways (ICMP echo from each side's own network stack, so ARP crosses "
                   "the bridge too)")
