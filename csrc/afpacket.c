@@ -1441,6 +1441,13 @@ void nmb_afpacket_get_stats(struct nmb_port *p, struct nmb_afpacket_stats *out)
     pthread_mutex_unlock(&ap->stats_lock);
 }
 
+void nmb_afpacket_ring_bytes(struct nmb_port *p, size_t *rx, size_t *tx)
+{
+    struct afport *ap = (struct afport *)p;
+    *tx = ap->txmap ? ap->map_len - (size_t)(ap->txmap - ap->map) : 0;
+    *rx = ap->map_len - *tx;
+}
+
 int nmb_afpacket_fanout_group(struct nmb_port *p)
 {
     return ((struct afport *)p)->fanout_group;

@@ -54,6 +54,7 @@ cdef extern from "nmb_afpacket.h" nogil:
     int nmb_afpacket_ifindex(nmb_port *p)
     int nmb_afpacket_check(nmb_port *p)
     int nmb_afpacket_fanout_group(nmb_port *p)
+    void nmb_afpacket_ring_bytes(nmb_port *p, size_t *rx, size_t *tx)
     int nmb_afpacket_fanout_start(nmb_port *p)
 
 
@@ -127,6 +128,14 @@ cdef class AfPacketPort(Port):
         self._check_open()
         cdef int g = nmb_afpacket_fanout_group(self.c)
         return None if g < 0 else g
+
+    @property
+    def ring_bytes(self):
+        """(RX, TX): the bytes of the kernel's packet rings mapped for the port (0: none)."""
+        self._check_open()
+        cdef size_t rx = 0, tx = 0
+        nmb_afpacket_ring_bytes(self.c, &rx, &tx)
+        return (rx, tx)
 
     def fanout_start(self) -> None:
         """Let frames in on a share (once every share of its group has joined)."""

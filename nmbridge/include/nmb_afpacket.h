@@ -119,6 +119,8 @@ const void *nmb_afpacket_counters(struct nmb_port *p, size_t *len);
 int nmb_afpacket_ifindex(struct nmb_port *p);
 /* The kernel's prologue checks on both rings (for tests). 0 or -1 with p->error set. */
 int nmb_afpacket_check(struct nmb_port *p);
+/* The bytes of the kernel's RX and TX rings mapped for the port (0: none). */
+void nmb_afpacket_ring_bytes(struct nmb_port *p, size_t *rx, size_t *tx);
 /* The fanout group of a share (-1: none). */
 int nmb_afpacket_fanout_group(struct nmb_port *p);
 /* Let frames in on a held share (detach the filter that accepts nothing).  0 or -1 with

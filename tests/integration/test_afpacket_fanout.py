@@ -202,6 +202,24 @@ def test_shares_of_a_port_share_one_group_unique_in_the_namespace(lab2: Lab) -> 
         close_all(opened)
 
 
+def test_shares_split_the_default_rx_ring(lab2: Lab) -> None:
+    """N shares cost about one port's RX ring: 8 MiB / N each (1 MiB at least); rx_frames=
+    sizes each share's ring; one share is a plain port (8 MiB)."""
+    lb = lab2
+    region = Region(ports=9, slots=64)
+    opened: list[Port] = []
+    try:
+        one = open_shares(lb, lb.bridge_left_if, region, 1, slots=64)
+        two = open_shares(lb, lb.bridge_left_if, region, 2, slots=64)
+        many = open_shares(lb, lb.bridge_right_if, region, 4, slots=64)
+        sized = open_shares(lb, lb.bridge_right_if, region, 2, "?rx_frames=1024", slots=64)
+        opened += [*one, *two, *many, *sized]
+        rx = [[p.ring_bytes[0] for p in g] for g in (one, two, many, sized)]  # type: ignore[attr-defined]
+        assert rx == [[8 << 20], [4 << 20] * 2, [2 << 20] * 4, [2 << 20] * 2]  # 2 KiB frames (MTU 1500)
+    finally:
+        close_all(opened)
+
+
 def test_a_share_receives_nothing_until_started(lab2: Lab) -> None:
     """A share is held (it takes no frame) until fanout_start(): a socket bound but not yet
     in its group would otherwise receive frames the group also hands out."""
