@@ -90,6 +90,7 @@ struct afport {
     uint64_t kernel_drops;
     int fanout_group;                 /* the PACKET_FANOUT group of a share, or -1 */
     int held;                         /* a share's filter that accepts nothing is attached */
+    int outgoing_bpf;                 /* its group sees outgoing frames: a filter drops them */
 };
 
 static int fail(struct afport *ap, int rc, const char *msg)
@@ -1339,18 +1340,21 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
     }
     if (o->fanout >= 0) {
         /* the kernel joins a socket to a group only while it is bound and the interface is
-         * up (it leaves it while the interface is down and re-joins it when it comes up) */
-        uint32_t flags = PACKET_FANOUT_FLAG_IGNORE_OUTGOING, id = 0;
-        if (o->fanout_group < 0)
-            flags |= PACKET_FANOUT_FLAG_UNIQUEID;
-        else
-            id = (uint32_t)o->fanout_group;
-        uint32_t arg = id | ((uint32_t)o->fanout | flags) << 16;
-        if (setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg))) {
+         * up (it leaves it while the interface is down and re-joins it when it comes up).
+         * A group of Linux < 6.2 cannot ignore outgoing frames (EINVAL, or the flag missing
+         * when read back): the socket filter set at start drops them then (outgoing_bpf). */
+        uint32_t id = o->fanout_group < 0 ? 0 : (uint32_t)o->fanout_group;
+        uint32_t base = (uint32_t)o->fanout | (o->fanout_group < 0 ? PACKET_FANOUT_FLAG_UNIQUEID : 0);
+        uint32_t arg = id | (base | (o->fanout_legacy ? 0 : PACKET_FANOUT_FLAG_IGNORE_OUTGOING)) << 16;
+        int r = setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg));
+        if (r && errno == EINVAL && !o->fanout_legacy) { /* an older kernel, or a group without the flag */
+            arg = id | base << 16;
+            r = setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg));
+        }
+        if (r) {
             int e = errno;
             if (e == EINVAL && o->fanout_group < 0)
-                OPEN_FAIL("PACKET_FANOUT: %s (is the interface up? a group that ignores outgoing frames, "
-                          "PACKET_FANOUT_FLAG_IGNORE_OUTGOING, needs a recent Linux)", strerror(e));
+                OPEN_FAIL("PACKET_FANOUT: %s (is the interface up?)", strerror(e));
             if (e == EINVAL)
                 OPEN_FAIL("cannot join fanout group %d: %s (is the interface up?)", o->fanout_group, strerror(e));
             OPEN_FAIL("PACKET_FANOUT: %s", strerror(e));
@@ -1360,6 +1364,7 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
         if (getsockopt(fd, SOL_PACKET, PACKET_FANOUT, &got, &gl))
             OPEN_FAIL("PACKET_FANOUT (reading the group back): %s", strerror(errno));
         ap->fanout_group = (int)(got & 0xffff);
+        ap->outgoing_bpf = !((got >> 24) & (PACKET_FANOUT_FLAG_IGNORE_OUTGOING >> 8));
     }
     if (o->promisc) {
         struct packet_mreq mr;
@@ -1456,12 +1461,26 @@ int nmb_afpacket_fanout_group(struct nmb_port *p)
 int nmb_afpacket_fanout_start(struct nmb_port *p)
 {
     struct afport *ap = (struct afport *)p;
-    int zero = 0;
+    int zero = 0, r;
     if (!ap->held)
         return 0;
-    if (setsockopt(p->fd, SOL_SOCKET, SO_DETACH_FILTER, &zero, sizeof(zero))) {
+    if (ap->outgoing_bpf) {
+        /* replaces the filter that holds the share: drop PACKET_OUTGOING, take the rest */
+        struct sock_filter prog[] = {
+            BPF_STMT(BPF_LD | BPF_B | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_PKTTYPE)),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PACKET_OUTGOING, 0, 1),
+            BPF_STMT(BPF_RET | BPF_K, 0),
+            BPF_STMT(BPF_RET | BPF_K, 0xffffffffu),
+        };
+        struct sock_fprog fp = {.len = 4, .filter = prog};
+        r = setsockopt(p->fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp, sizeof(fp));
+    } else {
+        r = setsockopt(p->fd, SOL_SOCKET, SO_DETACH_FILTER, &zero, sizeof(zero));
+    }
+    if (r) {
         char msg[128];
-        snprintf(msg, sizeof(msg), "releasing the share (SO_DETACH_FILTER): %s", strerror(errno));
+        snprintf(msg, sizeof(msg), "releasing the share (%s): %s",
+                 ap->outgoing_bpf ? "a filter of outgoing frames" : "SO_DETACH_FILTER", strerror(errno));
         return fail(ap, -1, msg);
     }
     ap->held = 0;

@@ -29,6 +29,7 @@ class AfPacketPort(Port):
         rx_ring_bytes: int = 0,
         fanout: int = -1,
         fanout_group: int = -1,
+        fanout_legacy: bool = False,
     ) -> None: ...
     @property
     def fanout_group(self) -> int | None: ...

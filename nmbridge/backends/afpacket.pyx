@@ -37,6 +37,7 @@ cdef extern from "nmb_afpacket.h" nogil:
         uint32_t rx_ring_bytes
         int fanout
         int fanout_group
+        int fanout_legacy
 
     # every field of the C struct, in any order (it converts to a dict of them all)
     struct nmb_afpacket_stats:
@@ -69,7 +70,9 @@ cdef class AfPacketPort(Port):
 
     ``fanout`` (a PACKET_FANOUT_* type: hash 0, lb 1, cpu 2, qm 5) makes it one share of a PACKET_FANOUT group: a new group
     (``fanout_group=-1``) or the group of an earlier share (its ``fanout_group``).  A share
-    receives nothing until ``fanout_start()``: call it once every share has joined."""
+    receives nothing until ``fanout_start()``: call it once every share has joined.
+    ``fanout_legacy`` (tests) makes the group as Linux < 6.2 would: without
+    PACKET_FANOUT_FLAG_IGNORE_OUTGOING (a socket filter drops outgoing frames then)."""
 
     cdef Region region
     cdef readonly str ifname
@@ -79,7 +82,7 @@ cdef class AfPacketPort(Port):
                  int rx_frames=0, int rcvbuf=DEFAULT_RCVBUF, bint promisc=True,
                  bint qdisc_bypass=True, int sndbuf=DEFAULT_SNDBUF, bint tx_ring=True,
                  int tx_frames=0, bint vnet=True, int busy_poll_us=0, int rx_ring_bytes=0,
-                 int fanout=-1, int fanout_group=-1):
+                 int fanout=-1, int fanout_group=-1, bint fanout_legacy=False):
         cdef char err[256]
         cdef nmb_afpacket_opts o
         cdef bytes name = ifname.encode()
@@ -101,6 +104,7 @@ cdef class AfPacketPort(Port):
         o.rx_ring_bytes = rx_ring_bytes
         o.fanout = fanout
         o.fanout_group = fanout_group
+        o.fanout_legacy = fanout_legacy
         self.c = nmb_afpacket_open(region.c, name, &o, err, sizeof(err))
         if self.c == NULL:
             raise PortError(f"afpacket:{ifname}: {err.decode(errors='replace')}")

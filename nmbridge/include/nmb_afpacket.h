@@ -42,8 +42,9 @@
  * to exactly one of them.  The group's id comes from the kernel (PACKET_FANOUT_FLAG_UNIQUEID
  * for the first share: an id no group of the network namespace has, so neither another
  * bridge nor a previous run's lingering socket can share it); the group ignores outgoing
- * frames (PACKET_FANOUT_FLAG_IGNORE_OUTGOING: a socket's own PACKET_IGNORE_OUTGOING does not
- * apply once it is in a group).  A share is opened "held": a filter that accepts nothing is
+ * frames (PACKET_FANOUT_FLAG_IGNORE_OUTGOING, Linux >= 6.2: a socket's own
+ * PACKET_IGNORE_OUTGOING does not apply once it is in a group; older kernels: each share
+ * gets a socket filter that drops PACKET_OUTGOING frames instead).  A share is opened "held": a filter that accepts nothing is
  * attached before bind(), so a socket bound but not yet in the group never receives the
  * frames the group also hands out (duplicates); nmb_afpacket_fanout_start() removes it once
  * every share has joined.
@@ -79,6 +80,8 @@ struct nmb_afpacket_opts {
                                   _QM: the socket is one share of a fanout group (below) */
     int fanout_group;          /* -1: a new group (the kernel picks an id no group of the
                                   namespace has); else the id of the group to join */
+    int fanout_legacy;         /* tests: a group without PACKET_FANOUT_FLAG_IGNORE_OUTGOING,
+                                  as Linux < 6.2 makes them */
 };
 
 struct nmb_afpacket_stats {
