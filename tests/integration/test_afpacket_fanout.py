@@ -380,3 +380,31 @@ def test_ring_pairs_is_the_rx_queue_count(lab2: Lab) -> None:
     with netns.lab() as one:  # the kernel's default veth: 1 queue in use
         assert in_netns(one.ns_bridge, b.ring_pairs, one.bridge_left_if, opts) == 1  # type: ignore[attr-defined]
 
+
+
+def test_shares_of_an_interface_that_is_down(lab2: Lab) -> None:
+    """Linux 6.13 and later join a socket bound to an interface that is down to a group (it
+    starts receiving when the link comes up); older kernels refuse: one line says so."""
+    from nmbridge.errors import PortError
+
+    lb = lab2
+    lmac, rmac = lb.mac(lb.ns_left, lb.left_if), lb.mac(lb.ns_right, lb.right_if)
+    lb.set_up(lb.ns_bridge, lb.bridge_left_if, False)
+    left, right = RawPort(lb.ns_left, lb.left_if), RawPort(lb.ns_right, lb.right_if)
+    tok = secrets.token_bytes(8)
+    try:
+        with workers(lb, 2) as w:
+            lb.set_up(lb.ns_bridge, lb.bridge_left_if, True)
+            wait_for(lambda: lb.link(lb.ns_left, lb.left_if)["operstate"] == "UP", what="the link to be up")
+            at_right = Collector(right, tok)
+            for flow in range(FLOWS):
+                left.send(udp_frame(rmac, lmac, lb.left_ip, "10.77.0.200", 20000 + flow, tok, flow, 0))
+            at_right.wait(FLOWS, 10.0)
+            per_share = [ds["a_to_b"]["forwarded"] for ds in balanced_and_idle(w)]
+        assert all(n > 0 for n in per_share), per_share
+    except PortError as e:
+        assert str(e) == (f"afpacket:{lb.bridge_left_if}: PACKET_FANOUT: Invalid argument "
+                          "(is the interface up?) (share 0 of 2)")
+    finally:
+        left.close()
+        right.close()
