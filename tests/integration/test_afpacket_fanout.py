@@ -136,7 +136,8 @@ def balanced_and_idle(w: Workers) -> list[dict[str, dict[str, Any]]]:
     return last[0]
 
 
-@pytest.mark.parametrize("mode, ordered", [("hash", True), ("qm", True), ("lb", False)])
+@pytest.mark.parametrize("mode, ordered", [("hash", True), ("qm", True), ("lb", False),
+                                           ("hash&rx_ring=0&tx_ring=0", True)])
 def test_two_shares_carry_every_frame_once(lab2: Lab, mode: str, ordered: bool) -> None:
     """Several UDP flows both ways through 2 workers: every frame arrives exactly once, in
     order within its flow (hash, qm: a flow stays on one share), both shares carry some,
