@@ -13,6 +13,16 @@ is the median over its rounds.  nmbridge runs as its own process inside the brid
 (two ports of one backend in one region, one Forwarder thread), which reports its peak RSS
 (VmHWM) and CPU time.
 
+Scaling (``--workers 1,2``): each nmbridge bridge runs once per worker count; with N > 1 the
+two ports are opened as N shares each (the backend's ``open_shares``: for afpacket:, N
+sockets of one PACKET_FANOUT group) and share w of left and share w of right are forwarded
+by Forwarder w in a thread of its own (pinned to CPU 1 + w with ``--pin``) -- what a
+``[[pair]] workers = N`` does in the app, without the app.  ``--queues Q`` gives every veth
+Q TX and RX queues (``numtxqueues Q numrxqueues Q``).  A fanout hash needs several flows:
+``--flows F`` (default 1 with one worker, 64 with more) makes the frames IPv4/UDP, 60 bytes,
+in F flows (the UDP source port counts up), to a MAC address no interface has: the far stack
+drops them on arrival (not for this host), the Linux bridge floods them to its one other port.
+
 CPU per delivered frame is summed over all CPUs, from /proc/stat (every non-idle jiffy: user,
 nice, system, irq, softirq, steal) across the measuring window, so that work moved to a second
 CPU (nmbridge's thread) or done in the generator's softirq (the Linux bridge) both count.  The
@@ -21,9 +31,11 @@ and subtracted at its rate; on a busy machine both numbers are noisy.  Needs roo
 
     python benchmarks/veth.py [--seconds 3] [--rounds 3] [--pin] [--bridges linux,afxdp]
                               [--options tx_ring=0] [--afxdp-options mode=skb] [--json]
+                              [--workers 1,2] [--queues 2] [--flows 64]
 
-``--pin`` runs trafgen on CPU 0 (for both bridges) and nmbridge's process on CPU 1, so the
-scheduler's placement (and other load moving between CPUs) varies less between rounds.
+``--pin`` runs trafgen on CPU 0 (for both bridges) and nmbridge's process on CPU 1 (its
+workers on CPUs 1, 2, ...: on a 2-core machine the second worker shares CPU 0 with trafgen),
+so the scheduler's placement (and other load moving between CPUs) varies less between rounds.
 """
 
 from __future__ import annotations
@@ -51,38 +63,57 @@ from nmbridge import netns  # noqa: E402
 
 # The nmbridge side: runs inside the bridge namespace until SIGTERM, then prints JSON.
 CHILD = r"""
-import json, resource, signal, sys, threading
+import json, os, resource, signal, sys, threading
 from dataclasses import replace
 from nmbridge import sched
-from nmbridge.backends import OpenOptions, PortSet, parse_spec
+from nmbridge.backends import OpenOptions, PortSet, backend, close_all, parse_spec
 from nmbridge.config import BridgeConfig
 from nmbridge.fastfwd import Forwarder
-left, right, burst, slots, opts, kind, settings = sys.argv[1:8]
+from nmbridge.port import Region
+left, right, burst, slots, opts, kind, settings, workers, cpus = sys.argv[1:10]
 pairs = (kv.split("=") for kv in settings.split(",") if kv)
 bridge = replace(BridgeConfig(), **{k: int(v) if v.lstrip("-").isdigit() else v for k, v in pairs})
 got = []
-burst, slots = int(burst), int(slots)
+burst, slots, workers = int(burst), int(slots), int(workers)
+cpus = [int(c) for c in cpus.split(",") if c]
 ps = PortSet(OpenOptions(slots=slots))
-a, b = ps.open([parse_spec(kind + ":" + left + opts), parse_spec(kind + ":" + right + opts)])
-fwd = Forwarder(a, b, burst=burst, poll_timeout_ms=100)
+if workers == 1:
+    a_s, b_s = ps.open([parse_spec(kind + ":" + left + opts), parse_spec(kind + ":" + right + opts)])
+    a_s, b_s = [a_s], [b_s]
+else:  # share w of left <-> share w of right, as a pair's workers
+    be, o = backend(kind), OpenOptions(slots=slots)
+    if not hasattr(be, "open_shares"):
+        sys.exit(f"{kind}: this backend cannot open a port as several shares yet")
+    region = Region(ports=2 * workers, slots=slots)
+    a_s = be.open_shares(left + opts, o, region, workers)
+    b_s = be.open_shares(right + opts, o, region, workers)
+fwds = [Forwarder(a, b, burst=burst, poll_timeout_ms=100) for a, b in zip(a_s, b_s)]
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
-def forward():  # as `nmbridge run` does: the thread's scheduling from [bridge], then the loop
+def work(i):  # as `nmbridge run` does: pinned, the thread's scheduling from [bridge], the loop
+    if cpus:
+        os.sched_setaffinity(0, {cpus[i % len(cpus)]})
     got.append(sched.choose(bridge).describe())
-    fwd.run()
-t = threading.Thread(target=forward)
-t.start()
+    fwds[i].run()
+ts = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+for t in ts:
+    t.start()
 print("ready", flush=True)
 done.wait()
-fwd.stop()
-t.join()
+for f in fwds:
+    f.stop()
+for t in ts:
+    t.join()
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"peak_rss_kib": hwm, "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime,
                   "ctx_voluntary": ru.ru_nvcsw, "ctx_involuntary": ru.ru_nivcsw,
-                  "forwarder": fwd.stats(), "polls": fwd.polls,
-                  "left_port": a.counters(), "right_port": b.counters(),
-                  "mode": a.info().get("mode"), "sched": got[0] if got else None}), flush=True)
+                  "forwarder": fwds[0].stats(), "polls": sum(f.polls for f in fwds),
+                  "left_port": a_s[0].counters(), "right_port": b_s[0].counters(),
+                  "workers": workers, "per_worker_frames": [f.stats()["a_to_b"]["frames"] for f in fwds],
+                  "mode": a_s[0].info().get("mode"), "sched": got[0] if got else None}), flush=True)
+if workers > 1:
+    close_all(a_s + b_s)
 ps.close()
 """
 
@@ -231,6 +262,11 @@ def make_round(name: str, w: Window, extra: dict[str, Any]) -> Round:
 
 def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
     lb.ip(lb.ns_bridge, "link", "add", "name", "br0", "type", "bridge")
+    # a plain bridge: no iptables for bridged IP frames (br_netfilter, when loaded, defaults
+    # to calling them in every namespace; measured here: IPv4 frames fell to 24 kpps)
+    for key in ("iptables", "ip6tables", "arptables"):
+        if os.path.exists(f"/proc/sys/net/bridge/bridge-nf-call-{key}"):
+            netns.write_sysctl(lb.ns_bridge, f"net.bridge.bridge-nf-call-{key}", "0")
     try:
         for ifname in (lb.bridge_left_if, lb.bridge_right_if):
             lb.ip(lb.ns_bridge, "link", "set", "dev", ifname, "master", "br0")
@@ -242,12 +278,21 @@ def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
     return make_round("linux", w, {})
 
 
-def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace, kind: str) -> Round:
+def worker_cpus(n: int) -> list[int]:
+    """The CPUs of workers 0..n-1 when pinning: 1, 2, ... (wrapping over the machine's)."""
+    ncpu = os.cpu_count() or 1
+    return [(1 + i) % ncpu for i in range(n)]
+
+
+def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace, kind: str, workers: int = 1) -> Round:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     query = args.afxdp_options if kind == "afxdp" else args.options
     opts = "?" + query if query else ""
-    child = lb.popen(lb.ns_bridge, *pinned(args.bridge_cpu, sys.executable), "-c", CHILD, lb.bridge_left_if,
+    cpus = worker_cpus(workers) if args.pin else [int(args.bridge_cpu)] * workers if args.bridge_cpu else []
+    where = ",".join(map(str, sorted(set(cpus)))) if cpus else None
+    child = lb.popen(lb.ns_bridge, *pinned(where, sys.executable), "-c", CHILD, lb.bridge_left_if,
                      lb.bridge_right_if, str(args.burst), str(args.slots), opts, kind, args.sched,
+                     str(workers), ",".join(map(str, cpus)),
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert child.stdout is not None
@@ -262,25 +307,45 @@ def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace, kind: str) 
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=20)
     if child.returncode != 0:
-        raise SystemExit(f"nmbridge ({kind}) failed: {err.strip()}")
-    return make_round(kind, w, json.loads(out.strip().splitlines()[-1]))
+        raise SystemExit(f"nmbridge ({kind}, {workers} worker(s)) failed: {err.strip()}")
+    return make_round(label(kind, workers), w, json.loads(out.strip().splitlines()[-1]))
 
 
-def trafgen_conf(lb: netns.Lab, directory: str) -> str:
+def trafgen_conf(lb: netns.Lab, directory: str, flows: int = 1) -> str:
+    """One 60-byte frame (flows == 1: ethertype 0x88b5, to right's MAC address), or IPv4/UDP
+    frames in `flows` flows (the UDP source port's low byte counts 0 .. flows-1) to a MAC
+    address no interface has, so that right's stack drops them at once (the frame is for
+    another host; the header is valid, for the bridge netfilter of a Linux bridge)."""
     dst = lb.mac(lb.ns_right, lb.right_if)
     src = lb.mac(lb.ns_left, lb.left_if)
-    frame = dst + src + bytes.fromhex("88b5") + bytes(46)  # 60 bytes
+    if flows <= 1:
+        body = [f"0x{b:02x}" for b in dst + src + bytes.fromhex("88b5") + bytes(46)]  # 60 bytes
+    else:
+        ip = bytes.fromhex("4500002e00000000401100000a4d00010a4d0002")  # 10.77.0.1 -> 10.77.0.2
+        ip = ip[:10] + netns.inet_checksum(ip).to_bytes(2, "big") + ip[12:]
+        other = bytes.fromhex("02000000a77e")  # locally administered, no interface's
+        head = [f"0x{b:02x}" for b in other + src + bytes.fromhex("0800") + ip + bytes([0x9C])]
+        tail = [f"0x{b:02x}" for b in bytes.fromhex("0009001a0000") + bytes(18)]  # dport 9, len 26
+        body = [*head, f"dinc(0, {flows - 1})", *tail]  # source port 0x9c00 + flow
     path = os.path.join(directory, "frame.cfg")
     with open(path, "w") as f:
-        f.write("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
+        f.write("{ " + ", ".join(body) + " }\n")
     return path
 
 
 BRIDGES = ("linux", "afpacket", "afxdp")
 
 
+def label(kind: str, workers: int) -> str:
+    """A bridge's name in the results: ``afpacket`` (one worker), ``afpacket-w2`` (two)."""
+    return kind if workers == 1 else f"{kind}-w{workers}"
+
+
 def run_one(name: str, lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
-    return run_linux(lb, conf, args) if name == "linux" else run_nmbridge(lb, conf, args, name)
+    if name == "linux":
+        return run_linux(lb, conf, args)
+    kind, _, w = name.partition("-w")
+    return run_nmbridge(lb, conf, args, kind, int(w or 1))
 
 
 def main() -> int:
@@ -307,29 +372,51 @@ def main() -> int:
                     help="a normal (SCHED_OTHER) process spinning on the bridge's CPU (CPU 1, or 0 with "
                          "--one-cpu) during the window: the share of CPU it got says what is left "
                          "to the rest of the machine")
+    ap.add_argument("--workers", default="1",
+                    help="worker counts for each nmbridge bridge, e.g. 1,2 (N > 1: ports opened as N shares)")
+    ap.add_argument("--queues", type=int, default=None,
+                    help="TX and RX queues of every veth (default: the kernel's, one in use)")
+    ap.add_argument("--flows", type=int, default=None,
+                    help="IPv4/UDP flows the generator spreads its frames over "
+                         "(default 1 with one worker: 0x88b5 frames; 64 with more)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     if args.canary and not (args.pin or args.one_cpu):
         args.pin = True
     args.gen_cpu, args.bridge_cpu = ("0", "1") if args.pin else ("0", "0") if args.one_cpu else (None, None)
-    names = [b.strip() for b in args.bridges.split(",") if b.strip()]
-    bad = [b for b in names if b not in BRIDGES]
-    if bad or not names:
+    kinds = [b.strip() for b in args.bridges.split(",") if b.strip()]
+    bad = [b for b in kinds if b not in BRIDGES]
+    if bad or not kinds:
         print(f"--bridges: unknown {', '.join(bad) or '(none)'}; use {', '.join(BRIDGES)}", file=sys.stderr)
         return 2
+    try:
+        counts = sorted({int(x) for x in args.workers.split(",") if x.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1 or counts[-1] > 64:
+        print(f"--workers {args.workers!r}: worker counts from 1 to 64, comma-separated", file=sys.stderr)
+        return 2
+    if args.queues is not None and not 1 <= args.queues <= 64:
+        print(f"--queues {args.queues}: from 1 to 64", file=sys.stderr)
+        return 2
+    flows = args.flows if args.flows is not None else (64 if counts[-1] > 1 else 1)
+    if not 1 <= flows <= 256:
+        print(f"--flows {flows}: from 1 to 256", file=sys.stderr)
+        return 2
+    names = [k if k == "linux" else label(k, n) for k in kinds for n in ([1] if k == "linux" else counts)]
     if os.geteuid() != 0:
         print("veth.py needs root (network namespaces, veth, AF_PACKET, AF_XDP)", file=sys.stderr)
         return 1
     rounds: list[Round] = []
-    with netns.lab() as lb, tempfile.TemporaryDirectory() as tmp:
-        conf = trafgen_conf(lb, tmp)
+    with netns.lab(queues=args.queues) as lb, tempfile.TemporaryDirectory() as tmp:
+        conf = trafgen_conf(lb, tmp, flows)
         for i in range(args.rounds):
             k = i % len(names)
             for name in names[k:] + names[:k]:  # the order rotates each round
                 r = run_one(name, lb, conf, args)
                 rounds.append(r)
                 if not args.json:
-                    print(f"round {i + 1} {r.bridge:9} {r.rate_pps / 1e6:7.3f} Mpps delivered "
+                    print(f"round {i + 1} {r.bridge:12} {r.rate_pps / 1e6:7.3f} Mpps delivered "
                           f"(generator {r.generator_pps / 1e6:.3f} Mpps), "
                           f"CPU {r.cpu_ns_per_frame:7.0f} ns/frame "
                           f"({r.net_cpu_ns_per_frame:.0f} less background)"
@@ -362,6 +449,9 @@ def main() -> int:
         "options": args.options,
         "afxdp_options": args.afxdp_options,
         "sched": args.sched,
+        "workers": counts,
+        "queues": args.queues,
+        "flows": flows,
         "bridges": per,
         "ratios": {"afxdp/linux": ratio("afxdp", "linux"), "afxdp/afpacket": ratio("afxdp", "afpacket"),
                    "afpacket/linux": ratio("afpacket", "linux")},
@@ -372,22 +462,27 @@ def main() -> int:
         summary.update(nmbridge_pps=per["afpacket"]["pps"], linux_bridge_pps=per["linux"]["pps"],
                        ratio=ratio("afpacket", "linux"),
                        nmbridge_peak_rss_mib=per["afpacket"]["peak_rss_mib"])
+    for kind in ("afpacket", "afxdp"):  # scaling: N workers against one, same run
+        for n in counts[1:]:
+            summary["ratios"][f"{label(kind, n)}/{kind}"] = ratio(label(kind, n), kind)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     for name, p in per.items():
         lo, hi = min(p["pps_all"]), max(p["pps_all"])
-        label = {"linux": "Linux bridge", "afpacket": "nmbridge afpacket", "afxdp": "nmbridge afxdp"}[name]
+        kind, _, w = name.partition("-w")
+        text = {"linux": "Linux bridge", "afpacket": "nmbridge afpacket", "afxdp": "nmbridge afxdp"}[kind]
+        text += f" x{w} workers" if w else ""
         if p.get("mode"):
-            label += f" ({p['mode']})"
+            text += f" ({p['mode']})"
         rss = f", peak RSS {p['peak_rss_mib']:.1f} MiB" if "peak_rss_mib" in p else ""
-        print(f"{label:26} {p['pps'] / 1e6:7.3f} Mpps median (rounds {lo / 1e6:.3f} .. {hi / 1e6:.3f}), "
+        print(f"{text:34} {p['pps'] / 1e6:7.3f} Mpps median (rounds {lo / 1e6:.3f} .. {hi / 1e6:.3f}), "
               f"CPU {p['cpu_ns_per_frame']:.0f} ns/frame "
               f"({p['net_cpu_ns_per_frame']:.0f} less background){rss}")
     for key, v in summary["ratios"].items():
         if v is not None:
             print(f"ratio {key:15} {v:7.3f}")
-    for name in ("afxdp", "afpacket"):
+    for name in [n for n in names if n != "linux"]:
         rs = [r for r in rounds if r.bridge == name]
         if not rs:
             continue

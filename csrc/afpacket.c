@@ -8,6 +8,7 @@
 #include <endian.h>
 #include <net/if.h>
 #include <pthread.h>
+#include <linux/filter.h>
 #include <sys/ioctl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,12 @@
 
 #ifndef PACKET_IGNORE_OUTGOING
 #define PACKET_IGNORE_OUTGOING 23
+#endif
+#ifndef PACKET_FANOUT_FLAG_UNIQUEID
+#define PACKET_FANOUT_FLAG_UNIQUEID 0x2000
+#endif
+#ifndef PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+#define PACKET_FANOUT_FLAG_IGNORE_OUTGOING 0x4000
 #endif
 
 #define VNET_LEN ((uint32_t)sizeof(struct virtio_net_hdr))
@@ -81,6 +88,9 @@ struct afport {
     struct nmb_afpacket_stats st;
     pthread_mutex_t stats_lock;       /* kernel drop counter: read-and-clear, so one reader */
     uint64_t kernel_drops;
+    int fanout_group;                 /* the PACKET_FANOUT group of a share, or -1 */
+    int held;                         /* a share's filter that accepts nothing is attached */
+    int outgoing_bpf;                 /* its group sees outgoing frames: a filter drops them */
 };
 
 static int fail(struct afport *ap, int rc, const char *msg)
@@ -1185,6 +1195,15 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
         snprintf(err, errlen, "bad ring options: slots %u, rx_frames %u (16 at least)", o->slots, o->rx_frames);
         return NULL;
     }
+    if (o->fanout != -1 && o->fanout != PACKET_FANOUT_HASH && o->fanout != PACKET_FANOUT_LB &&
+        o->fanout != PACKET_FANOUT_CPU && o->fanout != PACKET_FANOUT_QM) {
+        snprintf(err, errlen, "bad fanout mode %d", o->fanout);
+        return NULL;
+    }
+    if (o->fanout_group < -1 || o->fanout_group > 0xffff) {
+        snprintf(err, errlen, "bad fanout group %d (0 to 65535, or -1 for a new one)", o->fanout_group);
+        return NULL;
+    }
     struct afport *ap = calloc(1, sizeof(*ap));
     if (!ap) {
         snprintf(err, errlen, "out of memory");
@@ -1194,6 +1213,7 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
     ap->mem = m;
     ap->port.fd = -1;
     ap->gso_fd = -1;
+    ap->fanout_group = -1;
     ap->ifindex = (int)if_nametoindex(ifname);
     if (ap->ifindex == 0)
         OPEN_FAIL("%s", errno == ENODEV || errno == ENXIO ? "no such interface" : strerror(errno));
@@ -1232,7 +1252,9 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
         while (fs < (uint32_t)ap->mtu + ETH_HLEN + 4 + 128 && fs < (16u << 10))
             fs <<= 1;
         if (!frames)
-            frames = (8u << 20) / fs;
+            frames = (o->rx_ring_bytes ? o->rx_ring_bytes : 8u << 20) / fs;
+        if (frames < 16)
+            frames = 16;
         struct tpacket_req req;
         ring_req(&req, fs, frames);
         if (setsockopt(fd, SOL_PACKET, PACKET_COPY_THRESH, &one, sizeof(one)))
@@ -1302,11 +1324,47 @@ struct nmb_port *nmb_afpacket_open(nmb_umem *m, const char *ifname, const struct
             bind(ap->gso_fd, (struct sockaddr *)&sll, sizeof(sll)))
             OPEN_FAIL("the socket for GSO frames: %s", strerror(errno));
     }
+    if (o->fanout >= 0) {
+        /* held until every share is in the group (nmb_afpacket_fanout_start) */
+        struct sock_filter none = BPF_STMT(BPF_RET | BPF_K, 0);
+        struct sock_fprog prog = {.len = 1, .filter = &none};
+        if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog)))
+            OPEN_FAIL("a filter that holds the share until the group is complete: %s", strerror(errno));
+        ap->held = 1;
+    }
     sll.sll_protocol = htons(ETH_P_ALL);
     if (bind(fd, (struct sockaddr *)&sll, sizeof(sll))) {
         if (errno == ENODEV || errno == ENXIO)
             OPEN_FAIL("no such interface");
         OPEN_FAIL("bind: %s", strerror(errno));
+    }
+    if (o->fanout >= 0) {
+        /* the kernel joins a socket to a group only while it is bound and the interface is
+         * up (it leaves it while the interface is down and re-joins it when it comes up).
+         * A group of Linux < 6.2 cannot ignore outgoing frames (EINVAL, or the flag missing
+         * when read back): the socket filter set at start drops them then (outgoing_bpf). */
+        uint32_t id = o->fanout_group < 0 ? 0 : (uint32_t)o->fanout_group;
+        uint32_t base = (uint32_t)o->fanout | (o->fanout_group < 0 ? PACKET_FANOUT_FLAG_UNIQUEID : 0);
+        uint32_t arg = id | (base | (o->fanout_legacy ? 0 : PACKET_FANOUT_FLAG_IGNORE_OUTGOING)) << 16;
+        int r = setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg));
+        if (r && errno == EINVAL && !o->fanout_legacy) { /* an older kernel, or a group without the flag */
+            arg = id | base << 16;
+            r = setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg));
+        }
+        if (r) {
+            int e = errno;
+            if (e == EINVAL && o->fanout_group < 0)
+                OPEN_FAIL("PACKET_FANOUT: %s (is the interface up?)", strerror(e));
+            if (e == EINVAL)
+                OPEN_FAIL("cannot join fanout group %d: %s (is the interface up?)", o->fanout_group, strerror(e));
+            OPEN_FAIL("PACKET_FANOUT: %s", strerror(e));
+        }
+        uint32_t got = 0;
+        socklen_t gl = sizeof(got);
+        if (getsockopt(fd, SOL_PACKET, PACKET_FANOUT, &got, &gl))
+            OPEN_FAIL("PACKET_FANOUT (reading the group back): %s", strerror(errno));
+        ap->fanout_group = (int)(got & 0xffff);
+        ap->outgoing_bpf = !((got >> 24) & (PACKET_FANOUT_FLAG_IGNORE_OUTGOING >> 8));
     }
     if (o->promisc) {
         struct packet_mreq mr;
@@ -1386,6 +1444,47 @@ void nmb_afpacket_get_stats(struct nmb_port *p, struct nmb_afpacket_stats *out)
     *out = ap->st;
     out->rx_kernel_drops = ap->kernel_drops;
     pthread_mutex_unlock(&ap->stats_lock);
+}
+
+void nmb_afpacket_ring_bytes(struct nmb_port *p, size_t *rx, size_t *tx)
+{
+    struct afport *ap = (struct afport *)p;
+    *tx = ap->txmap ? ap->map_len - (size_t)(ap->txmap - ap->map) : 0;
+    *rx = ap->map_len - *tx;
+}
+
+int nmb_afpacket_fanout_group(struct nmb_port *p)
+{
+    return ((struct afport *)p)->fanout_group;
+}
+
+int nmb_afpacket_fanout_start(struct nmb_port *p)
+{
+    struct afport *ap = (struct afport *)p;
+    int zero = 0, r;
+    if (!ap->held)
+        return 0;
+    if (ap->outgoing_bpf) {
+        /* replaces the filter that holds the share: drop PACKET_OUTGOING, take the rest */
+        struct sock_filter prog[] = {
+            BPF_STMT(BPF_LD | BPF_B | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_PKTTYPE)),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PACKET_OUTGOING, 0, 1),
+            BPF_STMT(BPF_RET | BPF_K, 0),
+            BPF_STMT(BPF_RET | BPF_K, 0xffffffffu),
+        };
+        struct sock_fprog fp = {.len = 4, .filter = prog};
+        r = setsockopt(p->fd, SOL_SOCKET, SO_ATTACH_FILTER, &fp, sizeof(fp));
+    } else {
+        r = setsockopt(p->fd, SOL_SOCKET, SO_DETACH_FILTER, &zero, sizeof(zero));
+    }
+    if (r) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "releasing the share (%s): %s",
+                 ap->outgoing_bpf ? "a filter of outgoing frames" : "SO_DETACH_FILTER", strerror(errno));
+        return fail(ap, -1, msg);
+    }
+    ap->held = 0;
+    return 0;
 }
 
 int nmb_afpacket_ifindex(struct nmb_port *p)

@@ -261,10 +261,12 @@ def new_lab(prefix: str | None = None, *, mtu: int = 1500, left_ip: str = "10.77
                left_ip=left_ip, right_ip=right_ip, plen=plen, mtu=mtu)
 
 
-def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True) -> None:
+def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True, queues: int | None = None) -> None:
     """Create the lab's namespaces and veths (up, with its MTU); addresses on left and right
     only.  IPv6 is off in all three namespaces unless `ipv6` (so the lab is silent until
-    someone sends something); TSO/GSO off on the left and right veths when not `offloads`.
+    someone sends something); TSO/GSO off on the left and right veths when not `offloads`;
+    `queues`: every veth end gets that many TX and RX queues (``numtxqueues Q numrxqueues
+    Q``; None: the kernel's default, one in use).
     On failure the caller destroys what was made (:func:`lab` does)."""
     for ns in lb.namespaces:
         run("ip", "netns", "add", ns)
@@ -273,9 +275,10 @@ def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True) -> None:
             write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
     # create each pair here, then move the ends (creating them in place can fail: EEXIST)
     mtu = str(lb.mtu)
+    q = ("numtxqueues", str(queues), "numrxqueues", str(queues)) if queues is not None else ()
     for a, a_ns, b, b_ns in ((lb.left_if, lb.ns_left, lb.bridge_left_if, lb.ns_bridge),
                              (lb.right_if, lb.ns_right, lb.bridge_right_if, lb.ns_bridge)):
-        run("ip", "link", "add", a, "mtu", mtu, "type", "veth", "peer", "name", b, "mtu", mtu)
+        run("ip", "link", "add", a, "mtu", mtu, *q, "type", "veth", "peer", "name", b, "mtu", mtu, *q)
         run("ip", "link", "set", "dev", a, "netns", a_ns)
         run("ip", "link", "set", "dev", b, "netns", b_ns)
     lb.ip(lb.ns_left, "addr", "add", f"{lb.left_ip}/{lb.plen}", "dev", lb.left_if)
@@ -290,12 +293,13 @@ def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True) -> None:
 
 @contextmanager
 def lab(prefix: str | None = None, *, mtu: int = 1500, ipv6: bool = False, offloads: bool = True,
-        left_ip: str = "10.77.0.1", right_ip: str = "10.77.0.2", plen: int = 24) -> Iterator[Lab]:
+        left_ip: str = "10.77.0.1", right_ip: str = "10.77.0.2", plen: int = 24,
+        queues: int | None = None) -> Iterator[Lab]:
     """Build a left -- bridge -- right lab (see :func:`build`); yield its :class:`Lab`;
     always tear it down."""
     lb = new_lab(prefix, mtu=mtu, left_ip=left_ip, right_ip=right_ip, plen=plen)
     try:
-        build(lb, ipv6=ipv6, offloads=offloads)
+        build(lb, ipv6=ipv6, offloads=offloads, queues=queues)
         yield lb
     finally:
         destroy(lb)

@@ -4,6 +4,7 @@ from nmbridge.port import Port, Region
 
 DEFAULT_SNDBUF: int
 DEFAULT_RCVBUF: int
+DEFAULT_RX_RING_BYTES: int
 
 class AfPacketPort(Port):
     """An afpacket: port on interface `ifname` (in the calling thread's network namespace)."""
@@ -25,7 +26,16 @@ class AfPacketPort(Port):
         tx_frames: int = 0,
         vnet: bool = True,
         busy_poll_us: int = 0,
+        rx_ring_bytes: int = 0,
+        fanout: int = -1,
+        fanout_group: int = -1,
+        fanout_legacy: bool = False,
     ) -> None: ...
+    @property
+    def fanout_group(self) -> int | None: ...
+    @property
+    def ring_bytes(self) -> tuple[int, int]: ...
+    def fanout_start(self) -> None: ...
     @property
     def ifindex(self) -> int: ...
     def counters(self) -> dict[str, int]: ...

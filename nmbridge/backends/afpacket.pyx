@@ -34,6 +34,10 @@ cdef extern from "nmb_afpacket.h" nogil:
         uint32_t tx_frames
         uint32_t busy_poll_us
         int vnet
+        uint32_t rx_ring_bytes
+        int fanout
+        int fanout_group
+        int fanout_legacy
 
     # every field of the C struct, in any order (it converts to a dict of them all)
     struct nmb_afpacket_stats:
@@ -50,15 +54,25 @@ cdef extern from "nmb_afpacket.h" nogil:
     const void *nmb_afpacket_counters(nmb_port *p, size_t *len)
     int nmb_afpacket_ifindex(nmb_port *p)
     int nmb_afpacket_check(nmb_port *p)
+    int nmb_afpacket_fanout_group(nmb_port *p)
+    void nmb_afpacket_ring_bytes(nmb_port *p, size_t *rx, size_t *tx)
+    int nmb_afpacket_fanout_start(nmb_port *p)
 
 
 DEFAULT_SNDBUF = 4 << 20
 DEFAULT_RCVBUF = 8 << 20
+DEFAULT_RX_RING_BYTES = 8 << 20
 
 
 @cython.no_gc_clear  # the region must outlive the port, even at interpreter exit
 cdef class AfPacketPort(Port):
-    """An afpacket: port on interface `ifname` (in the calling thread's network namespace)."""
+    """An afpacket: port on interface `ifname` (in the calling thread's network namespace).
+
+    ``fanout`` (a PACKET_FANOUT_* type: hash 0, lb 1, cpu 2, qm 5) makes it one share of a PACKET_FANOUT group: a new group
+    (``fanout_group=-1``) or the group of an earlier share (its ``fanout_group``).  A share
+    receives nothing until ``fanout_start()``: call it once every share has joined.
+    ``fanout_legacy`` (tests) makes the group as Linux < 6.2 would: without
+    PACKET_FANOUT_FLAG_IGNORE_OUTGOING (a socket filter drops outgoing frames then)."""
 
     cdef Region region
     cdef readonly str ifname
@@ -67,13 +81,15 @@ cdef class AfPacketPort(Port):
     def __init__(self, Region region not None, str ifname, *, int slots=1024, bint rx_ring=True,
                  int rx_frames=0, int rcvbuf=DEFAULT_RCVBUF, bint promisc=True,
                  bint qdisc_bypass=True, int sndbuf=DEFAULT_SNDBUF, bint tx_ring=True,
-                 int tx_frames=0, bint vnet=True, int busy_poll_us=0):
+                 int tx_frames=0, bint vnet=True, int busy_poll_us=0, int rx_ring_bytes=0,
+                 int fanout=-1, int fanout_group=-1, bint fanout_legacy=False):
         cdef char err[256]
         cdef nmb_afpacket_opts o
         cdef bytes name = ifname.encode()
-        if slots < 2 or rx_frames < 0 or sndbuf < 0 or rcvbuf < 0 or tx_frames < 0 or busy_poll_us < 0:
+        if (slots < 2 or rx_frames < 0 or sndbuf < 0 or rcvbuf < 0 or tx_frames < 0 or busy_poll_us < 0
+                or rx_ring_bytes < 0):
             raise PortError(f"afpacket:{ifname}: slots >= 2, rx_frames >= 0, sndbuf >= 0, rcvbuf >= 0, "
-                            f"tx_frames >= 0 and busy_poll_us >= 0 are needed")
+                            f"tx_frames >= 0, busy_poll_us >= 0 and rx_ring_bytes >= 0 are needed")
         o.slots = slots
         o.rx_ring = rx_ring
         o.rx_frames = rx_frames
@@ -85,6 +101,10 @@ cdef class AfPacketPort(Port):
         o.tx_frames = tx_frames
         o.vnet = vnet
         o.busy_poll_us = busy_poll_us
+        o.rx_ring_bytes = rx_ring_bytes
+        o.fanout = fanout
+        o.fanout_group = fanout_group
+        o.fanout_legacy = fanout_legacy
         self.c = nmb_afpacket_open(region.c, name, &o, err, sizeof(err))
         if self.c == NULL:
             raise PortError(f"afpacket:{ifname}: {err.decode(errors='replace')}")
@@ -105,6 +125,27 @@ cdef class AfPacketPort(Port):
         if self.c != NULL:
             nmb_afpacket_close(self.c)
             self.c = NULL
+
+    @property
+    def fanout_group(self):
+        """The PACKET_FANOUT group id of a share (None: a socket of its own)."""
+        self._check_open()
+        cdef int g = nmb_afpacket_fanout_group(self.c)
+        return None if g < 0 else g
+
+    @property
+    def ring_bytes(self):
+        """(RX, TX): the bytes of the kernel's packet rings mapped for the port (0: none)."""
+        self._check_open()
+        cdef size_t rx = 0, tx = 0
+        nmb_afpacket_ring_bytes(self.c, &rx, &tx)
+        return (rx, tx)
+
+    def fanout_start(self) -> None:
+        """Let frames in on a share (once every share of its group has joined)."""
+        self._check_open()
+        if nmb_afpacket_fanout_start(self.c) != 0:
+            raise PortError(self.c.error.decode(errors="replace"))
 
     @property
     def ifindex(self) -> int:

@@ -16,8 +16,25 @@ checksum requests of local stacks reach the egress port's kernel, which segments
 ring frames are copied into the skb instead of attached as a page; ``tx_vnet`` is an old
 name for it), ``busy_poll=USEC`` (default 0: the forwarding loop of the port's pair keeps
 polling the rings this long after the last frame before it sleeps in ``poll()``: a frame
-that comes meanwhile is taken without a wake-up, at the price of a busy core).
+that comes meanwhile is taken without a wake-up, at the price of a busy core),
+``fanout=hash|cpu|qm|lb`` (default hash: how a port opened as several shares spreads the
+frames it receives over them; see below).
 Example: ``afpacket:eth1?rx_frames=8192``.
+
+Shares (``open_shares``, for a pair's workers): the port opened as N AF_PACKET sockets, each
+with its own rings, TX path, GSO socket and counters, joined to one PACKET_FANOUT group
+(kernel-chosen id, unique in the network namespace) that hands each received frame to one of
+them: ``hash`` (PACKET_FANOUT_HASH, the flow hash: every frame of a flow goes to the same
+share, so order within a flow holds), ``cpu`` (the CPU that received it), ``qm`` (the
+receive queue it came through, modulo N), ``lb`` (round robin: even, but a flow's frames
+are reordered across shares).  No PACKET_FANOUT_FLAG_DEFRAG: it would reassemble IP
+fragments and hand the bridge one datagram larger than the MTU, which the egress cannot
+send; a bridge forwards fragments as they came (all fragments of a datagram hash alike: the
+flow hash of a fragment leaves out the ports).  No PACKET_FANOUT_FLAG_ROLLOVER either: a
+full share's frames would go to another one, out of order.  Each share's default RX ring
+is 8 MiB / N (1 MiB at least), so N shares cost about what one port does; ``rx_frames=N``
+sizes each share's ring.  ``ring_pairs`` is the interface's RX queue count (any number of
+shares works, though).  One share (N = 1) is exactly ``open()``: no group.
 
 Each port has one TX and one RX ring of ``OpenOptions.slots`` slots.  Frames larger than a
 buffer of the region arrive as NS_MOREFRAG chains; frames the kernel truncated are counted
@@ -26,14 +43,22 @@ buffer of the region arrive as NS_MOREFRAG chains; frames the kernel truncated a
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
+import socket
+import struct
 import sys
+from typing import TYPE_CHECKING
 
 from nmbridge.accounting import PortAccounting
-from nmbridge.backends import OpenOptions, parse_options, whole_number
+from nmbridge.backends import OpenOptions, close_all, parse_options, whole_number
 from nmbridge.errors import PortError
 from nmbridge.links import RX_MERGING, TX_SEGMENTATION, VLAN_STRIPPING
 from nmbridge.port import Port, Region
+
+if TYPE_CHECKING:
+    from nmbridge.backends.afpacket import AfPacketPort
 
 _INT_OPTIONS = {
     "rx_frames": (16, 1 << 20),
@@ -43,6 +68,11 @@ _INT_OPTIONS = {
     "busy_poll": (0, 60_000_000),
 }
 _BOOL_OPTIONS = ("rx_ring", "promisc", "qdisc_bypass", "tx_ring", "vnet", "tx_vnet")
+# fanout= -> the kernel's PACKET_FANOUT_* type
+FANOUT_MODES = {"hash": 0, "cpu": 2, "qm": 5, "lb": 1}
+MAX_SHARES = 256
+SHARE_RX_RING_MIN = 1 << 20  # a share's default RX ring: 8 MiB / shares, at least this
+SYSFS_NET = "/sys/class/net"
 _CAP_NET_RAW = 13
 _OFFLOADS_OFF = frozenset({RX_MERGING, TX_SEGMENTATION, VLAN_STRIPPING})
 _OFFLOADS_OFF_VNET = frozenset({RX_MERGING, VLAN_STRIPPING})
@@ -84,13 +114,51 @@ def parse(name: str) -> tuple[str, dict[str, int]]:
             if value not in ("0", "1"):
                 raise ValueError(f"afpacket option {key}={value!r}: use 0 or 1")
             n = int(value)
+        elif key == "fanout":
+            if value not in FANOUT_MODES:
+                raise ValueError(f"afpacket option fanout={value!r}: use {', '.join(FANOUT_MODES)}")
+            n = FANOUT_MODES[value]
         elif key in _GONE_OPTIONS:
             raise ValueError(f"afpacket option {key} is gone: {_GONE_OPTIONS[key]}")
         else:
-            known = ", ".join([*_INT_OPTIONS, *_BOOL_OPTIONS])
+            known = ", ".join([*_INT_OPTIONS, *_BOOL_OPTIONS, "fanout"])
             raise ValueError(f"unknown afpacket option {key!r} (known: {known})")
         opts["vnet" if key == "tx_vnet" else key] = n
     return ifname, opts
+
+
+def rx_queues(ifname: str, ifindex: int, sysfs: str | None = None) -> int | None:
+    """The RX queues sysfs lists for the interface (``queues/rx-N``); None when sysfs has no
+    entry for it or the entry is another interface's (sysfs shows the interfaces of the
+    namespace it was mounted in, which a thread that entered another one does not see)."""
+    base = os.path.join(sysfs or SYSFS_NET, ifname)
+    try:
+        with open(os.path.join(base, "ifindex")) as f:
+            if int(f.read().strip()) != ifindex:
+                return None
+        names = os.listdir(os.path.join(base, "queues"))
+    except (OSError, ValueError):
+        return None
+    return max(1, sum(1 for n in names if n.startswith("rx-") and n[3:].isdigit()))
+
+
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GCHANNELS = 0x3C
+
+
+def ethtool_rx_queues(ifname: str) -> int:
+    """The interface's RX queues from ETHTOOL_GCHANNELS (rx + combined channels), in the
+    calling thread's namespace; 1 when the driver does not tell."""
+    chan = ctypes.create_string_buffer(36)  # struct ethtool_channels: 9 x u32
+    struct.pack_into("I", chan, 0, _ETHTOOL_GCHANNELS)
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(chan)).ljust(40, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifreq)
+        except OSError:
+            return 1
+    rx, _tx, _other, combined = struct.unpack_from("4I", chan, 20)
+    return max(1, int(rx) + int(combined))
 
 
 def has_cap_net_raw() -> bool:
@@ -157,30 +225,83 @@ class _AfPacketBackend:
         return _OFFLOADS_OFF_VNET if vnet else _OFFLOADS_OFF
 
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
-        from nmbridge.backends import afpacket
-        from nmbridge.backends.afpacket import AfPacketPort
+        ifname, opts = _parse_open(name, region)
+        assert region is not None
+        return _port(region, ifname, opts, options)
 
-        if region is None:
-            raise PortError(f"afpacket:{name}: needs a user-memory region")
+    def open_shares(self, name: str, options: OpenOptions, region: Region | None, shares: int) -> list[Port]:
+        """The port as `shares` sockets of one PACKET_FANOUT group (see the module's doc)."""
+        if shares == 1:
+            return [self.open(name, options, region)]
+        if not 1 <= shares <= MAX_SHARES:
+            raise PortError(f"afpacket:{name}: {shares} shares: from 1 to {MAX_SHARES}")
+        ifname, opts = _parse_open(name, region)
+        assert region is not None
+        from nmbridge.backends import afpacket
+
+        ring = max(afpacket.DEFAULT_RX_RING_BYTES // shares, SHARE_RX_RING_MIN)
+        mode = opts.get("fanout", FANOUT_MODES["hash"])
+        ports: list[afpacket.AfPacketPort] = []
         try:
-            ifname, opts = parse(name)
+            for i in range(shares):
+                group = ports[0].fanout_group if ports else None
+                try:
+                    ports.append(_port(region, ifname, opts, options, rx_ring_bytes=ring, fanout=mode,
+                                       fanout_group=-1 if group is None else group))
+                except PortError as e:
+                    raise PortError(f"{e} (share {i} of {shares})") from None
+            for p in ports:  # every share is in the group: let frames in
+                p.fanout_start()
+        except BaseException:
+            close_all(ports)
+            raise
+        return list(ports)
+
+    def ring_pairs(self, name: str, options: OpenOptions) -> int:
+        """The interface's RX queues (sysfs, else ethtool): one share per queue for "auto"."""
+        try:
+            ifname, _ = parse(name)
         except ValueError as e:
             raise PortError(f"afpacket:{name}: {e}") from None
-        return AfPacketPort(
-            region,
-            ifname,
-            slots=options.slots,
-            rx_ring=bool(opts.get("rx_ring", 1)),
-            rx_frames=opts.get("rx_frames", 0),
-            rcvbuf=opts.get("rcvbuf", afpacket.DEFAULT_RCVBUF),
-            promisc=bool(opts.get("promisc", 1)),
-            qdisc_bypass=bool(opts.get("qdisc_bypass", 1)),
-            sndbuf=opts.get("sndbuf", afpacket.DEFAULT_SNDBUF),
-            tx_ring=bool(opts.get("tx_ring", 1)),
-            tx_frames=opts.get("tx_frames", 0),
-            vnet=bool(opts.get("vnet", 1)),
-            busy_poll_us=opts.get("busy_poll", 0),
-        )
+        try:
+            index = socket.if_nametoindex(ifname)
+        except OSError:
+            raise PortError(f"afpacket:{name}: no such interface") from None
+        n = rx_queues(ifname, index)
+        return n if n is not None else ethtool_rx_queues(ifname)
+
+
+def _parse_open(name: str, region: Region | None) -> tuple[str, dict[str, int]]:
+    if region is None:
+        raise PortError(f"afpacket:{name}: needs a user-memory region")
+    try:
+        return parse(name)
+    except ValueError as e:
+        raise PortError(f"afpacket:{name}: {e}") from None
+
+
+def _port(region: Region, ifname: str, opts: dict[str, int], options: OpenOptions, *, rx_ring_bytes: int = 0,
+          fanout: int = -1, fanout_group: int = -1) -> AfPacketPort:
+    from nmbridge.backends import afpacket
+
+    return afpacket.AfPacketPort(
+        region,
+        ifname,
+        slots=options.slots,
+        rx_ring=bool(opts.get("rx_ring", 1)),
+        rx_frames=opts.get("rx_frames", 0),
+        rcvbuf=opts.get("rcvbuf", afpacket.DEFAULT_RCVBUF),
+        promisc=bool(opts.get("promisc", 1)),
+        qdisc_bypass=bool(opts.get("qdisc_bypass", 1)),
+        sndbuf=opts.get("sndbuf", afpacket.DEFAULT_SNDBUF),
+        tx_ring=bool(opts.get("tx_ring", 1)),
+        tx_frames=opts.get("tx_frames", 0),
+        vnet=bool(opts.get("vnet", 1)),
+        busy_poll_us=opts.get("busy_poll", 0),
+        rx_ring_bytes=rx_ring_bytes,
+        fanout=fanout,
+        fanout_group=fanout_group,
+    )
 
 
 BACKEND = _AfPacketBackend()

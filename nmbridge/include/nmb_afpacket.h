@@ -36,6 +36,18 @@
  * frames for the next txsync.  The socket ignores its own outgoing frames (PACKET_IGNORE_OUTGOING) and, by
  * default, puts the interface in promiscuous mode for as long as it is open
  * (PACKET_MR_PROMISC: per socket, the kernel undoes it on close).
+ * Shares (fanout >= 0): several ports on one interface, each one socket with its own rings,
+ * TX path (and GSO socket) and counters (PACKET_STATISTICS is per socket, so each share's
+ * numbers balance alone), joined to one PACKET_FANOUT group that hands each received frame
+ * to exactly one of them.  The group's id comes from the kernel (PACKET_FANOUT_FLAG_UNIQUEID
+ * for the first share: an id no group of the network namespace has, so neither another
+ * bridge nor a previous run's lingering socket can share it); the group ignores outgoing
+ * frames (PACKET_FANOUT_FLAG_IGNORE_OUTGOING, Linux >= 6.2: a socket's own
+ * PACKET_IGNORE_OUTGOING does not apply once it is in a group; older kernels: each share
+ * gets a socket filter that drops PACKET_OUTGOING frames instead).  A share is opened "held": a filter that accepts nothing is
+ * attached before bind(), so a socket bound but not yet in the group never receives the
+ * frames the group also hands out (duplicates); nmb_afpacket_fanout_start() removes it once
+ * every share has joined.
  */
 #ifndef NMB_AFPACKET_H
 #define NMB_AFPACKET_H
@@ -51,7 +63,7 @@
 struct nmb_afpacket_opts {
     uint32_t slots;            /* slots of the one TX and the one RX ring */
     int rx_ring;               /* 1: a TPACKET_V2 receive ring; 0: recvmmsg() into the slots */
-    uint32_t rx_frames;        /* frames of that ring; 0 = as many as fit in 8 MiB */
+    uint32_t rx_frames;        /* frames of that ring; 0 = as many as fit in rx_ring_bytes */
     int rcvbuf;                /* SO_RCVBUF(FORCE) in bytes (the receive queue: every frame with
                                   rx_ring = 0, else copies of frames larger than a ring frame);
                                   0 = the system default */
@@ -63,6 +75,13 @@ struct nmb_afpacket_opts {
     uint32_t busy_poll_us;     /* the forwarding loop polls the rings this long before sleeping */
     int vnet;                  /* PACKET_VNET_HDR: offload requests (GSO, checksum) carried from
                                   receive to transmit; TX ring frames go into the skb's head */
+    uint32_t rx_ring_bytes;    /* the default size of the RX ring (rx_frames = 0); 0 = 8 MiB */
+    int fanout;                /* -1: a socket of its own; else PACKET_FANOUT_HASH, _LB, _CPU or
+                                  _QM: the socket is one share of a fanout group (below) */
+    int fanout_group;          /* -1: a new group (the kernel picks an id no group of the
+                                  namespace has); else the id of the group to join */
+    int fanout_legacy;         /* tests: a group without PACKET_FANOUT_FLAG_IGNORE_OUTGOING,
+                                  as Linux < 6.2 makes them */
 };
 
 struct nmb_afpacket_stats {
@@ -103,5 +122,12 @@ const void *nmb_afpacket_counters(struct nmb_port *p, size_t *len);
 int nmb_afpacket_ifindex(struct nmb_port *p);
 /* The kernel's prologue checks on both rings (for tests). 0 or -1 with p->error set. */
 int nmb_afpacket_check(struct nmb_port *p);
+/* The bytes of the kernel's RX and TX rings mapped for the port (0: none). */
+void nmb_afpacket_ring_bytes(struct nmb_port *p, size_t *rx, size_t *tx);
+/* The fanout group of a share (-1: none). */
+int nmb_afpacket_fanout_group(struct nmb_port *p);
+/* Let frames in on a held share (detach the filter that accepts nothing).  0 or -1 with
+ * p->error set. */
+int nmb_afpacket_fanout_start(struct nmb_port *p);
 
 #endif /* NMB_AFPACKET_H */
