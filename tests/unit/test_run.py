@@ -112,7 +112,7 @@ def test_every_pair_forwards_and_every_port_is_closed_after(log_lines: io.String
     stopped = events(log_lines)[-1]
     assert stopped["event"] == "stopped" and set(stopped["counters"]) == {"p0", "p1"}
     assert all(p.a.closed and p.b.closed for p in bridge.pairs)
-    assert all(p.thread is not None and not p.thread.is_alive() for p in bridge.pairs)
+    assert all(p.threads and not any(t.is_alive() for t in p.threads) for p in bridge.pairs)
 
 
 def test_stop_before_the_loop_starts_is_not_lost(log_lines: io.StringIO) -> None:
