@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -203,3 +204,16 @@ def test_unequal_rings_two_workers() -> None:
         assert got_a[w] == [frame(1, w, k, 60) for k in range(20)]
     assert group.describe() == [{"worker": 0, "cpu": None, "rings": {"a": [0, 2], "b": [0]}},
                                 {"worker": 1, "cpu": None, "rings": {"a": [1, 3], "b": [1]}}]
+
+
+def test_netmap_ring_pairs_before_opening(tmp_path: Path) -> None:
+    from nmbridge.backends.netmap_backend import ring_pairs
+
+    for q in ("rx-0", "rx-1", "rx-2", "tx-0", "tx-1", "tx-2"):
+        (tmp_path / "eth1" / "queues" / q).mkdir(parents=True)
+    assert ring_pairs("netmap:eth1", str(tmp_path)) == 3
+    assert ring_pairs("eth1-2", str(tmp_path)) == 1  # names one ring pair
+    assert ring_pairs("eth1^", str(tmp_path)) == 1 and ring_pairs("p{1", str(tmp_path)) == 1
+    assert ring_pairs("vale0:x", str(tmp_path)) == 1
+    with pytest.raises(PortError, match=r"^netmap:eth9: cannot count its queues in .*eth9/queues"):
+        ring_pairs("eth9", str(tmp_path))
