@@ -37,7 +37,7 @@ from typing import Any
 from nmbridge import caps
 from nmbridge import filters as filters_module
 from nmbridge.backends import OpenOptions, PortSet, PortSpec, backend, ring_pairs
-from nmbridge.config import Config, PairConfig
+from nmbridge.config import Config, PairConfig, workers_for
 from nmbridge.errors import NmbridgeError, PortError
 from nmbridge.fastfwd import Forwarder
 from nmbridge.links import LinkManager, pair_links
@@ -493,16 +493,6 @@ def check_backends(pcs: Iterable[PairConfig]) -> None:
             except ImportError as e:  # a backend whose issue is still open
                 raise PortError(f"pair {p.name}: port {spec}: the {spec.backend} backend is not in "
                                 f"this build ({e})") from None
-
-
-def workers_for(pc: PairConfig, rings_a: int, rings_b: int) -> int:
-    """How many workers pair `pc` runs: its `workers`, or for "auto" one per ring pair of its
-    smaller port, up to the CPUs given (or those this process may use)."""
-    if pc.workers != "auto":
-        return pc.workers
-    from nmbridge.config import allowed_cpus
-
-    return max(1, min(rings_a, rings_b, len(pc.cpus) or len(allowed_cpus())))
 
 
 def _alive(p: _Pair) -> bool:

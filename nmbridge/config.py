@@ -807,6 +807,14 @@ def allowed_cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
+def workers_for(pc: PairConfig, rings_a: int, rings_b: int) -> int:
+    """How many workers pair `pc` runs: its `workers`, or for "auto" one per ring pair of its
+    smaller port, up to the CPUs given (or those this process may use)."""
+    if pc.workers != "auto":
+        return pc.workers
+    return max(1, min(rings_a, rings_b, len(pc.cpus) or len(allowed_cpus())))
+
+
 def _cpu_list(cpus: set[int]) -> str:
     """{0, 1, 2, 5} -> "0-2, 5"."""
     out: list[str] = []

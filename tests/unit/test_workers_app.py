@@ -17,8 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nmbridge import app, config
-from nmbridge.app import Bridge, workers_for
+from nmbridge.app import Bridge
 from nmbridge.backends.mem import MemPort
+from nmbridge.config import workers_for
 from nmbridge.control import request
 from nmbridge.errors import ConfigError, NmbridgeError, PortError
 from nmbridge.fastfwd import Forwarder
@@ -256,3 +257,25 @@ def test_a_failing_worker_stops_the_pair_with_one_error(log_lines: io.StringIO,
     assert str(errors[0]) == "pair p: worker 1: mem:s: txsync: link went away"
     assert len(events(log_lines, "pair_failed")) == 1
     assert all(not t.is_alive() for t in bridge.pairs[0].threads)  # worker 0 was stopped too
+
+
+# --- doctor --------------------------------------------------------------------------------------
+
+def test_doctor_shows_workers_and_warns_when_rss_has_more_queues(tmp_path: Path) -> None:
+    from nmbridge import doctor
+
+    c = config.loads(f'[[pair]]\nname = "lan"\nports = ["mem:a?rings=4", "mem:b?rings=2"]\nworkers = 2\n'
+                     f'cpus = [{CPU}]\n', "t")
+    (found,) = doctor.worker_findings(c.pairs[0], {})
+    assert found.line() == (f"note: pair lan: 2 workers: worker 0 (cpu {CPU}): mem:a?rings=4 ring pairs 0,2, "
+                            f"mem:b?rings=2 ring pair 0; worker 1 (cpu {CPU}): mem:a?rings=4 ring pairs 1,3, "
+                            "mem:b?rings=2 ring pair 1")
+    one = config.loads('[[pair]]\nname = "wan"\nports = ["afpacket:eth1", "afpacket:eth2"]\n', "t")
+    warned = doctor.worker_findings(one.pairs[0], {"eth1": 4, "eth2": 1})
+    assert [f.line() for f in warned] == [
+        "warning: eth1: RSS spreads its received flows over 4 RX queues, but pair wan forwards them with 1 "
+        "worker: 3 more cores could forward\n"
+        "    fix: workers = 4 (and cpus) in pair wan, or fewer queues: ethtool -L eth1 combined 1"]
+    for q in ("rx-0", "rx-1", "tx-0"):
+        (tmp_path / "class" / "net" / "eth1" / "queues" / q).mkdir(parents=True)
+    assert doctor.rx_queues("eth1", str(tmp_path)) == 2 and doctor.rx_queues("eth9", str(tmp_path)) is None
