@@ -113,6 +113,13 @@ def ring_pairs(b: Backend, name: str, options: OpenOptions) -> int:
     return int(method(name, options)) if method is not None else 1
 
 
+def _ring_pairs_or_1(b: Backend, name: str, options: OpenOptions) -> int:
+    try:
+        return ring_pairs(b, name, options)
+    except Exception:  # a port that cannot be counted (yet): opening it says why
+        return 1
+
+
 def share_rings(total: int, shares: int, share: int) -> list[int]:
     """The ring pairs (of `total`) that share `share` of `shares` owns: i % shares == share."""
     return list(range(share, total, shares))
@@ -213,8 +220,8 @@ class PortSet:
             o = self.options
             # room for the most ring pairs a user-memory port asks for, for every port (and as
             # many again for pairs a reload adds); a share costs one more netmap_if header
-            rings = max([o.rings] + [ring_pairs(b, s.name, o) for s, b in zip(specs, backends, strict=True)
-                                     if b.user_memory])
+            rings = max([o.rings] + [_ring_pairs_or_1(b, s.name, o)
+                                     for s, b in zip(specs, backends, strict=True) if b.user_memory])
             self.region = Region(ports=n_user, rings=rings, slots=o.slots, buf_size=o.buf_size,
                                  spare_ports=n_user)
         opened: list[list[Port]] = []

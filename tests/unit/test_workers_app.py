@@ -279,3 +279,44 @@ def test_doctor_shows_workers_and_warns_when_rss_has_more_queues(tmp_path: Path)
     for q in ("rx-0", "rx-1", "tx-0"):
         (tmp_path / "class" / "net" / "eth1" / "queues" / q).mkdir(parents=True)
     assert doctor.rx_queues("eth1", str(tmp_path)) == 2 and doctor.rx_queues("eth9", str(tmp_path)) is None
+
+
+def test_nmbridge_run_with_workers(tmp_path: Path) -> None:
+    """`nmbridge run` as a process: two workers forward, `nmbridge stats --json` and `ports
+    --json` show them, SIGTERM stops both and the process exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    sock = tmp_path / "c.sock"
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(f'[bridge]\nstats_interval = 0\n[control]\nsocket = "{sock}"\n'
+                   '[[pair]]\nname = "p"\nports = ["mem:s?rx=source&tx=sink&rings=2", '
+                   f'"mem:d?rx=none&tx=sink&rings=2"]\ndirection = "a-to-b"\nworkers = 2\ncpus = [{CPU}]\n')
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "nmbridge", "--log-format", "json", "run", "-c", str(cfg)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def both_forward() -> bool:
+            if not sock.exists():
+                return False
+            ws = request(str(sock), "stats")["snapshot"]["pairs"][0]["workers"]
+            return len(ws) == 2 and all(w["directions"]["a_to_b"]["forwarded"] > 0 for w in ws)
+
+        wait_for(both_forward, "both workers to forward")
+        rows = request(str(sock), "ports")["ports"]
+        assert [(r["worker"], r["cpu"], r["ring_pairs"]) for r in rows] == [
+            (0, CPU, [0]), (1, CPU, [1]), (0, CPU, [0]), (1, CPU, [1])]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    evs = [json.loads(line) for line in out.splitlines()]
+    started = next(e for e in evs if e["event"] == "forwarding")
+    assert [w["worker"] for w in started["workers"]] == [0, 1]
+    stopped = next(e for e in evs if e["event"] == "stopped")["counters"]["p"]["a_to_b"]
+    assert stopped["received"] == stopped["forwarded"] + stopped["dropped"] + stopped["queued"] > 0
