@@ -301,7 +301,8 @@ def test_nmbridge_run_with_workers(tmp_path: Path) -> None:
         def both_forward() -> bool:
             if not sock.exists():
                 return False
-            ws = request(str(sock), "stats")["snapshot"]["pairs"][0]["workers"]
+            pairs = request(str(sock), "stats")["snapshot"]["pairs"]  # served before the pairs start
+            ws = pairs[0]["workers"] if pairs else []
             return len(ws) == 2 and all(w["directions"]["a_to_b"]["forwarded"] > 0 for w in ws)
 
         wait_for(both_forward, "both workers to forward")
