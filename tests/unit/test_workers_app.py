@@ -206,6 +206,28 @@ def test_reload_changing_workers_restarts_the_pair(running: tuple[Bridge, str, P
     assert [e["pair"] for e in events(log_lines, "pair_stopped")] == ["lan", "lan"]
 
 
+def test_a_filter_swap_reaches_every_worker(running: tuple[Bridge, str, Path]) -> None:
+    bridge, sock, path = running
+    lan = bridge.pairs[0]
+    old = lan.filters["a_to_b"]
+    path.write_text(path.read_text().replace('action = "drop"', 'action = "pass"'))
+    r = request(sock, "reload")
+    assert r["restarted"] == [] and r["filters"] == {"lan": {"a_to_b": "noarp", "b_to_a": "noarp"}}
+    assert bridge.pairs[0] is lan  # the same workers, still forwarding
+    new = lan.filters["a_to_b"]
+    assert isinstance(new, FilterCopies) and not set(map(id, new.parts)) & set(map(id, old.parts))
+    assert [w.filter("a_to_b") for w in lan.fwd.forwarders] == new.parts
+    # the edited filter's rules go on counting from the old totals; ARP now passes on both workers
+    for ring in range(4):
+        share = lan.fwd.a_shares[ring % 2]
+        assert isinstance(share, MemPort)
+        share.inject_many((frame(ring, i, 0x0806) for i in range(30)), ring=ring // 2)
+    wait_for(lambda: all(w.stats()["a_to_b"]["frames"] == PER_RING * 2 * 2 // 3 + 60
+                         for w in lan.fwd.forwarders), "ARP frames to pass on both workers")
+    hits = request(sock, "stats")["snapshot"]["pairs"][0]["directions"]["a_to_b"]["rule_hits"]
+    assert hits == {"arp": 4 * PER_RING // 3 + 120, "default": 4 * PER_RING * 2 // 3}
+
+
 def test_stop_stops_every_worker(tmp_path: Path, log_lines: io.StringIO) -> None:
     cfg = config.loads('[bridge]\nstats_interval = 0\n[control]\nsocket = ""\n'
                        '[[pair]]\nname = "p"\nports = ["mem:s?rx=source&tx=sink&rings=2", '
