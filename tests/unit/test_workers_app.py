@@ -20,7 +20,7 @@ from nmbridge import app, config
 from nmbridge.app import Bridge
 from nmbridge.backends.mem import MemPort
 from nmbridge.config import workers_for
-from nmbridge.control import request
+from nmbridge.control import ControlError, request
 from nmbridge.errors import ConfigError, NmbridgeError, PortError
 from nmbridge.fastfwd import Forwarder
 from nmbridge.stats import balance
@@ -321,9 +321,11 @@ def test_nmbridge_run_with_workers(tmp_path: Path) -> None:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def both_forward() -> bool:
-            if not sock.exists():
+            assert proc.poll() is None, "nmbridge run ended"
+            try:  # the socket is made, then listened on, then served before the pairs start
+                pairs = request(str(sock), "stats")["snapshot"]["pairs"]
+            except ControlError:
                 return False
-            pairs = request(str(sock), "stats")["snapshot"]["pairs"]  # served before the pairs start
             ws = pairs[0]["workers"] if pairs else []
             return len(ws) == 2 and all(w["directions"]["a_to_b"]["forwarded"] > 0 for w in ws)
 
