@@ -32,6 +32,20 @@ struct memport {
     struct nmb_memport_stats st;
 };
 
+/* Zeroed memory on cache lines of its own: a port's state is written at every sync by the one
+ * thread that forwards it, and the ports of a pair's other workers (shares of the same port,
+ * opened one after the other) must not share a line with it. */
+#define LINE 128u
+static void *zalloc_lines(size_t n)
+{
+    void *p = NULL;
+    n = (n + LINE - 1) / LINE * LINE;
+    if (posix_memalign(&p, LINE, n ? n : LINE) != 0)
+        return NULL;
+    memset(p, 0, n ? n : LINE);
+    return p;
+}
+
 static int bb_append(struct bytebuf *b, const void *hdr, size_t hlen, const void *data, size_t dlen)
 {
     if (b->len + hlen + dlen > b->cap) {
@@ -227,7 +241,7 @@ struct nmb_port *nmb_memport_open(nmb_umem *m, const char *name, uint32_t nrings
                                   int rx_mode, int tx_mode, uint16_t source_len, int strict,
                                   char *err, size_t errlen)
 {
-    struct memport *mp = calloc(1, sizeof(*mp));
+    struct memport *mp = zalloc_lines(sizeof(*mp));
     if (!mp) {
         snprintf(err, errlen, "out of memory");
         return NULL;
@@ -247,8 +261,17 @@ struct nmb_port *nmb_memport_open(nmb_umem *m, const char *name, uint32_t nrings
         return NULL;
     }
     mp->mem = m;
-    mp->tx_kr = calloc(nrings, sizeof(struct nmb_kring));
-    mp->rx_kr = calloc(nrings, sizeof(struct nmb_kring));
+    mp->tx_kr = zalloc_lines(nrings * sizeof(struct nmb_kring));
+    mp->rx_kr = zalloc_lines(nrings * sizeof(struct nmb_kring));
+    if (!mp->tx_kr || !mp->rx_kr) {
+        snprintf(err, errlen, "out of memory");
+        free(mp->tx_kr);
+        free(mp->rx_kr);
+        close(mp->port.fd);
+        nmb_umem_if_destroy(m, mp->port.nifp);
+        free(mp);
+        return NULL;
+    }
     for (uint32_t i = 0; i < nrings; i++) {
         mp->tx_kr[i].hwcur = 0;
         mp->tx_kr[i].hwtail = nslots - 1;
