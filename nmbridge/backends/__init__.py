@@ -77,17 +77,17 @@ class Backend(Protocol):
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         """Open the port; raise PortError naming the port and the reason."""
 
-    # Optional (see open_shares() and ring_pairs() below for the default of a backend without
-    # them): forwarding workers (README "Workers").
+    # Forwarding workers (README "Workers"). A backend may leave these two out: the module's
+    # open_shares() and ring_pairs() below then give it one ring pair, one share.
 
-    # def open_shares(self, name: str, options: OpenOptions, region: Region | None,
-    #                 shares: int) -> list[Port]:
-    #     """Open the port as `shares` Ports (len == shares), each owning a disjoint set of the
-    #     port's ring pairs; ring pair i goes to share i % shares.  Raise PortError naming the
-    #     port and the reason when it cannot be split so (e.g. fewer ring pairs than shares)."""
+    def open_shares(self, name: str, options: OpenOptions, region: Region | None,
+                    shares: int) -> list[Port]:
+        """Open the port as `shares` Ports (len == shares), each owning a disjoint set of the
+        port's ring pairs; ring pair i goes to share i % shares. Raise PortError naming the
+        port and the reason when it cannot be split so (e.g. fewer ring pairs than shares)."""
 
-    # def ring_pairs(self, name: str, options: OpenOptions) -> int:
-    #     """How many ring pairs the port would have (for workers = "auto"), without opening it."""
+    def ring_pairs(self, name: str, options: OpenOptions) -> int:
+        """How many ring pairs the port would have (for workers = "auto"), without opening it."""
 
 
 def open_shares(b: Backend, name: str, options: OpenOptions, region: Region | None,
