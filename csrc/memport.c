@@ -24,9 +24,27 @@ struct memport {
     pthread_mutex_t lock;
     struct bytebuf inq, outq;
     size_t inq_records;
-    int chain_ring; /* RX ring a chain is being delivered to, or -1 */
+    int chain_ring; /* RX ring a chain from inq is being delivered to, or -1 */
+    /* per RX ring: frames injected for that ring only (a flow an RSS hash put there) */
+    struct bytebuf *ringq;
+    size_t *ringq_records;
+    uint8_t *ringq_chain; /* 1: the ring's last slot from ringq ended in NS_MOREFRAG */
     struct nmb_memport_stats st;
 };
+
+/* Zeroed memory on cache lines of its own: a port's state is written at every sync by the one
+ * thread that forwards it, and the ports of a pair's other workers (shares of the same port,
+ * opened one after the other) must not share a line with it. */
+#define LINE 128u
+static void *zalloc_lines(size_t n)
+{
+    void *p = NULL;
+    n = (n + LINE - 1) / LINE * LINE;
+    if (posix_memalign(&p, LINE, n ? n : LINE) != 0)
+        return NULL;
+    memset(p, 0, n ? n : LINE);
+    return p;
+}
 
 static int bb_append(struct bytebuf *b, const void *hdr, size_t hlen, const void *data, size_t dlen)
 {
@@ -71,6 +89,15 @@ static int kring_ok(struct memport *mp, struct netmap_ring *ring, struct nmb_kri
     return 0;
 }
 
+static size_t total_ring_records(const struct memport *mp)
+{
+    size_t n = 0;
+    if (mp->ringq)
+        for (uint32_t i = 0; i < mp->port.nifp->ni_rx_rings; i++)
+            n += mp->ringq_records[i];
+    return n;
+}
+
 static int mem_rxsync(struct nmb_port *p)
 {
     struct memport *mp = (struct memport *)p;
@@ -89,27 +116,49 @@ static int mem_rxsync(struct nmb_port *p)
         }
         mp->rx_kr[i].hwcur = ring->head;
     }
-    /* deliver: ring by ring, as a NIC does; a chain in progress stays in its ring */
+    /* deliver: ring by ring, as a NIC does.  A ring takes first what was injected for it
+     * alone, then from the shared queue; a chain in progress (from either queue) stays in its
+     * ring and nothing else is put between its slots. */
     uint32_t first = mp->chain_ring >= 0 ? (uint32_t)mp->chain_ring : 0;
-    for (uint32_t i = first; i < nifp->ni_rx_rings; i++) {
+    int shared_open = 1; /* the shared queue may still deliver in this sync */
+    for (uint32_t i = 0; i < nifp->ni_rx_rings; i++) {
         struct netmap_ring *ring = nmb_rxring(nifp, i);
         struct nmb_kring *kr = &mp->rx_kr[i];
         uint32_t n = ring->num_slots;
         while (nmb_ring_next(ring, kr->hwtail) != kr->hwcur) {
             struct netmap_slot *slot = &ring->slot[kr->hwtail];
+            struct bytebuf *q = NULL;
             if (mp->rx_mode == NMB_MEM_RX_SOURCE) {
                 slot->len = mp->source_len;
                 slot->flags = 0;
-            } else if (queue && mp->inq.start < mp->inq.len) {
+            } else if (queue) {
+                int shared_ok = shared_open && i >= first && mp->inq.start < mp->inq.len &&
+                                (mp->chain_ring < 0 || mp->chain_ring == (int)i);
+                int own = mp->ringq && mp->ringq[i].start < mp->ringq[i].len;
+                if (mp->chain_ring == (int)i && shared_ok)
+                    q = &mp->inq;                       /* finish the shared chain first */
+                else if (own && mp->chain_ring != (int)i)
+                    q = &mp->ringq[i];
+                else if (shared_ok && !(mp->ringq && mp->ringq_chain[i]))
+                    q = &mp->inq;
+                if (!q)
+                    break;
                 struct nmb_mem_record rec;
-                memcpy(&rec, mp->inq.data + mp->inq.start, sizeof(rec));
+                memcpy(&rec, q->data + q->start, sizeof(rec));
                 uint32_t copy = rec.datalen < ring->nr_buf_size ? rec.datalen : ring->nr_buf_size;
-                memcpy(nmb_buf(ring, slot->buf_idx), mp->inq.data + mp->inq.start + sizeof(rec), copy);
+                memcpy(nmb_buf(ring, slot->buf_idx), q->data + q->start + sizeof(rec), copy);
                 slot->len = rec.slot_len;
                 slot->flags = rec.flags & ~NS_BUF_CHANGED;
-                mp->inq.start += sizeof(rec) + rec.datalen;
-                mp->inq_records--;
-                mp->chain_ring = (rec.flags & NS_MOREFRAG) ? (int)i : -1;
+                q->start += sizeof(rec) + rec.datalen;
+                if (q == &mp->inq) {
+                    mp->inq_records--;
+                    mp->chain_ring = (rec.flags & NS_MOREFRAG) ? (int)i : -1;
+                } else {
+                    mp->ringq_records[i]--;
+                    mp->ringq_chain[i] = (rec.flags & NS_MOREFRAG) != 0;
+                    if (q->start == q->len)
+                        q->start = q->len = 0;
+                }
             } else {
                 break;
             }
@@ -119,13 +168,14 @@ static int mem_rxsync(struct nmb_port *p)
             kr->hwtail = kr->hwtail + 1 == n ? 0 : kr->hwtail + 1;
         }
         ring->tail = kr->hwtail;
-        if (mp->chain_ring >= 0)
-            break;
+        if (mp->chain_ring == (int)i)
+            shared_open = 0; /* later rings must not overtake the shared chain's rest */
     }
     if (queue) {
-        if (mp->inq.start == mp->inq.len) {
-            uint64_t v;
+        if (mp->inq.start == mp->inq.len)
             mp->inq.start = mp->inq.len = 0;
+        if (mp->inq_records == 0 && total_ring_records(mp) == 0) {
+            uint64_t v;
             if (read(p->fd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
                 /* nothing to do: the counter only wakes poll() */
             }
@@ -191,7 +241,7 @@ struct nmb_port *nmb_memport_open(nmb_umem *m, const char *name, uint32_t nrings
                                   int rx_mode, int tx_mode, uint16_t source_len, int strict,
                                   char *err, size_t errlen)
 {
-    struct memport *mp = calloc(1, sizeof(*mp));
+    struct memport *mp = zalloc_lines(sizeof(*mp));
     if (!mp) {
         snprintf(err, errlen, "out of memory");
         return NULL;
@@ -211,8 +261,17 @@ struct nmb_port *nmb_memport_open(nmb_umem *m, const char *name, uint32_t nrings
         return NULL;
     }
     mp->mem = m;
-    mp->tx_kr = calloc(nrings, sizeof(struct nmb_kring));
-    mp->rx_kr = calloc(nrings, sizeof(struct nmb_kring));
+    mp->tx_kr = zalloc_lines(nrings * sizeof(struct nmb_kring));
+    mp->rx_kr = zalloc_lines(nrings * sizeof(struct nmb_kring));
+    if (!mp->tx_kr || !mp->rx_kr) {
+        snprintf(err, errlen, "out of memory");
+        free(mp->tx_kr);
+        free(mp->rx_kr);
+        close(mp->port.fd);
+        nmb_umem_if_destroy(m, mp->port.nifp);
+        free(mp);
+        return NULL;
+    }
     for (uint32_t i = 0; i < nrings; i++) {
         mp->tx_kr[i].hwcur = 0;
         mp->tx_kr[i].hwtail = nslots - 1;
@@ -251,19 +310,50 @@ void nmb_memport_close(struct nmb_port *p)
     free(mp->rx_kr);
     free(mp->inq.data);
     free(mp->outq.data);
+    if (mp->ringq) {
+        for (uint32_t i = 0; i < p->nifp->ni_rx_rings; i++)
+            free(mp->ringq[i].data);
+        free(mp->ringq);
+        free(mp->ringq_records);
+        free(mp->ringq_chain);
+    }
     pthread_mutex_destroy(&mp->lock);
     free(mp);
 }
 
-int nmb_memport_inject(struct nmb_port *p, const void *data, uint32_t datalen, uint16_t slot_len, uint16_t flags)
+int nmb_memport_inject(struct nmb_port *p, int ring, const void *data, uint32_t datalen, uint16_t slot_len,
+                       uint16_t flags)
 {
     struct memport *mp = (struct memport *)p;
     struct nmb_mem_record rec = {datalen, slot_len, flags};
     uint64_t one = 1;
+    int rc;
+    if (ring >= (int)p->nifp->ni_rx_rings)
+        return -EINVAL;
     pthread_mutex_lock(&mp->lock);
-    int rc = bb_append(&mp->inq, &rec, sizeof(rec), data, datalen);
-    if (rc == 0)
-        mp->inq_records++;
+    if (ring >= 0 && !mp->ringq) {
+        uint32_t nr = p->nifp->ni_rx_rings;
+        mp->ringq = calloc(nr, sizeof(*mp->ringq));
+        mp->ringq_records = calloc(nr, sizeof(*mp->ringq_records));
+        mp->ringq_chain = calloc(nr, sizeof(*mp->ringq_chain));
+        if (!mp->ringq || !mp->ringq_records || !mp->ringq_chain) {
+            free(mp->ringq);
+            free(mp->ringq_records);
+            free(mp->ringq_chain);
+            mp->ringq = NULL;
+            pthread_mutex_unlock(&mp->lock);
+            return -ENOMEM;
+        }
+    }
+    if (ring < 0) {
+        rc = bb_append(&mp->inq, &rec, sizeof(rec), data, datalen);
+        if (rc == 0)
+            mp->inq_records++;
+    } else {
+        rc = bb_append(&mp->ringq[ring], &rec, sizeof(rec), data, datalen);
+        if (rc == 0)
+            mp->ringq_records[ring]++;
+    }
     pthread_mutex_unlock(&mp->lock);
     if (rc == 0 && write(p->fd, &one, sizeof(one)) < 0)
         return -errno;
@@ -286,7 +376,7 @@ size_t nmb_memport_pending(struct nmb_port *p)
 {
     struct memport *mp = (struct memport *)p;
     pthread_mutex_lock(&mp->lock);
-    size_t n = mp->inq_records;
+    size_t n = mp->inq_records + total_ring_records(mp);
     pthread_mutex_unlock(&mp->lock);
     return n;
 }

@@ -36,8 +36,8 @@ from typing import Any
 
 from nmbridge import caps, sched
 from nmbridge import filters as filters_module
-from nmbridge.backends import OpenOptions, PortSet, PortSpec, backend
-from nmbridge.config import Config, PairConfig
+from nmbridge.backends import OpenOptions, PortSet, PortSpec, backend, ring_pairs
+from nmbridge.config import Config, PairConfig, workers_for
 from nmbridge.errors import NmbridgeError, PortError
 from nmbridge.fastfwd import Forwarder
 from nmbridge.links import LinkManager, pair_links
@@ -47,7 +47,16 @@ from nmbridge.ops import Ops, port_info
 from nmbridge.port import Port
 from nmbridge.runstate import InterfaceLocks, state_dir
 from nmbridge.sdnotify import Notifier
-from nmbridge.stats import DirectionStats, PairStats, Snapshot, final_counters, pair_counters
+from nmbridge.stats import (
+    DirectionStats,
+    PairStats,
+    Snapshot,
+    WorkerStats,
+    final_counters,
+    sum_directions,
+    worker_directions,
+)
+from nmbridge.workers import FilterCopies, Workers
 
 JOIN_TIMEOUT = 10.0  # seconds a forwarding thread gets to return after stop()
 DIRECTIONS = ("a_to_b", "b_to_a")
@@ -55,14 +64,15 @@ DIRECTIONS = ("a_to_b", "b_to_a")
 
 @dataclass
 class _Pair:
-    """A pair while it runs: its config, its two open ports, its forwarder and thread, the
-    watcher of its links, and the filter compiled for it per direction."""
+    """A pair while it runs: its config, its two open ports (share 0 of each, with several
+    workers: ``fwd.a_shares``/``fwd.b_shares`` has every share), its workers and their
+    threads, the watcher of its links, and the filter compiled for it per direction."""
 
     config: PairConfig
     a: Port
     b: Port
-    fwd: Forwarder
-    thread: threading.Thread | None = None
+    fwd: Workers
+    threads: list[threading.Thread] = field(default_factory=list)
     error: str | None = field(default=None)
     watcher: LinkWatcher | None = None
     filters: dict[str, Any] = field(default_factory=dict)  # direction -> CompiledFilter
@@ -97,6 +107,7 @@ class Bridge:
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.ops = Ops(self)
         self._compiled: dict[str, dict[str, Any]] | None = None  # by preflight, for install_filters
+        self._fail_lock = threading.Lock()  # the first failing worker of a pair names the error
 
     # --- the steps ----------------------------------------------------------------------
 
@@ -159,7 +170,10 @@ class Bridge:
                 owner[spec] = p
         check_backends(pcs)
         try:
-            ports = self.portset.open([s for p in pcs for s in p.ports])
+            rings = {p.name: [self.ring_pairs(s) for s in p.ports] for p in pcs}
+            counts = {p.name: workers_for(p, *rings[p.name]) for p in pcs}
+            shares = self.portset.open_shares([s for p in pcs for s in p.ports],
+                                              [counts[p.name] for p in pcs for _ in p.ports])
         except PortError as e:
             failed = self.portset.failed
             if failed is None:
@@ -170,18 +184,26 @@ class Bridge:
         opened: list[_Pair] = []
         try:
             for i, p in enumerate(pcs):
-                a, b = ports[2 * i], ports[2 * i + 1]
+                a, b = shares[2 * i], shares[2 * i + 1]
                 for spec, port in ((p.a, a), (p.b, b)):
-                    self.log.info("port_opened", pair=p.name, port=str(spec), **port_info(port))
-                pair = _Pair(p, a, b, self._forwarder(a, b, p))
+                    extra = {"workers": len(port)} if len(port) > 1 else {}
+                    self.log.info("port_opened", pair=p.name, port=str(spec), **port_info(port[0]), **extra)
+                pair = _Pair(p, a[0], b[0], self._workers(a, b, p, rings[p.name]))
                 opened.append(pair)
                 self._watch(pair)
         except BaseException:
             for pair in opened:
                 _stop_watcher(pair)
-            self.portset.close_ports(ports)
+            self.portset.close_ports(port for ps in shares for port in ps)
             raise
         return opened
+
+    def ring_pairs(self, spec: PortSpec) -> int:
+        """Ring pairs of a port, as its backend counts them before opening (1 when it cannot)."""
+        try:
+            return ring_pairs(backend(spec.backend), spec.name, self.portset.options)
+        except Exception:  # an interface that is not there yet: opening it says so
+            return 1
 
     def _watch(self, p: _Pair) -> None:
         """Follow the links behind the pair's ports, each by the ifindex its port is bound to."""
@@ -210,7 +232,9 @@ class Bridge:
             got = compiled.get(p.config.name)
             self.set_filters(p, got if got is not None else self.compile(p.config, self.config))
 
-    def compile(self, p: PairConfig, cfg: Config) -> dict[str, Any]:
+    def compile(self, p: PairConfig, cfg: Config, workers: int | None = None) -> dict[str, Any]:
+        """One program per direction and worker (`workers`: of the running pair; None: as many
+        as the pair will start with); a pair of several workers gets FilterCopies."""
         wanted = p.filters
         if not wanted:
             return {}
@@ -219,7 +243,11 @@ class Bridge:
             name = next(iter(wanted.values()))
             raise NmbridgeError(f'pair {p.name}: filter "{name}" cannot run: this build has no '
                                 "filter compiler yet")
-        return {d: compile_filter(cfg.filters[name]) for d, name in wanted.items()}
+        n = workers if workers is not None else workers_for(p, *(self.ring_pairs(s) for s in p.ports))
+        if n == 1:
+            return {d: compile_filter(cfg.filters[name]) for d, name in wanted.items()}
+        return {d: FilterCopies([compile_filter(cfg.filters[name]) for _ in range(n)])
+                for d, name in wanted.items()}
 
     def set_filters(self, p: _Pair, compiled: dict[str, Any]) -> None:
         for d in DIRECTIONS:
@@ -243,21 +271,37 @@ class Bridge:
             self.start_pair(p)
 
     def start_pair(self, p: _Pair) -> None:
-        p.thread = threading.Thread(target=self._forward, args=(p,), name=f"fwd-{p.config.name}",
-                                    daemon=True)
-        p.thread.start()
+        n = len(p.fwd)
+        p.threads = [threading.Thread(target=self._forward, args=(p, w), daemon=True,
+                                      name=f"fwd-{p.config.name}" + (f"-{w}" if n > 1 else ""))
+                     for w in range(n)]
+        for t in p.threads:
+            t.start()
+        extra = {"workers": p.fwd.describe()} if n > 1 or p.fwd.cpus else {}
         self.log.info("forwarding", pair=p.config.name, ports=[str(s) for s in p.config.ports],
                       direction=p.config.direction, zero_copy=p.fwd.zerocopy,
-                      filters=p.config.filters)
+                      filters=p.config.filters, **extra)
 
-    def _forward(self, p: _Pair) -> None:
-        sched.enter_forwarding(self.config.bridge, self.log)  # this thread: SCHED_FIFO or a short slice
+    def _forward(self, p: _Pair, w: int) -> None:
+        """Worker w of pair p (its own thread): pinned to its CPU, then forwarding until
+        stopped.  The first worker that fails stops the others: the pair fails as one."""
+        fwd = p.fwd.forwarders[w]
         try:
-            p.fwd.run()
+            p.fwd.pin(w)
+            threads = sum(len(q.fwd) for q in self.pairs)  # the bridge's forwarding threads
+            spins = any(port.spin_us for port in (*p.fwd.a_shares, *p.fwd.b_shares) if not port.closed)
+            sched.enter_forwarding(self.config.bridge, self.log, threads=threads, spins=spins)
+            fwd.run()
         except Exception as e:  # PortError mostly; anything else must stop the bridge too
-            p.error = str(e) or type(e).__name__
-            self.log.error("pair_failed", pair=p.config.name, error=p.error)
-            self.events.put(("failed", p.config.name))
+            with self._fail_lock:
+                first = p.error is None
+                if first:
+                    why = str(e) or type(e).__name__
+                    p.error = f"worker {w}: {why}" if len(p.fwd) > 1 else why
+            if first:
+                p.fwd.stop()  # the pair stops as a whole
+                self.log.error("pair_failed", pair=p.config.name, error=p.error)
+                self.events.put(("failed", p.config.name))
 
     def serve_ops(self) -> None:
         """The control socket and the metrics endpoint, then READY=1 to systemd."""
@@ -286,12 +330,19 @@ class Bridge:
         return Forwarder(a, b, burst=self.config.bridge.burst, direction=pc.direction.replace("_", "-"),
                          poll_timeout_ms=self.config.bridge.poll_timeout_ms)
 
+    def _workers(self, a: list[Port], b: list[Port], pc: PairConfig, rings: list[int]) -> Workers:
+        """Pair `pc`'s workers over the shares of its ports (one forwarder each)."""
+        return Workers(a, b, lambda x, y: self._forwarder(x, y, pc), cpus=pc.cpus,
+                       rings=(max(rings[0], len(a)), max(rings[1], len(b))))
+
     def resume_pair(self, p: _Pair) -> None:
         """Forward again on a paused pair's open ports (a forwarder's stop is final: a new one,
         whose counters start at 0; the old one's are logged)."""
         self.log.warning("pair_resumed", pair=p.config.name, counters=final_counters(p.fwd, p.a, p.b),
                          note="forwarding again on the same ports; counters restart")
-        p.fwd = self._forwarder(p.a, p.b, p.config)
+        p.fwd = Workers(p.fwd.a_shares, p.fwd.b_shares, lambda x, y: self._forwarder(x, y, p.config),
+                        cpus=p.fwd.cpus, rings=p.fwd.rings)
+        p.error = None
         compiled, p.filters = p.filters, {}
         self.set_filters(p, compiled)
         self.start_pair(p)
@@ -303,10 +354,10 @@ class Bridge:
         for p in pairs:
             counters = final_counters(p.fwd, p.a, p.b)
             _stop_watcher(p)
-            if p.thread is not None and p.thread.is_alive():
+            if _alive(p):
                 self.log.error("threads_stuck", pairs=[p.config.name], note="ports left open")
             else:
-                self.portset.close_ports([p.a, p.b])
+                self.portset.close_ports([*p.fwd.a_shares, *p.fwd.b_shares])
             self.log.info("pair_stopped", pair=p.config.name, counters=counters)
 
     def join(self, pairs: list[_Pair]) -> None:
@@ -314,8 +365,8 @@ class Bridge:
         for p in pairs:  # stop() is sticky: a stop before run() has started still counts
             p.fwd.stop()
         for p in pairs:
-            if p.thread is not None:
-                p.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            for t in p.threads:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def status(self) -> str:
         n = len(self.pairs)
@@ -342,7 +393,7 @@ class Bridge:
     def close(self) -> None:
         """Close the ports (unless a thread still runs on them) and restore the links."""
         self.close_ops()
-        stuck = [p.config.name for p in self.pairs if p.thread is not None and p.thread.is_alive()]
+        stuck = [p.config.name for p in self.pairs if _alive(p)]
         for p in self.pairs:
             _stop_watcher(p)
         if stuck:
@@ -389,16 +440,19 @@ class Bridge:
                 mode = getattr(port, "mode", None) if not port.closed else None
                 if isinstance(mode, str):
                     modes[str(spec)] = mode
+            per = worker_directions(p.fwd, p.a, p.b)
             dirs: dict[str, DirectionStats] = {}
-            for d, s in pair_counters(p.fwd, p.a, p.b).items():
+            for d, s in sum_directions(per).items():
                 f = p.filters.get(d)
                 s["filter"] = f.name if f is not None else None
                 if f is not None:
                     base = p.hits_base.get(d, {})
                     s["rule_hits"] = {r: base.get(r, 0) + n for r, n in f.hits().items()}
                 dirs[d] = s
+            workers = [WorkerStats(worker=w["worker"], cpu=w["cpu"], rings=w["rings"], directions=wd)
+                       for w, wd in zip(p.fwd.describe(), per, strict=True)]
             pairs.append(PairStats(pair=p.config.name, ports=[str(s) for s in p.config.ports],
-                                   zerocopy=bool(p.fwd.zerocopy), directions=dirs))
+                                   zerocopy=bool(p.fwd.zerocopy), directions=dirs, workers=workers))
             if p.watcher is not None:
                 links.update({ev.port: ev.up for ev in dict(p.watcher.state).values()})
         return Snapshot(time=time.monotonic(), pairs=pairs, links=links, modes=modes,
@@ -442,6 +496,10 @@ def check_backends(pcs: Iterable[PairConfig]) -> None:
             except ImportError as e:  # a backend whose issue is still open
                 raise PortError(f"pair {p.name}: port {spec}: the {spec.backend} backend is not in "
                                 f"this build ({e})") from None
+
+
+def _alive(p: _Pair) -> bool:
+    return any(t.is_alive() for t in p.threads)
 
 
 def _stop_watcher(p: _Pair) -> None:

@@ -216,15 +216,19 @@ def ports_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return EX_OK
-    rows = [["PAIR", "PORT", "BACKEND", "RINGS", "SLOTS", "BUF_SIZE", "ZERO-COPY", "LINK"]]
+    rows = [["PAIR", "PORT", "BACKEND", "WORKER", "CPU", "RING PAIRS", "RINGS", "SLOTS", "BUF_SIZE",
+             "ZERO-COPY", "LINK"]]
     for p in result["ports"]:
         link = p.get("link")
         backend = p["backend"] + (f" ({p['mode']})" if p.get("mode") else "")  # afxdp: zc/native/skb
-        rows.append([p["pair"], p["port"], backend, f"{p['rx_rings']}/{p['tx_rings']}",
+        cpu = p.get("cpu")
+        owned = ",".join(map(str, p.get("ring_pairs", []))) or "-"  # the port's ring pairs this share owns
+        rows.append([p["pair"], p["port"], backend, str(p.get("worker", 0)), "-" if cpu is None else str(cpu),
+                     owned, f"{p['rx_rings']}/{p['tx_rings']}",
                      f"{p['rx_slots']}/{p['tx_slots']}", str(p["buf_size"]),
                      "yes" if p["zerocopy"] else "no",
                      "-" if link is None else f"{'up' if link['up'] else 'down'} ({link['operstate']})"])
-    print(table(rows, {3, 4, 5}) if len(rows) > 1 else "no ports are open")
+    print(table(rows, {3, 4, 6, 7, 8}) if len(rows) > 1 else "no ports are open")
     return EX_OK
 
 

@@ -28,7 +28,16 @@ from typing import Literal, TypeVar, cast
 
 import tomli
 
-from nmbridge.backends import PortSpec, backend, backend_names, parse_spec, resolve_default, whole_number
+from nmbridge.backends import (
+    OpenOptions,
+    PortSpec,
+    backend,
+    backend_names,
+    parse_spec,
+    resolve_default,
+    ring_pairs,
+    whole_number,
+)
 from nmbridge.errors import ConfigError
 from nmbridge.filters import FilterWarning, check_filter
 from nmbridge.filters.model import Action, FilterConfig, FilterError, RuleConfig, action_hint
@@ -63,6 +72,9 @@ class BridgeConfig:
     rt_priority: int = 1  # their SCHED_FIFO priority
     sched_slice_us: int = 100  # EEVDF slice of a normal forwarding thread (Linux 6.12+); 0: the kernel's
     cpu_dma_latency_us: int = -1  # hold /dev/cpu_dma_latency at this (PM QoS) while running; -1: no
+    # defaults of every pair's `workers` and `cpus` (README "Workers")
+    workers: int | Literal["auto"] = 1
+    cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,11 @@ class PairConfig:
     filter_b_to_a: str | None = None
     link_setup: bool = True
     keypath: str = ""  # pair[1]: counted from 1
+    # forwarding threads, each over its own ring pairs of both ports (README "Workers"): a
+    # number, or "auto" (one per ring pair, up to the CPUs in `cpus` or those this process may
+    # use); worker w runs on cpus[w % len(cpus)] (none given: not pinned)
+    workers: int | Literal["auto"] = 1
+    cpus: tuple[int, ...] = ()
 
     @property
     def ports(self) -> tuple[PortSpec, PortSpec]:
@@ -127,7 +144,7 @@ class Config:
     def as_dict(self) -> dict[str, object]:
         """The configuration as TOML-shaped data: ``from_dict(c.as_dict())`` equals `c`."""
         return {
-            "bridge": vars(self.bridge).copy(),
+            "bridge": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.bridge).items()},
             "log": vars(self.log).copy(),
             "metrics": {k: v for k, v in vars(self.metrics).items() if v is not None},
             "control": {k: v for k, v in vars(self.control).items() if v is not None},
@@ -148,7 +165,7 @@ def _filter_dict(f: FilterConfig) -> dict[str, object]:
 
 def _pair_dict(p: PairConfig) -> dict[str, object]:
     out: dict[str, object] = {"name": p.name, "ports": [str(p.a), str(p.b)], "direction": p.direction,
-                              "link_setup": p.link_setup}
+                              "link_setup": p.link_setup, "workers": p.workers, "cpus": list(p.cpus)}
     for key in ("filter_a_to_b", "filter_b_to_a"):
         if getattr(p, key) is not None:
             out[key] = getattr(p, key)
@@ -523,7 +540,66 @@ class _Loader:
             rt_priority=t.get_int("rt_priority", d.rt_priority, 1, 99),
             sched_slice_us=sched_slice_us,
             cpu_dma_latency_us=t.get_int("cpu_dma_latency_us", d.cpu_dma_latency_us, -1, 2_000_000_000),
+            workers=self.workers(t, d.workers),
+            cpus=self.cpus(t, d.cpus),
         )
+
+    def workers(self, t: _Table, default: int | Literal["auto"]) -> int | Literal["auto"]:
+        """``workers``: a whole number from 1 to MAX_WORKERS, or "auto"."""
+        value = t.raw.get("workers", default)
+        if value == "auto":
+            return "auto"
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.error(t.path("workers"), f'must be a number of worker threads or "auto", not '
+                             f"{_kind(value)}", value)
+        if not 1 <= value <= MAX_WORKERS:
+            raise self.error(t.path("workers"), f'must be from 1 to {MAX_WORKERS} (or "auto")', value)
+        return value
+
+    def cpus(self, t: _Table, default: tuple[int, ...]) -> tuple[int, ...]:
+        """``cpus``: distinct CPU numbers this process may run on (worker w on cpus[w % len])."""
+        if "cpus" not in t.raw:
+            return default
+        value = t.raw["cpus"]
+        key = t.path("cpus")
+        if not isinstance(value, list) or not all(isinstance(c, int) and not isinstance(c, bool)
+                                                  for c in value):
+            raise self.error(key, "must be an array of CPU numbers, e.g. [2, 3]", value)
+        if len(set(value)) != len(value):
+            raise self.error(key, "names a CPU twice: give each CPU once", value)
+        allowed = allowed_cpus()
+        bad = [c for c in value if c not in allowed]
+        if bad:
+            raise self.error(key, f"CPU {bad[0]} is not one this process may run on (allowed: "
+                             f"{_cpu_list(allowed)})", value)
+        return tuple(value)
+
+    def pair_workers(self, t: _Table, keypath: str, bridge: BridgeConfig, a: PortSpec, b: PortSpec
+                     ) -> tuple[int | Literal["auto"], tuple[int, ...]]:
+        """A pair's workers and cpus (the [bridge] ones by default), checked against what the
+        ports' backends can say now: each must split into that many ring pairs."""
+        workers = self.workers(t, bridge.workers)
+        cpus = self.cpus(t, bridge.cpus)
+        if workers == "auto" or workers == 1:
+            return workers, cpus
+        where = t.path("workers") if "workers" in t.raw else "bridge.workers"
+        for spec in (a, b):
+            try:
+                be = backend(spec.backend)
+            except ImportError:
+                continue
+            if getattr(be, "open_shares", None) is None:
+                raise self.error(where, f"{spec}: the {spec.backend} backend has one ring pair per port; "
+                                 f"workers = {workers} needs {workers}", workers)
+            try:  # what the backend can count before opening (an interface may not exist yet)
+                n = ring_pairs(be, spec.name, OpenOptions())
+            except Exception:
+                continue
+            if n < workers:
+                raise self.error(where, f"{spec} has {n} ring pair{'s' if n != 1 else ''}: at most "
+                                 f"{n} worker{'s' if n != 1 else ''} can forward it (one ring pair has one "
+                                 "owner)", workers)
+        return workers, cpus
 
     def log(self, t: _Table) -> LogConfig:
         d = LogConfig()
@@ -672,9 +748,11 @@ class _Loader:
         a, b = (self.port(f"{keypath}.ports[{j + 1}]", p, bridge.backend) for j, p in enumerate(ports))
         direction = self.direction(t)
         chosen = {d: self.pair_filter(t, d, direction, filters) for d in ("a_to_b", "b_to_a")}
+        workers, cpus = self.pair_workers(t, keypath, bridge, a, b)
         return PairConfig(name=name, a=a, b=b, direction=direction,
                           filter_a_to_b=chosen["a_to_b"], filter_b_to_a=chosen["b_to_a"],
-                          link_setup=t.get_bool("link_setup", bridge.link_setup), keypath=keypath)
+                          link_setup=t.get_bool("link_setup", bridge.link_setup), keypath=keypath,
+                          workers=workers, cpus=cpus)
 
     def pair_filter(self, t: _Table, d: str, direction: Direction, filters: Mapping[str, FilterConfig]
                     ) -> str | None:
@@ -729,7 +807,36 @@ class _Loader:
 
 
 _BRIDGE_KEYS = tuple(f.name for f in BridgeConfig.__dataclass_fields__.values())
-_PAIR_KEYS = ("name", "ports", "direction", "filter", "filter_a_to_b", "filter_b_to_a", "link_setup")
+_PAIR_KEYS = ("name", "ports", "direction", "filter", "filter_a_to_b", "filter_b_to_a", "link_setup",
+              "workers", "cpus")
+MAX_WORKERS = 64
+
+
+def allowed_cpus() -> set[int]:
+    """The CPUs this process may run on."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def workers_for(pc: PairConfig, rings_a: int, rings_b: int) -> int:
+    """How many workers pair `pc` runs: its `workers`, or for "auto" one per ring pair of its
+    smaller port, up to the CPUs given (or those this process may use)."""
+    if pc.workers != "auto":
+        return pc.workers
+    return max(1, min(rings_a, rings_b, len(pc.cpus) or len(allowed_cpus())))
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """{0, 1, 2, 5} -> "0-2, 5"."""
+    out: list[str] = []
+    for c in sorted(cpus):
+        if out and out[-1].split("-")[-1] == str(c - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ", ".join(out)
 
 
 class _Table:

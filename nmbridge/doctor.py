@@ -5,7 +5,10 @@ is up, is promiscuous, has none of the frame-merging/splitting offloads on that 
 backend needs off (those ``nmbridge run`` turns off: :func:`nmbridge.links.port_offloads`),
 its MTU fits the buffer size and matches the other side of its pair; for ``netmap:`` ports,
 whether netmap will run the interface natively or through its emulated adapter (a heuristic,
-see :func:`netmap_mode`).  Each problem is printed with the command that fixes it.
+see :func:`netmap_mode`); per pair, its workers, the ring pairs of each port each one owns and
+its CPU, and a warning when an interface's RSS spreads its traffic over more receive queues
+than the pair has workers (:func:`worker_findings`).  Each problem is printed with the
+command that fixes it.
 
 Exit status: 0 when nothing needs fixing, 1 otherwise.  Things ``nmbridge run`` sets itself
 (link set-up on) are printed as notes and do not fail the check.
@@ -108,6 +111,55 @@ def afxdp_mode(ifname: str, driver: str | None, mtu: int, buf_size: int) -> Find
                                    "mode native if it has driver-mode XDP, else skb (generic XDP)")
 
 
+def rx_queues(ifname: str, sys_root: str = "/sys") -> int | None:
+    """The interface's receive queues as the kernel uses them (RSS spreads flows over them), or
+    None when /sys does not say."""
+    try:
+        return sum(1 for q in os.listdir(os.path.join(sys_root, "class", "net", ifname, "queues"))
+                   if q.startswith("rx-")) or None
+    except OSError:
+        return None
+
+
+def worker_findings(pair: _Pair, queues: dict[str, int | None]) -> list[Finding]:
+    """Who forwards which rings: the pair's workers, each one's CPU and the ring pairs of each
+    port it owns (as `run` will split them); a warning per interface whose receive queues
+    (`queues`, by interface) outnumber the workers -- its RSS spreads flows over more queues
+    (cores) than forward them."""
+    from nmbridge.backends import OpenOptions, ring_pairs, share_rings
+    from nmbridge.config import workers_for
+
+    rings: list[int | None] = []
+    for spec in pair.ports:
+        try:
+            rings.append(ring_pairs(backend(spec.backend), spec.name, OpenOptions()))
+        except Exception:  # an interface that is not there: the link checks say so
+            rings.append(None)
+    pc = pair if hasattr(pair, "workers") else None
+    n = workers_for(pc, rings[0] or 1, rings[1] or 1) if pc is not None else 1  # type: ignore[arg-type]
+    cpus: tuple[int, ...] = tuple(getattr(pair, "cpus", ()))
+    out: list[Finding] = []
+    if n > 1 or cpus:
+        parts = []
+        for w in range(n):
+            owned = ", ".join(f"{spec} ring pair{'s' if len(r) != 1 else ''} {','.join(map(str, r))}"
+                              for spec, total in zip(pair.ports, rings, strict=True)
+                              if (r := share_rings(total or n, n, w)))
+            cpu = f"cpu {cpus[w % len(cpus)]}" if cpus else "not pinned"
+            parts.append(f"worker {w} ({cpu}): {owned}")
+        out.append(Finding(f"pair {pair.name}", "note", f"{n} workers: " + "; ".join(parts)))
+    for spec in pair.ports:
+        ifname = _interface(spec)
+        q = queues.get(ifname) if ifname else None
+        if ifname and q and q > n:
+            out.append(Finding(ifname, "warning", (
+                f"RSS spreads its received flows over {q} RX queues, but pair {pair.name} forwards them "
+                f"with {n} worker{'s' if n != 1 else ''}: {q - n} more core{'s' if q - n != 1 else ''} "
+                "could forward"), f"workers = {q} (and cpus) in pair {pair.name}, or fewer queues: "
+                                  f"ethtool -L {ifname} combined {n}"))
+    return out
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -174,6 +226,9 @@ def collect_findings(config: DoctorConfig, link_setup: Sequence[bool] | None = N
         if sides:
             chains = all(s.backend in CHAINING_BACKENDS for s in pair.ports)
             found += check_mtu(sides[0], sides[1] if len(sides) > 1 else None, buf_size, chains)
+        # receive queues from this namespace's /sys (another namespace's are not visible here)
+        queues = {i: rx_queues(i) for i, _ in sides} if netns is None else {}
+        found += worker_findings(pair, queues)
         out.append((heading, found))
     return out
 

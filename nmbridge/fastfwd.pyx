@@ -767,17 +767,26 @@ cdef class Forwarder:
                 out[_DIRECTIONS[i]] = stats_dict(&self.st.d[i].st)
         return out
 
-    def snapshot(self, double timeout=0.5) -> dict:
+    def ask_snapshot(self) -> int:
+        """Ask a running loop for a snapshot now, without waiting (0 when it is not running):
+        pass the answer to :meth:`snapshot` -- so several forwarders (one pair's workers) are
+        asked at once and each copies its counters at its next batch boundary."""
+        cdef uint64_t req = 0
+        if NMB_LOAD_INT(self.st.active):
+            req = NMB_ADD_U64(self.st.want, 1)
+            self.stop_wake()
+        return req
+
+    def snapshot(self, double timeout=0.5, asked=None) -> dict:
         """Every counter of this pair at one batch boundary (safe from any thread while the
         loop runs): ``{"a_to_b": {...}, "b_to_a": {...}, "ports": {"a": {...}, "b": {...}}}``,
         the directions as :meth:`stats` (enabled ones only), the ports as their backends'
         ``decode_counters``.  A loop that does not answer within `timeout` seconds (stuck
-        in a system call) gives its last published copy: older, still consistent."""
-        cdef uint64_t req
+        in a system call) gives its last published copy: older, still consistent.
+        `asked`: what :meth:`ask_snapshot` returned (None: ask now)."""
+        cdef uint64_t req = self.ask_snapshot() if asked is None else asked
         cdef published copy
-        if NMB_LOAD_INT(self.st.active):
-            req = NMB_ADD_U64(self.st.want, 1)
-            self.stop_wake()
+        if req:
             with nogil:
                 await_published(&self.st, req, <uint32_t>(timeout * 1e6))
         with nogil:

@@ -73,7 +73,41 @@ class BridgeCollector(Collector):
         for port, m in snap.get("modes", {}).items():
             mode.add_metric([port, m], 1.0)
         yield from (received, forwarded, drops, queued, nbytes, batches, stalls, hits, zc, link, mode)
+        yield from worker_metrics(snap)
         yield from capture_metrics(snap)
+
+
+def worker_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Per forwarding worker (README "Workers"): the same counters with a `worker` label, in
+    families of their own (the pair totals above are their sums and keep their labels)."""
+    pdw = ["pair", "direction", "worker"]
+    workers = GaugeMetricFamily("nmbridge_workers", "Forwarding threads of the pair", labels=["pair"])
+    cpu = GaugeMetricFamily("nmbridge_worker_cpu", "The CPU a worker is pinned to (absent: not pinned)",
+                            labels=["pair", "worker"])
+    received = CounterMetricFamily("nmbridge_worker_received", "nmbridge_received of one worker's rings",
+                                   labels=pdw)
+    forwarded = CounterMetricFamily("nmbridge_worker_forwarded", "nmbridge_forwarded of one worker's rings",
+                                    labels=pdw)
+    drops = CounterMetricFamily("nmbridge_worker_drops", "nmbridge_drops of one worker's rings",
+                                labels=[*pdw, "reason"])
+    queued = GaugeMetricFamily("nmbridge_worker_queued", "nmbridge_queued of one worker's rings", labels=pdw)
+    nbytes = CounterMetricFamily("nmbridge_worker_bytes", "nmbridge_bytes of one worker's rings", labels=pdw)
+    for p in snap["pairs"]:
+        ws = p.get("workers", [])
+        workers.add_metric([p["pair"]], float(len(ws) or 1))
+        for w in ws:
+            wid = str(w["worker"])
+            if w["cpu"] is not None:
+                cpu.add_metric([p["pair"], wid], float(w["cpu"]))
+            for d, s in w["directions"].items():
+                labels = [p["pair"], d, wid]
+                received.add_metric(labels, float(s.get("received", 0)))
+                forwarded.add_metric(labels, float(s.get("forwarded", 0)))
+                queued.add_metric(labels, float(s.get("queued", 0)))
+                nbytes.add_metric(labels, float(s.get("bytes", 0)))
+                for reason, n in drop_counts(s).items():
+                    drops.add_metric([*labels, reason], float(n))
+    yield from (workers, cpu, received, forwarded, drops, queued, nbytes)
 
 
 def capture_metrics(snap: Snapshot) -> Iterator[Metric]:

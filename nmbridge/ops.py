@@ -232,15 +232,18 @@ class Ops:
         out = []
         for p in list(self.bridge.pairs):
             states = {ev.port: ev for ev in dict(p.watcher.state).values()} if p.watcher else {}
-            for side, spec, port in (("a", p.config.a, p.a), ("b", p.config.b, p.b)):
-                try:
-                    info = port_info(port)
-                except Exception:  # closed by a reload between the list and now
-                    continue
-                ev = states.get(str(spec))
-                out.append({"pair": p.config.name, "side": side, "port": str(spec),
-                            **info, "zerocopy": bool(p.fwd.zerocopy),
-                            "link": None if ev is None else {"up": ev.up, "operstate": ev.operstate}})
+            workers = p.fwd.describe()
+            for side, spec, shares in (("a", p.config.a, p.fwd.a_shares), ("b", p.config.b, p.fwd.b_shares)):
+                for w, port in zip(workers, shares, strict=True):  # one row per share: its worker's
+                    try:
+                        info = port_info(port)
+                    except Exception:  # closed by a reload between the list and now
+                        continue
+                    ev = states.get(str(spec))
+                    out.append({"pair": p.config.name, "side": side, "port": str(spec),
+                                **info, "zerocopy": bool(p.fwd.zerocopy),
+                                "worker": w["worker"], "cpu": w["cpu"], "ring_pairs": w["rings"][side],
+                                "link": None if ev is None else {"up": ev.up, "operstate": ev.operstate}})
         return {"bridge": self.bridge.config.bridge.name, "ports": out}
 
     def _cmd_capture(self, req: dict[str, Any]) -> Any:
@@ -253,6 +256,10 @@ class Ops:
         if pair is None:
             known = ", ".join(p.config.name for p in self.bridge.pairs) or "none"
             raise NmbridgeError(f"capture: no pair {spec.pair!r} (running: {known})")
+        if len(pair.fwd) > 1:  # a tap's ring has one producer: one worker
+            raise NmbridgeError(f"capture: pair {spec.pair} runs {len(pair.fwd)} workers, and a capture "
+                                "tap has one writer: capturing a pair with several workers is not "
+                                "supported yet (run it with workers = 1 to capture)")
         with self._captures_lock:
             for other in self.captures.values():
                 both = set(other.taps) & set(spec.directions)

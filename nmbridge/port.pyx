@@ -138,6 +138,12 @@ cdef class Port:
         return self.c.mem_key
 
     @property
+    def spin_us(self) -> int:
+        """µs its pair's loop busy-polls before sleeping (the port's ``busy_poll``; 0: none)."""
+        self._check_open()
+        return self.c.spin_us
+
+    @property
     def name(self) -> str:
         self._check_open()
         return self.c.nifp.ni_name.decode(errors="replace")

@@ -1,8 +1,9 @@
 """A reload, all or nothing: the running config and the file's → a :class:`Plan` → a transaction.
 
-**Plan** (pure; :func:`diff`): pairs added, removed, restarted (ports, direction or link_setup
-changed), re-filtered (only a filter changed); settings that apply at once; ``[bridge]`` keys
-that only a restart changes (``needs_restart``: they keep their running values).
+**Plan** (pure; :func:`diff`): pairs added, removed, restarted (ports, direction, link_setup,
+workers or cpus changed), re-filtered (only a filter changed); settings that apply at once;
+``[bridge]`` keys that only a restart changes (``needs_restart``: they keep their running
+values).
 
 **Transaction** (:func:`swap_pairs`, also what re-opens the ports of a re-created interface):
 
@@ -128,13 +129,15 @@ def _reload(bridge: Bridge) -> dict[str, Any]:
                            note="these keep their running values until nmbridge restarts")
     # 1. everything that can be checked without touching anything
     compiled: dict[str, dict[str, Any]] = {}
+    running = {p.config.name: p for p in bridge.pairs}
     try:
-        for pc in [*plan.to_start, *plan.refilter]:
+        for pc in plan.to_start:
             compiled[pc.name] = bridge.compile(pc, new)
+        for pc in plan.refilter:  # one program per running worker
+            compiled[pc.name] = bridge.compile(pc, new, len(running[pc.name].fwd))
     except (ValueError, NmbridgeError) as e:
         raise ConfigError(f"{new.path}: {e}") from None
 
-    running = {p.config.name: p for p in bridge.pairs}
     replaced = {pc.name: running[pc.name] for pc in plan.restarted}
     removed = [running[name] for name in plan.removed]
     final = list(new.pairs)
@@ -295,8 +298,9 @@ def _apply_settings(bridge: Bridge, old: Config, new: Config) -> dict[str, Any]:
 
 
 def _shape(p: PairConfig) -> tuple[object, ...]:
-    """What a pair cannot change without restarting it."""
-    return (p.a, p.b, p.direction, p.link_setup)
+    """What a pair cannot change without restarting it (workers: its ports are opened again,
+    split into that many shares)."""
+    return (p.a, p.b, p.direction, p.link_setup, p.workers, p.cpus)
 
 
 def _filters_key(cfg: Config, p: PairConfig) -> dict[str, str | None]:

@@ -92,15 +92,19 @@ def usable_cpus() -> int:
 
 
 def choose(settings: _Settings, fifo: Callable[[int], None] = set_fifo,
-           slice_: Callable[[int], None] = set_slice, cpus: Callable[[], int] = usable_cpus) -> Applied:
+           slice_: Callable[[int], None] = set_slice, cpus: Callable[[], int] = usable_cpus, *,
+           threads: int = 1, spins: bool = False) -> Applied:
     """Apply `settings` to the calling thread and say what it got.
 
     ``sched = "fifo"``: SCHED_FIFO at ``rt_priority``; ``"auto"`` (the default): the same when
-    the process may use two CPUs or more -- on one, a SCHED_FIFO loop under overload would leave
-    everything else 5 % of the machine; ``"other"``, or when SCHED_FIFO is not permitted:
+    the process's forwarding threads (`threads`, over every pair and worker) leave at least one
+    of the CPUs it may use to everything else -- SCHED_FIFO loops under overload on every CPU
+    would leave the rest of the machine 5 % of it -- and the thread does not busy-poll
+    (`spins`: a spinning SCHED_FIFO thread starves the softirq work of its own CPU);
+    ``"other"``, the auto case that does not qualify, or when SCHED_FIFO is not permitted:
     SCHED_OTHER with an EEVDF slice of ``sched_slice_us`` (0: the kernel's)."""
     why: str | None = None
-    if settings.sched == "fifo" or (settings.sched == "auto" and cpus() >= 2):
+    if settings.sched == "fifo" or (settings.sched == "auto" and auto_fifo(cpus(), threads, spins) is None):
         try:
             fifo(settings.rt_priority)
             return Applied("fifo", priority=settings.rt_priority)
@@ -117,6 +121,16 @@ def choose(settings: _Settings, fifo: Callable[[int], None] = set_fifo,
     return Applied("other", fallback=why)
 
 
+def auto_fifo(cpus: int, threads: int, spins: bool) -> str | None:
+    """None when ``sched = "auto"`` gives forwarding threads SCHED_FIFO, else why not."""
+    if spins:
+        return "sched = auto: a port busy-polls (busy_poll), which a SCHED_FIFO thread must not"
+    if threads >= cpus:
+        return (f"sched = auto: {threads} forwarding thread{'s' if threads != 1 else ''} on "
+                f"{cpus} usable CPU{'s' if cpus != 1 else ''} would leave no CPU to the rest")
+    return None
+
+
 class _Log(Protocol):
     def info(self, event: str, **kw: object) -> object: ...
 
@@ -128,12 +142,12 @@ _said: set[str] = set()  # what this process logged already (once per process, n
 _held: list[DmaLatency] = []  # the PM QoS request, held until the process ends
 
 
-def enter_forwarding(settings: _Settings, log: _Log) -> Applied:
+def enter_forwarding(settings: _Settings, log: _Log, *, threads: int = 1, spins: bool = False) -> Applied:
     """Called by each forwarding thread as it starts: :func:`choose` for itself.  The first
     thread of the process logs what it got (``forwarding_sched``; a warning with the reason
     when it got less than was asked) and takes the ``cpu_dma_latency_us`` request if one is
     configured; later threads say nothing unless they got something else."""
-    got = choose(settings)
+    got = choose(settings, threads=threads, spins=spins)
     with _lock:
         first = not _said
         said = got.describe() in _said
@@ -172,7 +186,10 @@ def describe_settings(settings: _Settings) -> str:
     if got.fallback:
         line += f" ({got.fallback})"
     elif got.policy == "other" and settings.sched == "auto":
-        line += " (sched = auto on one CPU)"
+        line += f" ({auto_fifo(usable_cpus(), 1, False)})"
+    elif got.policy == "fifo" and settings.sched == "auto":
+        line += (" (sched = auto: while the forwarding threads leave a CPU to the rest and no port "
+                 "busy-polls; else SCHED_OTHER)")
     dma = getattr(settings, "cpu_dma_latency_us", -1)
     if isinstance(dma, int) and dma >= 0:
         ok = os.access(DMA_LATENCY_PATH, os.W_OK)

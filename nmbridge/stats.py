@@ -31,11 +31,19 @@ class DirectionStats(TypedDict, total=False):
     rule_hits: dict[str, int]
 
 
+class WorkerStats(TypedDict):
+    worker: int                    # counted from 0, as cpus[w % len(cpus)] and ring i % workers
+    cpu: int | None                # the CPU it is pinned to (None: not pinned)
+    rings: dict[str, list[int]]    # "a"/"b": the ring pairs of each port it owns
+    directions: dict[str, DirectionStats]
+
+
 class PairStats(TypedDict):
     pair: str
     ports: list[str]
     zerocopy: bool
     directions: dict[str, DirectionStats]
+    workers: NotRequired[list[WorkerStats]]  # per worker: the pair's directions are their sums
 
 
 class Snapshot(TypedDict):
@@ -121,16 +129,51 @@ def counters(s: DirectionStats) -> dict[str, Any]:
             "bytes": s.get("bytes", 0), "tx_stalls": s.get("tx_stalls", 0)}
 
 
-def pair_counters(fwd: Any, a: Any, b: Any) -> dict[str, DirectionStats]:
-    """Each enabled direction of one forwarder (between ports `a` and `b`), from one snapshot."""
+def worker_directions(fwd: Any, a: Any, b: Any) -> list[dict[str, DirectionStats]]:
+    """Each enabled direction per worker: `fwd` is one forwarder (between ports `a` and `b`)
+    or a pair's :class:`nmbridge.workers.Workers` (each worker between its own shares), every
+    worker's counters from one snapshot, all asked at once."""
     from nmbridge.accounting import pair_directions
 
-    out: dict[str, DirectionStats] = {}
-    for d, acc in pair_directions(fwd.snapshot(), a, b).items():
-        out[d] = DirectionStats(received=acc["received"], forwarded=acc["forwarded"], queued=acc["queued"],
-                                dropped=acc["dropped"], bytes=acc["bytes"], batches=acc["batches"],
-                                tx_stalls=acc["tx_stalls"])
+    if hasattr(fwd, "snapshots"):
+        snaps, sides = fwd.snapshots(), list(zip(fwd.a_shares, fwd.b_shares, strict=True))
+    else:
+        snaps, sides = [fwd.snapshot()], [(a, b)]
+    out: list[dict[str, DirectionStats]] = []
+    for snap, (pa, pb) in zip(snaps, sides, strict=True):
+        dirs: dict[str, DirectionStats] = {}
+        for d, acc in pair_directions(snap, pa, pb).items():
+            dirs[d] = DirectionStats(received=acc["received"], forwarded=acc["forwarded"],
+                                     queued=acc["queued"], dropped=acc["dropped"], bytes=acc["bytes"],
+                                     batches=acc["batches"], tx_stalls=acc["tx_stalls"])
+        out.append(dirs)
     return out
+
+
+_SUMMED = ("received", "forwarded", "queued", "bytes", "batches", "tx_stalls")
+
+
+def sum_directions(per: list[dict[str, DirectionStats]]) -> dict[str, DirectionStats]:
+    """A pair's directions from its workers': every counter and every drop reason summed (the
+    identity holds for the sum because it holds for each worker)."""
+    out: dict[str, DirectionStats] = {}
+    for dirs in per:
+        for d, s in dirs.items():
+            into = out.setdefault(d, DirectionStats(received=0, forwarded=0, queued=0, dropped={}, bytes=0,
+                                                    batches=0, tx_stalls=0))
+            for k in _SUMMED:
+                was, add = into.get(k, 0), s.get(k, 0)
+                into[k] = int(was) + int(add)  # type: ignore[literal-required,call-overload]
+            dropped = into.setdefault("dropped", {})
+            for r, n in s.get("dropped", {}).items():
+                dropped[r] = dropped.get(r, 0) + n
+    return out
+
+
+def pair_counters(fwd: Any, a: Any, b: Any) -> dict[str, DirectionStats]:
+    """Each enabled direction of one pair (a forwarder between ports `a` and `b`, or a
+    pair's workers: summed), from one snapshot per worker."""
+    return sum_directions(worker_directions(fwd, a, b))
 
 
 def final_counters(fwd: Any, a: Any, b: Any) -> dict[str, dict[str, Any]]:

@@ -77,6 +77,53 @@ class Backend(Protocol):
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         """Open the port; raise PortError naming the port and the reason."""
 
+    # Forwarding workers (README "Workers"). A backend may leave these two out: the module's
+    # open_shares() and ring_pairs() below then give it one ring pair, one share.
+
+    def open_shares(self, name: str, options: OpenOptions, region: Region | None,
+                    shares: int) -> list[Port]:
+        """Open the port as `shares` Ports (len == shares), each owning a disjoint set of the
+        port's ring pairs; ring pair i goes to share i % shares. Raise PortError naming the
+        port and the reason when it cannot be split so (e.g. fewer ring pairs than shares)."""
+
+    def ring_pairs(self, name: str, options: OpenOptions) -> int:
+        """How many ring pairs the port would have (for workers = "auto"), without opening it."""
+
+
+def open_shares(b: Backend, name: str, options: OpenOptions, region: Region | None,
+                shares: int) -> list[Port]:
+    """`b.open_shares(...)`, or for a backend without it: one share is the port itself, more
+    are refused (PortError naming the port: its backend has one ring pair per port)."""
+    method = getattr(b, "open_shares", None)
+    if method is not None:
+        ports: list[Port] = method(name, options, region, shares)
+        if len(ports) != shares:
+            close_all(ports)
+            raise PortError(f"{b.name}:{name}: the {b.name} backend opened {len(ports)} shares, not {shares}")
+        return ports
+    if shares == 1:
+        return [b.open(name, options, region)]
+    raise PortError(f"{b.name}:{name}: the {b.name} backend has one ring pair per port; "
+                    f"workers = {shares} needs {shares}")
+
+
+def ring_pairs(b: Backend, name: str, options: OpenOptions) -> int:
+    """`b.ring_pairs(...)`, or 1 for a backend without it."""
+    method = getattr(b, "ring_pairs", None)
+    return int(method(name, options)) if method is not None else 1
+
+
+def _ring_pairs_or_1(b: Backend, name: str, options: OpenOptions) -> int:
+    try:
+        return ring_pairs(b, name, options)
+    except Exception:  # a port that cannot be counted (yet): opening it says why
+        return 1
+
+
+def share_rings(total: int, shares: int, share: int) -> list[int]:
+    """The ring pairs (of `total`) that share `share` of `shares` owns: i % shares == share."""
+    return list(range(share, total, shares))
+
 
 def parse_options(backend: str, query: str) -> dict[str, str]:
     """The options after a port name's ``?``: ``a=1&b=2`` -> {"a": "1", "b": "2"}; ValueError
@@ -162,25 +209,35 @@ class PortSet:
         self.failed: PortSpec | None = None  # the spec whose opening failed, for the caller's message
 
     def open(self, specs: Sequence[PortSpec]) -> list[Port]:
+        return [share for shares in self.open_shares(specs, [1] * len(specs)) for share in shares]
+
+    def open_shares(self, specs: Sequence[PortSpec], shares: Sequence[int]) -> list[list[Port]]:
+        """Open each spec as `shares[i]` Ports (one per forwarding worker; see the module's
+        ``open_shares``), all or nothing."""
         backends = [backend(s.backend) for s in specs]
         n_user = sum(1 for b in backends if b.user_memory)
         if n_user and self.region is None:
             o = self.options
-            self.region = Region(ports=n_user, rings=o.rings, slots=o.slots, buf_size=o.buf_size,
+            # room for the most ring pairs a user-memory port asks for, for every port (and as
+            # many again for pairs a reload adds); a share costs one more netmap_if header
+            rings = max([o.rings] + [_ring_pairs_or_1(b, s.name, o)
+                                     for s, b in zip(specs, backends, strict=True) if b.user_memory])
+            self.region = Region(ports=n_user, rings=rings, slots=o.slots, buf_size=o.buf_size,
                                  spare_ports=n_user)
-        opened: list[Port] = []
+        opened: list[list[Port]] = []
         self.failed = None
         try:
-            for spec, b in zip(specs, backends, strict=True):
+            for spec, b, n in zip(specs, backends, shares, strict=True):
                 reason = b.unavailable()
                 if reason:
                     raise PortError(f"{spec}: {reason}")
-                opened.append(b.open(spec.name, self.options, self.region if b.user_memory else None))
+                region = self.region if b.user_memory else None
+                opened.append(open_shares(b, spec.name, self.options, region, n))
         except BaseException:
             self.failed = specs[len(opened)]
-            close_all(opened)
+            close_all(p for ps in opened for p in ps)
             raise
-        self.ports.extend(opened)
+        self.ports.extend(p for ps in opened for p in ps)
         return opened
 
     def close_ports(self, ports: Iterable[Port]) -> None:

@@ -41,7 +41,7 @@ cdef extern from "nmb_memport.h" nogil:
                                int rx_mode, int tx_mode, uint16_t source_len, int strict,
                                char *err, size_t errlen)
     void nmb_memport_close(nmb_port *p)
-    int nmb_memport_inject(nmb_port *p, const void *data, uint32_t datalen, uint16_t slot_len,
+    int nmb_memport_inject(nmb_port *p, int ring, const void *data, uint32_t datalen, uint16_t slot_len,
                            uint16_t flags)
     size_t nmb_memport_take(nmb_port *p, char **out)
     size_t nmb_memport_pending(nmb_port *p)
@@ -93,31 +93,37 @@ cdef class MemPort(Port):
             nmb_memport_close(self.c)
             self.c = NULL
 
-    def inject_slot(self, bytes data, *, int flags=0, length=None) -> None:
-        """Queue one RX slot: `data` with `flags`; `length` overrides the slot's len."""
+    def inject_slot(self, bytes data, *, int flags=0, length=None, ring=None) -> None:
+        """Queue one RX slot: `data` with `flags`; `length` overrides the slot's len; `ring`:
+        for that RX ring only (as a NIC's RSS would put a flow there), else the first ring
+        with room."""
         self._check_open()
+        cdef int c_ring = -1 if ring is None else ring
+        if not -1 <= c_ring < <int>self.c.rx_last:
+            raise ValueError(f"{self.spec}: no RX ring {ring} (it has {self.c.rx_last})")
         cdef int slot_len = len(data) if length is None else length
         if len(data) > self.buf_size:
             raise ValueError(f"{self.spec}: {len(data)} bytes do not fit a {self.buf_size}-byte buffer")
         if not 0 <= slot_len <= 0xffff:
             raise ValueError(f"{self.spec}: slot length {slot_len} outside [0, 65535]")
-        if nmb_memport_inject(self.c, <const char *>data, len(data), slot_len, flags) != 0:
+        if nmb_memport_inject(self.c, c_ring, <const char *>data, len(data), slot_len, flags) != 0:
             raise MemoryError(f"{self.spec}: cannot queue a frame")
 
-    def inject(self, bytes frame) -> None:
-        """Queue one frame; one larger than a buffer becomes an NS_MOREFRAG chain."""
+    def inject(self, bytes frame, ring=None) -> None:
+        """Queue one frame (for RX ring `ring` only, or the first with room); one larger than a
+        buffer becomes an NS_MOREFRAG chain."""
         cdef Py_ssize_t off = 0, n = len(frame)
         if n <= self.buf_size:
-            self.inject_slot(frame)
+            self.inject_slot(frame, ring=ring)
             return
         while off < n:
             chunk = frame[off:off + self.buf_size]
             off += len(chunk)
-            self.inject_slot(chunk, flags=NS_MOREFRAG if off < n else 0)
+            self.inject_slot(chunk, flags=NS_MOREFRAG if off < n else 0, ring=ring)
 
-    def inject_many(self, frames) -> None:
+    def inject_many(self, frames, ring=None) -> None:
         for f in frames:
-            self.inject(f)
+            self.inject(f, ring)
 
     def collect_slots(self) -> list:
         """Everything TX took since the last call, one ``(data, flags, len)`` per slot."""

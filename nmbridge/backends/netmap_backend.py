@@ -21,6 +21,12 @@ would corrupt each other silently.  Exclusivity is per kernel ring: ``eth1`` (NI
 ``eth1^`` (host rings) of one bridge do not conflict, ``eth1*`` conflicts with both; the two
 ends of a pipe are separate ports.
 
+Forwarding workers (README "Workers"): a NIC port of all its rings (``netmap:eth1``) opened
+for N workers is N registrations of one ring pair each (``NR_REG_ONE_NIC``, ring w for share
+w, each with its own fd, so a share's syncs and poll() touch its ring only); that needs N
+equal to the NIC's ring pairs, since a registration is one ring or all of them.  A port
+that names its rings (``-N``, ``^``, ``*``), a pipe or a VALE port has one share.
+
 ``NR_NO_TX_POLL`` is not set, as in netmap's bridge: a poll() on a port's fd also pushes its
 TX rings out, which fastfwd relies on when both ports of a pair are netmap ports (one poll()
 per round syncs every ring).
@@ -247,6 +253,64 @@ class _NetmapBackend:
 
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         return open_port(name)
+
+    def ring_pairs(self, name: str, options: OpenOptions) -> int:
+        return ring_pairs(name)
+
+    def open_shares(self, name: str, options: OpenOptions, region: Region | None,
+                    shares: int) -> list[Port]:
+        return list(open_shares(name, shares))
+
+
+SYS_NET = "/sys/class/net"
+
+
+def ring_pairs(name: str, sys_net: str = SYS_NET) -> int:
+    """Ring pairs of a port before it opens: 1 for a port that names its rings, a pipe or a
+    VALE port; for a NIC's rings, its receive queues as the kernel lists them (netmap gives a
+    native driver's port one ring pair per queue).  PortError when they cannot be counted."""
+    parsed = parse_name(name)
+    if parsed.nr_mode != NR_REG_ALL_NIC or parsed.interface is None:
+        return 1
+    queues = os.path.join(sys_net, parsed.interface, "queues")
+    try:
+        n = sum(1 for q in os.listdir(queues) if q.startswith("rx-"))
+    except OSError as e:
+        raise PortError(f"netmap:{parsed.spec}: cannot count its queues in {queues}: {e.strerror}") from None
+    return max(n, 1)
+
+
+def open_shares(name: str, shares: int, *, device: str = DEVICE) -> list[NetmapPort]:
+    """The port as `shares` registrations of one NIC ring pair each (share w: ring w); one
+    share is the port as named.  PortError naming the port when it cannot be split so."""
+    if shares == 1:
+        return [open_port(name, device=device)]
+    spec = name if ":" in name else f"netmap:{name}"
+    try:
+        parsed = parse_name(name)
+    except ValueError as e:
+        raise PortError(str(e)) from None
+    if parsed.nr_mode != NR_REG_ALL_NIC or parsed.kind != "nic":
+        what = {"pipe": "a pipe", "vale": "a VALE port"}.get(parsed.kind, "a port that names its rings")
+        raise PortError(f"{spec}: {what} is one ring pair; workers = {shares} needs a NIC's rings "
+                        "(name the interface alone)")
+    from nmbridge.backends.netmap import NetmapPort
+
+    out: list[NetmapPort] = []
+    try:
+        for w in range(shares):
+            out.append(NetmapPort(spec, parsed.nr_name, mode=NR_REG_ONE_NIC, ringid=w,
+                                  flags=parsed.register_flags, mem_id=parsed.mem_id, device=device))
+            total = out[0].registration()["rx_rings"]
+            if total != shares:
+                raise PortError(f"{spec}: {total} ring pair{'s' if total != 1 else ''} cannot be split into "
+                                f"{shares} netmap shares: a share is one ring pair (NR_REG_ONE_NIC), so "
+                                f"workers = {total} or 1")
+    except BaseException:
+        for p in out:
+            p.close()
+        raise
+    return out
 
 
 def open_port(name: str, *, device: str = DEVICE) -> NetmapPort:

@@ -33,8 +33,9 @@ struct nmb_port *nmb_memport_open(nmb_umem *m, const char *name, uint32_t nrings
                                   int rx_mode, int tx_mode, uint16_t source_len, int strict,
                                   char *err, size_t errlen);
 void nmb_memport_close(struct nmb_port *p);
-/* Queue one slot's worth for RX; thread-safe against the forwarding thread. 0 or -errno. */
-int nmb_memport_inject(struct nmb_port *p, const void *data, uint32_t datalen, uint16_t slot_len,
+/* Queue one slot's worth for RX ring `ring` (-1: whichever ring has room, filled in ring
+ * order); thread-safe against the forwarding thread. 0 or -errno. */
+int nmb_memport_inject(struct nmb_port *p, int ring, const void *data, uint32_t datalen, uint16_t slot_len,
                        uint16_t flags);
 /* Take everything collected from TX so far (records, see above); caller frees *out. */
 size_t nmb_memport_take(struct nmb_port *p, char **out);

@@ -457,7 +457,7 @@ def test_reload_naming_a_missing_interface_changes_nothing(
     assert not e.value.config_error
     assert "pair idle: port afpacket:nmbnope0: no such interface nmbnope0" in str(e.value)
     assert (bridge.config, list(bridge.pairs)) == before
-    assert all(p.thread is not None and p.thread.is_alive() for p in bridge.pairs)
+    assert all(p.threads and all(t.is_alive() for t in p.threads) for p in bridge.pairs)
     lan.a.inject_many(frame(i, 0x88B5) for i in range(10))  # type: ignore[attr-defined]
     wait_for(lambda: lan.fwd.stats()["a_to_b"]["frames"] == 2 * FRAMES // 3 + 10, "lan to go on")
     assert cli.main(["reload", "--control", sock]) == cli.EX_ERROR
@@ -474,20 +474,20 @@ def test_a_restart_whose_ports_fail_to_open_resumes_the_old_pair(
     ports and the reload fails naming the port."""
     bridge, sock, path = running
     lan = bridge.pairs[0]
-    real_open = bridge.portset.open
+    real_open = bridge.portset.open_shares
 
-    def failing_open(specs: Any) -> Any:
+    def failing_open(specs: Any, shares: Any) -> Any:
         if any(s.name == "e" for s in specs):
             bridge.portset.failed = next(s for s in specs if s.name == "e")
             raise PortError("mem:e: no room")
-        return real_open(specs)
+        return real_open(specs, shares)
 
-    monkeypatch.setattr(bridge.portset, "open", failing_open)
+    monkeypatch.setattr(bridge.portset, "open_shares", failing_open)
     path.write_text(path.read_text().replace('ports = ["mem:a", "mem:b"]', 'ports = ["mem:a", "mem:e"]'))
     with pytest.raises(ControlError, match=r"^pair lan: port mem:e: no room$"):
         request(sock, "reload")
     assert [p.config.name for p in bridge.pairs] == ["lan", "idle"] and bridge.pairs[0] is lan
-    assert lan.thread is not None and lan.thread.is_alive()
+    assert lan.threads and all(t.is_alive() for t in lan.threads)
     assert events(log_lines, "pair_resumed")[0]["pair"] == "lan"
     lan.a.inject_many(frame(i, 0x88B5) for i in range(10))  # type: ignore[attr-defined]
     wait_for(lambda: lan.fwd.stats()["a_to_b"]["frames"] == 10, "the resumed pair to forward")
@@ -509,21 +509,21 @@ def test_reload_plan_is_a_pure_diff() -> None:
 
 
 def _busy_while_open(bridge: Bridge, monkeypatch: pytest.MonkeyPatch, fail_always: str = "") -> list[str]:
-    """PortSet.open as a backend that cannot open the same rings twice: a spec already open
-    fails (and so does `fail_always`, open or not)."""
-    real_open = bridge.portset.open
+    """PortSet.open_shares as a backend that cannot open the same rings twice: a spec already
+    open fails (and so does `fail_always`, open or not)."""
+    real_open = bridge.portset.open_shares
     refused: list[str] = []
 
-    def open_(specs: Any) -> Any:
+    def open_(specs: Any, shares: Any) -> Any:
         busy = {p.spec for p in bridge.portset.ports if not p.closed}
         for s in specs:
             if str(s) in busy or str(s) == fail_always:
                 bridge.portset.failed = s
                 refused.append(str(s))
                 raise PortError(f"{s}: busy")
-        return real_open(specs)
+        return real_open(specs, shares)
 
-    monkeypatch.setattr(bridge.portset, "open", open_)
+    monkeypatch.setattr(bridge.portset, "open_shares", open_)
     return refused
 
 
@@ -536,7 +536,7 @@ def test_a_restart_on_rings_that_cannot_be_opened_twice_closes_the_old_ports_fir
     r = request(sock, "reload")
     assert r["restarted"] == ["lan"] and refused == ["mem:a"]  # refused once, then the retry opened it
     lan = bridge.pairs[0]
-    assert lan is not old and old.a.closed and lan.thread is not None and lan.thread.is_alive()
+    assert lan is not old and old.a.closed and lan.threads and all(t.is_alive() for t in lan.threads)
     assert [e["pair"] for e in events(log_lines, "pair_stopped")] == ["lan"]  # once
     lan.a.inject_many(frame(i, 0x88B5) for i in range(10))  # type: ignore[attr-defined]
     wait_for(lambda: lan.fwd.stats()["a_to_b"]["frames"] == 10, "the restarted pair to forward")
@@ -553,7 +553,7 @@ def test_when_the_retry_fails_too_the_old_ports_are_opened_again(
                             "opened again)")
     assert refused == ["mem:a", "mem:z"]
     lan = bridge.pairs[0]
-    assert lan.config.ports[1].name == "b" and lan.thread is not None and lan.thread.is_alive()
+    assert lan.config.ports[1].name == "b" and lan.threads and all(t.is_alive() for t in lan.threads)
     assert lan.filters["a_to_b"].name == "noarp"  # its filters go with it
     assert events(log_lines, "pair_reopened")[0]["pair"] == "lan"
     lan.a.inject_many(frame(i, 0x88B5) for i in range(10))  # type: ignore[attr-defined]

@@ -113,7 +113,7 @@ def test_every_pair_forwards_and_every_port_is_closed_after(log_lines: io.String
     stopped = events(log_lines)[-1]
     assert stopped["event"] == "stopped" and set(stopped["counters"]) == {"p0", "p1"}
     assert all(p.a.closed and p.b.closed for p in bridge.pairs)
-    assert all(p.thread is not None and not p.thread.is_alive() for p in bridge.pairs)
+    assert all(p.threads and not any(t.is_alive() for t in p.threads) for p in bridge.pairs)
 
 
 def test_stop_before_the_loop_starts_is_not_lost(log_lines: io.StringIO) -> None:
@@ -126,13 +126,13 @@ def test_stop_before_the_loop_starts_is_not_lost(log_lines: io.StringIO) -> None
 def test_a_port_that_fails_to_open_names_pair_and_port_and_leaves_nothing_open(
         log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
     opened: list[Port] = []
-    real_open = mem_backend.BACKEND.open
+    real_open = mem_backend.BACKEND.open_shares
 
-    def recording_open(*args: Any) -> Port:
-        port = real_open(*args)
-        opened.append(port)
-        return port
-    monkeypatch.setattr(mem_backend.BACKEND, "open", recording_open)
+    def recording_open(*args: Any) -> list[Port]:
+        ports = real_open(*args)
+        opened.extend(ports)
+        return ports
+    monkeypatch.setattr(mem_backend.BACKEND, "open_shares", recording_open)
     # frames of 4000 bytes do not fit 2048-byte buffers: the last port refuses to open
     cfg = mem_config('[[pair]]\nname = "bad"\nports = ["mem:x", "mem:y?rx=source&frame_len=4000"]\n')
     with pytest.raises(PortError) as e:

@@ -109,6 +109,23 @@ def test_auto_on_one_cpu_never_asks_for_fifo() -> None:
     assert got == sched.Applied("other", slice_us=100) and got.fallback is None
 
 
+def test_auto_leaves_a_cpu_to_the_rest_and_never_spins_fifo() -> None:
+    """auto gives SCHED_FIFO only while the bridge's forwarding threads (all pairs, all
+    workers) are fewer than the usable CPUs, and never to a thread whose port busy-polls."""
+    k = Kernel()
+    assert sched.choose(BridgeConfig(), k.fifo, k.slice, lambda: 4, threads=3).policy == "fifo"
+    assert sched.choose(BridgeConfig(), k.fifo, k.slice, lambda: 2, threads=2).policy == "other"
+    assert sched.choose(BridgeConfig(), k.fifo, k.slice, lambda: 4, spins=True).policy == "other"
+    assert k.calls == [("fifo", 1), ("slice", 100), ("slice", 100)]
+    assert sched.auto_fifo(2, 2, False) == ("sched = auto: 2 forwarding threads on 2 usable CPUs "
+                                            "would leave no CPU to the rest")
+    assert "busy_poll" in (sched.auto_fifo(8, 1, True) or "")
+    # asked for explicitly, fifo is what it is
+    k = Kernel()
+    assert sched.choose(replace(BridgeConfig(), sched="fifo"), k.fifo, k.slice, lambda: 2, threads=2,
+                        spins=True).policy == "fifo"
+
+
 def test_fifo_is_asked_for_even_on_one_cpu() -> None:
     k = Kernel()
     assert choose(k, cpus=1, sched="fifo").policy == "fifo"

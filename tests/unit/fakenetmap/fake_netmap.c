@@ -27,7 +27,8 @@
  *   nr_version 11; names starting with "vale" report memory region 3, the others region 1.
  *
  * For the tests, per process: fake_netmap_counters() (poll calls, ioctls by type, ring syncs
- * done inside poll) and fake_netmap_last_request() (the bytes of the last NIOCCTRL request).
+ * done inside poll), fake_netmap_last_request() (the bytes of the last NIOCCTRL request) and
+ * fake_netmap_request(i) (the i-th one since the counters were last reset, up to 16).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -96,6 +97,9 @@ static char *mem;
 static signed char fd_kind[MAXFD]; /* 0 unknown, 1 the fake device, -1 something else */
 static uint64_t counters[8];       /* see fake_netmap_counters() */
 static unsigned char last_req[sizeof(struct nmreq_header) + sizeof(struct nmreq_register)];
+#define KEPT_REQ 16u
+static unsigned char kept_req[KEPT_REQ][sizeof(last_req)]; /* since the last reset */
+static unsigned kept;
 
 /* ---- the exported test hooks ---------------------------------------------------------- */
 
@@ -110,6 +114,17 @@ void fake_netmap_counters(uint64_t out[8])
 void fake_netmap_reset_counters(void)
 {
     memset(counters, 0, sizeof(counters));
+    kept = 0;
+}
+
+/* NIOCCTRL request i (from 0) since the last reset, as last_request has it: 0, or -1 when
+ * there was no such request (or it was past the 16 kept). */
+int fake_netmap_request(unsigned i, unsigned char out[sizeof(last_req)])
+{
+    if (i >= kept || i >= KEPT_REQ)
+        return -1;
+    memcpy(out, kept_req[i], sizeof(last_req));
+    return 0;
 }
 
 /* The last NIOCCTRL request as the "kernel" got it: nmreq_header then nmreq_register. */
@@ -354,6 +369,9 @@ static int do_register(int fd, struct nmreq_header *h)
     memcpy(last_req, h, sizeof(*h));
     if (reg)
         memcpy(last_req + sizeof(*h), reg, sizeof(*reg));
+    if (kept < KEPT_REQ)
+        memcpy(kept_req[kept], last_req, sizeof(last_req));
+    kept++;
     if (h->nr_version != NETMAP_API || !strncmp(h->nr_name, "oldapi", 6)) {
         h->nr_version = 11;
         errno = EINVAL;

@@ -166,6 +166,71 @@ def exclusive() -> None:
     assert mapped_regions() == 0
 
 
+def request(i: int) -> tuple[bytes, bytes] | None:
+    buf = (ctypes.c_ubyte * (88 + 56))()
+    if FAKE.fake_netmap_request(i, buf) != 0:
+        return None
+    raw = bytes(buf)
+    return raw[:88], raw[88:]
+
+
+def shares() -> None:
+    """A NIC port split for two workers: one NR_REG_ONE_NIC registration per ring pair, each
+    with its own fd; a worker's syncs are its share's ioctls, on its ring only."""
+    from nmbridge.backends.netmap_backend import NR_REG_ONE_NIC, open_shares
+
+    fd0, regions0 = fds(), mapped_regions()
+    FAKE.fake_netmap_reset_counters()
+    a = open_shares("netmap:mqa", 2, device=DEV)
+    # the requests, share by share: ONE_NIC, ring w, exclusive
+    for w in range(2):
+        got = request(w)
+        assert got is not None
+        hdr, reg = got
+        assert hdr[8:8 + 4] == b"mqa\0"
+        assert struct.unpack_from("<H", reg, 34)[0] == w  # nr_ringid
+        assert struct.unpack_from("<I", reg, 36)[0] == NR_REG_ONE_NIC  # nr_mode
+        assert struct.unpack_from("<Q", reg, 48)[0] & NR_EXCLUSIVE
+    assert request(2) is None and counters()["ctrl"] == 2
+    assert len({p.fd for p in a}) == 2 and fds() == fd0 + 2 and mapped_regions() == regions0 + 1
+    for w, p in enumerate(a):
+        r = p.registration()
+        assert (r["nr_mode"], r["nr_ringid"]) == (NR_REG_ONE_NIC, w)
+        assert r["tx_range"] == (w, w + 1) and r["rx_range"] == (w, w + 1) and r["rx_rings"] == 2
+        assert p.spec == "netmap:mqa" and p.info()["rx_rings"] == 1
+    b = open_shares("netmap:mqb", 2, device=DEV)
+    fwd = [Forwarder(a[w], b[w], direction="a-to-b") for w in range(2)]
+    # frames on a's ring w (the fake loops a TX ring into the same RX ring) reach b's ring w only
+    sent = {w: [bytes([w, i]) * 30 for i in range(5 + w)] for w in range(2)}
+    for w in range(2):
+        assert a[w].send(sent[w]) == len(sent[w])
+    for w in range(2):
+        a[w].rxsync()
+        FAKE.fake_netmap_reset_counters()
+        assert fwd[w].step() == len(sent[w])
+        c = counters()  # one worker's round: a txsync of its b share, an rxsync of its a share
+        assert (c["txsync"], c["rxsync"], c["poll"], c["ctrl"]) == (1, 1, 0, 0), c
+        assert b[1 - w].recv() == [] or w == 1  # share 1's round has not run yet for w == 0
+        assert b[w].recv() == sent[w]
+    # what cannot be split so, in one line, leaking nothing
+    fd1, regions1 = fds(), mapped_regions()  # (with the forwarders' eventfds)
+    for name, n, words in [("netmap:mqc", 3, "netmap:mqc: 2 ring pairs cannot be split into 3 netmap "
+                                             "shares: a share is one ring pair (NR_REG_ONE_NIC), so workers "
+                                             "= 2 or 1"),
+                           ("netmap:fc", 2, "netmap:fc: 1 ring pair cannot be split into 2 netmap shares"),
+                           ("netmap:mqc-1", 2, "netmap:mqc-1: a port that names its rings is one ring pair; "
+                                               "workers = 2 needs a NIC's rings (name the interface alone)"),
+                           ("netmap:px{3", 2, "netmap:px{3: a pipe is one ring pair")]:
+        with pytest.raises(PortError) as e:
+            open_shares(name, n, device=DEV)
+        assert str(e.value).startswith(words), e.value
+        assert fds() == fd1 and mapped_regions() == regions1
+    del fwd  # their stop eventfds
+    for p in (*a, *b):
+        p.close()
+    assert fds() == fd0 and mapped_regions() == regions0
+
+
 def round_counts(burst: int, direction: str, discipline: str, frames: int) -> dict[str, float]:
     """Forward `frames` from an endless source to a sink; system calls per round and per
     million frames. `discipline` "poll" is run(); "sync" is the txsync + rxsync after every
@@ -274,6 +339,7 @@ def main() -> None:
         basics()
         exclusive()
         prompt()
+        shares()
     counts = syscalls()
     print(json.dumps(counts))
     print("ok")
