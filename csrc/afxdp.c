@@ -13,7 +13,14 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#ifndef SO_PREFER_BUSY_POLL
+#define SO_PREFER_BUSY_POLL 69
+#endif
+#ifndef SO_BUSY_POLL_BUDGET
+#define SO_BUSY_POLL_BUDGET 70
+#endif
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/ethtool.h>
 #include <linux/sockios.h>
@@ -63,6 +70,8 @@ struct xport {
     int map_fd, prog_fd, link_fd, epfd, promisc_fd;
     int mode, need_wakeup, fake, tx_down, csum_fix;
     int ep_out; /* multi-queue: EPOLLOUT watched (a TX ring is full) */
+    uint32_t busy_poll_us, busy_budget, coalesce_us;
+    uint64_t last_rx_ns;
     uint32_t idle_rx;
     uint32_t fake_seq; /* the fake kernel numbers the frames it receives */
     char mode_reason[160];
@@ -195,10 +204,16 @@ static int rx_ring_sync(struct xport *xp, uint32_t qi)
             prod++;
         }
         store_rel(q->fr.producer, prod);
-        if (q->fd >= 0 && xp->need_wakeup && (load_acq(q->fr.flags) & XDP_RING_NEED_WAKEUP)) {
+        if (q->fd >= 0 && !xp->busy_poll_us && xp->need_wakeup && (load_acq(q->fr.flags) & XDP_RING_NEED_WAKEUP)) {
             xp->st.fill_kicks++;
             recvfrom(q->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
         }
+    }
+    if (q->fd >= 0 && xp->busy_poll_us) {
+        /* preferred busy polling: this call runs the queue's NAPI (the XDP program and the
+         * copy into the UMEM) here, up to the budget, instead of in the sender's softirq */
+        xp->st.busy_polls++;
+        recvfrom(q->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
     }
     kr->hwcur = ring->head;
     uint32_t room = (kr->hwcur + n - 1 - kr->hwtail) % n;
@@ -255,11 +270,44 @@ static void clear_socket_errors(struct xport *xp)
     }
 }
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Receive coalescing (rx_coalesce=USEC, off by default): while a stream is on (the previous
+ * frames came less than 200 us ago), a sync that finds only a few frames (1 to 31) waiting
+ * sleeps USEC first, so that one wake-up, one batch and one transmit kick serve many frames
+ * instead of one or two -- what a NIC's interrupt moderation does.  A lone frame (latency
+ * probes, light traffic) never waits. */
+static void rx_coalesce(struct xport *xp)
+{
+    uint32_t most = 0;
+    for (uint32_t i = 0; i < xp->nq; i++) {
+        uint32_t a = load_acq(xp->q[i].rx.producer) - *xp->q[i].rx.consumer;
+        most = a > most ? a : most;
+    }
+    if (most == 0)
+        return;
+    uint64_t now = mono_ns();
+    int stream = now - xp->last_rx_ns < 200000;
+    xp->last_rx_ns = now;
+    if (stream && most < 32) {
+        struct timespec ts = {0, (long)xp->coalesce_us * 1000};
+        xp->st.rx_coalesced++;
+        nanosleep(&ts, NULL);
+    }
+}
+
 static int xdp_rxsync(struct nmb_port *p)
 {
     struct xport *xp = (struct xport *)p;
     int got = 0;
     xp->st.rxsyncs++;
+    if (xp->coalesce_us && !xp->fake)
+        rx_coalesce(xp);
     for (uint32_t i = 0; i < xp->nq; i++) {
         int rc = rx_ring_sync(xp, i);
         if (rc < 0)
@@ -662,6 +710,17 @@ static int xq_open(struct xport *xp, uint32_t qi, int zc, uint32_t ring_size, ch
         snprintf(err, errlen, "mmap of the XSK rings: %s", strerror(errno));
         return -1;
     }
+    if (xp->busy_poll_us) {
+        int one = 1, us = (int)xp->busy_poll_us, budget = (int)xp->busy_budget;
+        if (setsockopt(q->fd, SOL_SOCKET, SO_PREFER_BUSY_POLL, &one, sizeof(one)) ||
+            setsockopt(q->fd, SOL_SOCKET, SO_BUSY_POLL, &us, sizeof(us)) ||
+            (budget && setsockopt(q->fd, SOL_SOCKET, SO_BUSY_POLL_BUDGET, &budget, sizeof(budget)))) {
+            snprintf(err, errlen, "busy_poll: SO_PREFER_BUSY_POLL/SO_BUSY_POLL%s: %s%s",
+                     budget ? "/SO_BUSY_POLL_BUDGET" : "", strerror(errno),
+                     errno == EPERM ? " (a budget over the default needs CAP_NET_ADMIN)" : "");
+            return -1;
+        }
+    }
     struct sockaddr_xdp sa;
     memset(&sa, 0, sizeof(sa));
     sa.sxdp_family = AF_XDP;
@@ -854,6 +913,10 @@ struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nm
     }
     xp->need_wakeup = o->need_wakeup;
     xp->csum_fix = o->csum_fix;
+    xp->busy_poll_us = o->busy_poll_us;
+    xp->busy_budget = o->busy_budget;
+    xp->port.spin_us = o->busy_poll_us;
+    xp->coalesce_us = o->rx_coalesce_us;
     xp->ifindex = (int)if_nametoindex(ifname);
     if (xp->ifindex == 0)
         OPEN_FAIL("%s", errno == ENODEV || errno == ENXIO ? "no such interface" : strerror(errno));

@@ -19,6 +19,9 @@ class AfXdpPort(Port):
         promisc: bool = True,
         need_wakeup: bool = True,
         csum_fix: bool = True,
+        busy_poll: int = 0,
+        busy_budget: int = 0,
+        rx_coalesce: int = 0,
     ) -> None: ...
     @property
     def ifindex(self) -> int: ...

@@ -31,11 +31,14 @@ cdef extern from "nmb_afxdp.h" nogil:
         int promisc
         int need_wakeup
         int csum_fix
+        uint32_t busy_poll_us
+        uint32_t busy_budget
+        uint32_t rx_coalesce_us
 
     struct nmb_afxdp_stats:
         uint64_t rx_frames, rx_bytes, rx_kernel_drops, rx_ring_full, rx_fill_empty, rx_bad_desc, rx_csum_fixed
         uint64_t tx_frames, tx_bytes, tx_errors, tx_link_down, tx_dev_drops, tx_invalid, tx_again
-        uint64_t rxsyncs, txsyncs, tx_kicks, fill_kicks, completions, link_errors
+        uint64_t rxsyncs, txsyncs, tx_kicks, fill_kicks, completions, link_errors, busy_polls, rx_coalesced
 
     nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const nmb_afxdp_opts *o,
                              char *err, size_t errlen)
@@ -69,6 +72,7 @@ cdef dict _stats_dict(nmb_afxdp_stats *s):
         "tx_invalid": s.tx_invalid, "tx_again": s.tx_again,
         "rxsyncs": s.rxsyncs, "txsyncs": s.txsyncs, "tx_kicks": s.tx_kicks,
         "fill_kicks": s.fill_kicks, "completions": s.completions, "link_errors": s.link_errors,
+        "busy_polls": s.busy_polls, "rx_coalesced": s.rx_coalesced,
         "tx_sent": s.tx_frames - s.tx_dev_drops - s.tx_invalid,
     }
 
@@ -82,21 +86,25 @@ cdef class AfXdpPort(Port):
     cdef tuple _kernel  # the kernel-kept counters last read (see decode_counters)
 
     def __init__(self, Region region not None, str ifname, *, int slots=1024, str mode="auto",
-                 int queues=0, bint promisc=True, bint need_wakeup=True, bint csum_fix=True):
+                 int queues=0, bint promisc=True, bint need_wakeup=True, bint csum_fix=True,
+                 int busy_poll=0, int busy_budget=0, int rx_coalesce=0):
         cdef char err[256]
         self._kernel = (0, 0, 0, 0)
         cdef nmb_afxdp_opts o
         cdef bytes name = ifname.encode()
         if mode not in MODES:
             raise PortError(f"afxdp:{ifname}: mode {mode!r}: use one of {', '.join(MODES)}")
-        if slots < 2 or queues < 0:
-            raise PortError(f"afxdp:{ifname}: slots >= 2 and queues >= 0 are needed")
+        if slots < 2 or queues < 0 or busy_poll < 0 or busy_budget < 0 or rx_coalesce < 0:
+            raise PortError(f"afxdp:{ifname}: slots >= 2, queues, busy_poll, busy_budget and rx_coalesce >= 0 are needed")
         o.slots = slots
         o.mode = MODES[mode]
         o.queues = queues
         o.promisc = promisc
         o.need_wakeup = need_wakeup
         o.csum_fix = csum_fix
+        o.busy_poll_us = busy_poll
+        o.busy_budget = busy_budget
+        o.rx_coalesce_us = rx_coalesce
         self.c = nmb_afxdp_open(region.c, name, &o, err, sizeof(err))
         if self.c == NULL:
             raise PortError(f"afxdp:{ifname}: {err.decode(errors='replace')}")

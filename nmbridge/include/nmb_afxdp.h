@@ -56,6 +56,12 @@ struct nmb_afxdp_opts {
     int promisc;      /* hold the interface in promiscuous mode while open */
     int need_wakeup;  /* XDP_USE_NEED_WAKEUP (default 1) */
     int csum_fix;     /* finish TCP/UDP checksums a local stack left partial (default 1) */
+    uint32_t busy_poll_us; /* >0: preferred busy polling (SO_PREFER_BUSY_POLL, SO_BUSY_POLL = this,
+                            * SO_BUSY_POLL_BUDGET): every rxsync runs the queue's NAPI in the
+                            * calling thread, and the loop spins this long before it sleeps */
+    uint32_t busy_budget;  /* SO_BUSY_POLL_BUDGET (frames per busy poll; 0: the kernel's 8) */
+    uint32_t rx_coalesce_us; /* >0: while frames stream in, a sync that finds 1-31 waiting sleeps
+                              * this long first (see afxdp.c: rx_coalesce) */
 };
 
 struct nmb_afxdp_stats {
@@ -73,6 +79,8 @@ struct nmb_afxdp_stats {
     uint64_t tx_again;              /* kicks that left frames in the TX ring for later */
     uint64_t rxsyncs, txsyncs, tx_kicks, fill_kicks, completions;
     uint64_t link_errors;           /* socket errors reported by the kernel */
+    uint64_t busy_polls;            /* recvfrom() calls that ran the RX NAPI here (busy_poll) */
+    uint64_t rx_coalesced;          /* syncs that slept rx_coalesce_us for more frames */
 };
 
 /* Open a port on `ifname` in region `m` (the calling thread's network namespace). NULL with
