@@ -200,6 +200,7 @@ class Lab:
     right_ip: str
     plen: int
     mtu: int
+    queues: int = 1  # receive and transmit queues of each veth end
 
     @property
     def namespaces(self) -> tuple[str, str, str]:
@@ -253,12 +254,13 @@ class Lab:
 
 
 def new_lab(prefix: str | None = None, *, mtu: int = 1500, left_ip: str = "10.77.0.1",
-            right_ip: str = "10.77.0.2", plen: int = 24) -> Lab:
-    """The names of a new lab (nothing is created yet)."""
+            right_ip: str = "10.77.0.2", plen: int = 24, queues: int = 1) -> Lab:
+    """The names of a new lab (nothing is created yet); `queues`: receive and transmit queues
+    of every veth end (``numrxqueues``/``numtxqueues``)."""
     p = prefix or unique_prefix()
     return Lab(prefix=p, ns_left=f"{p}-left", ns_bridge=f"{p}-bridge", ns_right=f"{p}-right",
                left_if=f"{p}-l", bridge_left_if=f"{p}-bl", bridge_right_if=f"{p}-br", right_if=f"{p}-r",
-               left_ip=left_ip, right_ip=right_ip, plen=plen, mtu=mtu)
+               left_ip=left_ip, right_ip=right_ip, plen=plen, mtu=mtu, queues=queues)
 
 
 def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True) -> None:
@@ -273,9 +275,10 @@ def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True) -> None:
             write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
     # create each pair here, then move the ends (creating them in place can fail: EEXIST)
     mtu = str(lb.mtu)
+    qs = ("numtxqueues", str(lb.queues), "numrxqueues", str(lb.queues)) if lb.queues > 1 else ()
     for a, a_ns, b, b_ns in ((lb.left_if, lb.ns_left, lb.bridge_left_if, lb.ns_bridge),
                              (lb.right_if, lb.ns_right, lb.bridge_right_if, lb.ns_bridge)):
-        run("ip", "link", "add", a, "mtu", mtu, "type", "veth", "peer", "name", b, "mtu", mtu)
+        run("ip", "link", "add", a, *qs, "mtu", mtu, "type", "veth", "peer", "name", b, *qs, "mtu", mtu)
         run("ip", "link", "set", "dev", a, "netns", a_ns)
         run("ip", "link", "set", "dev", b, "netns", b_ns)
     lb.ip(lb.ns_left, "addr", "add", f"{lb.left_ip}/{lb.plen}", "dev", lb.left_if)
@@ -290,10 +293,11 @@ def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True) -> None:
 
 @contextmanager
 def lab(prefix: str | None = None, *, mtu: int = 1500, ipv6: bool = False, offloads: bool = True,
-        left_ip: str = "10.77.0.1", right_ip: str = "10.77.0.2", plen: int = 24) -> Iterator[Lab]:
-    """Build a left -- bridge -- right lab (see :func:`build`); yield its :class:`Lab`;
-    always tear it down."""
-    lb = new_lab(prefix, mtu=mtu, left_ip=left_ip, right_ip=right_ip, plen=plen)
+        left_ip: str = "10.77.0.1", right_ip: str = "10.77.0.2", plen: int = 24,
+        queues: int = 1) -> Iterator[Lab]:
+    """Build a left -- bridge -- right lab (see :func:`build`; `queues` per veth end); yield
+    its :class:`Lab`; always tear it down."""
+    lb = new_lab(prefix, mtu=mtu, left_ip=left_ip, right_ip=right_ip, plen=plen, queues=queues)
     try:
         build(lb, ipv6=ipv6, offloads=offloads)
         yield lb

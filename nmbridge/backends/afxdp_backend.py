@@ -18,6 +18,11 @@ wake-up, batch and transmit kick serve more frames: less CPU per frame, up to US
 under load, none for a lone frame).
 Example: ``afxdp:eth1?mode=native``.
 
+Shares (forwarding workers): ``open_shares(..., shares=N)`` opens the interface as N ports,
+share w owning the sockets (ring pairs) of queues w, w + N, ...; one XDP program for the
+interface, detached when the last share closes; ``ring_pairs()`` is the number of receive
+queues (``queues=`` when given).
+
 The bridge's buffer pool is the UMEM shared by every afxdp: port, so forwarding between them
 is a buffer swap.  Frames must fit one buffer less 256 bytes of XDP headroom (1792 bytes with
 the default 2048-byte buffers): a larger MTU is refused at open.  Needs CAP_NET_RAW (the
@@ -151,19 +156,44 @@ class _AfXdpBackend:
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         from nmbridge.backends.afxdp import AfXdpPort
 
+        ifname, kw = self._args(name, region)
+        assert region is not None
+        return AfXdpPort(region, ifname, slots=options.slots, **kw)  # type: ignore[arg-type]
+
+    def open_shares(self, name: str, options: OpenOptions, region: Region | None, shares: int) -> list[Port]:
+        """The port as `shares` ports for forwarding workers: share w owns the sockets (and ring
+        pairs) of queues w, w + shares, ...; one UMEM, one XDP program for the interface."""
+        from nmbridge.backends.afxdp import open_shares
+
+        ifname, kw = self._args(name, region)
+        assert region is not None
+        return list(open_shares(region, ifname, shares, slots=options.slots, **kw))  # type: ignore[arg-type]
+
+    def ring_pairs(self, name: str, options: OpenOptions) -> int:
+        """One ring pair per receive queue: ``queues=`` when given, else what the interface has
+        (in the calling thread's network namespace)."""
+        from nmbridge.backends.afxdp import count_queues
+
+        try:
+            ifname, opts = parse(name)
+        except ValueError as e:
+            raise PortError(f"afxdp:{name}: {e}") from None
+        return int(opts["queues"]) if "queues" in opts else count_queues(ifname)
+
+    def _args(self, name: str, region: Region | None) -> tuple[str, dict[str, object]]:
         if region is None:
             raise PortError(f"afxdp:{name}: needs a user-memory region")
         try:
             ifname, opts = parse(name)
         except ValueError as e:
             raise PortError(f"afxdp:{name}: {e}") from None
-        return AfXdpPort(region, ifname, slots=options.slots, mode=opts.get("mode", "auto"),
-                         queues=int(opts.get("queues", "0")), promisc=opts.get("promisc", "1") == "1",
-                         need_wakeup=opts.get("need_wakeup", "1") == "1",
-                         csum_fix=opts.get("csum_fix", "1") == "1",
-                         busy_poll=int(opts.get("busy_poll", "0")),
-                         busy_budget=int(opts.get("busy_budget", "0")),
-                         rx_coalesce=int(opts.get("rx_coalesce", "0")))
+        return ifname, dict(mode=opts.get("mode", "auto"), queues=int(opts.get("queues", "0")),
+                            promisc=opts.get("promisc", "1") == "1",
+                            need_wakeup=opts.get("need_wakeup", "1") == "1",
+                            csum_fix=opts.get("csum_fix", "1") == "1",
+                            busy_poll=int(opts.get("busy_poll", "0")),
+                            busy_budget=int(opts.get("busy_budget", "0")),
+                            rx_coalesce=int(opts.get("rx_coalesce", "0")))
 
 
 BACKEND = _AfXdpBackend()

@@ -87,6 +87,18 @@ struct nmb_afxdp_stats {
  * a one-line reason in err (without the "afxdp:IFNAME: " prefix). */
 struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o,
                                 char *err, size_t errlen);
+/* The same interface as `shares` ports (1 <= shares <= its queues): share w binds queues w,
+ * w + shares, w + 2 * shares, ... (its ring pairs 0, 1, ... in that order), all in one UMEM,
+ * with one XDP program for the interface, which goes when the last share closes.  Each share
+ * has its own counters and fd and is synced by one thread.  0, or -1 with a reason in err
+ * (nothing is left open). */
+int nmb_afxdp_open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o, uint32_t shares,
+                          struct nmb_port **out, char *err, size_t errlen);
+/* The interface's receive queues (ETHTOOL_GCHANNELS rx + combined; 1 when the driver does not
+ * say), in the calling thread's network namespace. */
+int nmb_afxdp_count_queues(const char *ifname);
+/* The interface queue that ring pair `ring` of the port plays (UINT32_MAX if none). */
+uint32_t nmb_afxdp_queue_id(struct nmb_port *p, uint32_t ring);
 void nmb_afxdp_close(struct nmb_port *p);
 void nmb_afxdp_get_stats(struct nmb_port *p, struct nmb_afxdp_stats *out);
 /* The live counter struct (written only by the thread that syncs the port), for fastfwd to
