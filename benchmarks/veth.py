@@ -27,7 +27,11 @@ CPU per delivered frame is summed over all CPUs, from /proc/stat (every non-idle
 nice, system, irq, softirq, steal) across the measuring window, so that work moved to a second
 CPU (nmbridge's thread) or done in the generator's softirq (the Linux bridge) both count.  The
 machine's background load is measured over ``--idle`` seconds before each round (no traffic)
-and subtracted at its rate; on a busy machine both numbers are noisy.  Needs root.
+and subtracted at its rate; on a busy machine both numbers are noisy.  For nmbridge the CPU
+of its process alone (user + system, from /proc/PID/stat across the same window) per
+delivered frame is printed too ("nmbridge process"): it includes the kernel's transmit path
+and the far end's receive that the process's system calls run, not the receive work done in
+the generator's softirq, and other load on the machine disturbs it less.  Needs root.
 
     python benchmarks/veth.py [--seconds 3] [--rounds 3] [--pin] [--bridges linux,afxdp]
                               [--options tx_ring=0] [--afxdp-options mode=skb] [--json]
@@ -36,6 +40,29 @@ and subtracted at its rate; on a busy machine both numbers are noisy.  Needs roo
 ``--pin`` runs trafgen on CPU 0 (for both bridges) and nmbridge's process on CPU 1 (its
 workers on CPUs 1, 2, ...: on a 2-core machine the second worker shares CPU 0 with trafgen),
 so the scheduler's placement (and other load moving between CPUs) varies less between rounds.
+
+What the Mpps column measures.  One trafgen on one CPU is a generator of limited speed, and
+by default the receive work of the bridge's ingress veth runs in that same CPU's softirq: the
+Linux bridge forwards there in full, and an XDP program (afxdp:) runs there and copies each
+frame into the UMEM.  When a bridge keeps up, delivered == generated and the figure is the
+generator's rate, a lower bound of the bridge's, not its ceiling: such a round is marked
+"generator-bound" (delivered >= 97 % of generated) and the summary says so.  To see a bridge's
+own ceiling, ``--threaded-napi`` moves the ingress veth's receive work out of the generator's
+softirq into a NAPI kernel thread (``/sys/class/net/IF/threaded``; veth has NAPI only with an
+XDP program or GRO, so GRO is turned on for every bridge), applied equally to every bridge,
+after it has started and undone after the round; with ``--pin`` that thread runs on CPU 1 with
+nmbridge (trafgen keeps CPU 0 to itself).  The generator then offers more than it could when
+it also did the bridge's receive work, and a bridge that is slower than the generator shows
+drops: the ingress veth's receive ring (256 frames) fills and the generator's veth drops
+(its tx dropped counter); the round then says "veth ring full: N dropped", its figure is the
+bridge's ceiling, and it is not generator-bound.  (The 256 frames a full veth ring holds
+are charged to trafgen's socket and exceed the default send buffer, which makes trafgen give
+up on EAGAIN: with this option net.core.wmem_default is raised to 4 MiB while the benchmark
+runs -- for every new socket of the machine -- and restored at the end.)  On this 2-CPU
+machine there is no room for a second generator (each trafgen needs a CPU), and this kernel
+has no pktgen.  ``--bridges none,...`` measures the generator's own ceiling: no bridge, the
+frames end in the bridge namespace's stack (unknown ethertype: dropped at once); its
+"generator" rate is the most any bridge can be shown to deliver here.
 """
 
 from __future__ import annotations
@@ -129,7 +156,11 @@ class Round:
     background_cpu_s: float = 0.0
     cpu_ns_per_frame: float = 0.0  # cpu_s per delivered frame
     net_cpu_ns_per_frame: float = 0.0  # background subtracted
+    generator_bound: bool = False  # delivered ~ generated: the rate is the generator's
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+GENERATOR_BOUND = 0.97  # delivered / generated at or above this: the bridge kept up
 
 
 def softnet_drops() -> int:
@@ -161,10 +192,16 @@ def tx_packets(lb: netns.Lab) -> int:
     return int(lb.link(lb.ns_left, lb.left_if)["stats64"]["tx"]["packets"])
 
 
-def snapshot(lb: netns.Lab) -> tuple[int, int, int, float, int]:
-    """Far-end rx packets, generator tx packets, backlog drops, time, busy CPU jiffies."""
+def refused(lb: netns.Lab) -> int:
+    """Frames the generator's veth dropped on transmit (its peer's receive ring was full)."""
+    return int(lb.link(lb.ns_left, lb.left_if)["stats64"]["tx"]["dropped"])
+
+
+def snapshot(lb: netns.Lab) -> tuple[int, int, int, float, int, int]:
+    """Far-end rx packets, generator tx packets, backlog drops, time, busy CPU jiffies, frames
+    the generator's veth dropped."""
     return (lb.rx_packets(lb.ns_right, lb.right_if), tx_packets(lb), softnet_drops(), time.monotonic(),
-            busy_jiffies())
+            busy_jiffies(), refused(lb))
 
 
 def pinned(cpu: str | None, *argv: str) -> list[str]:
@@ -201,6 +238,17 @@ class Window:
     cpu_s: float  # all CPUs, non-idle, across the window
     background_cpu_s: float  # the machine's background load at its pre-round rate, same window
     canary_share: float | None = None  # CPU share a spinning normal process got on the bridge's CPU
+    refused: int = 0  # frames the generator's veth dropped: its peer's receive ring was full
+    process_cpu_s: float = 0.0  # the nmbridge process alone, same window
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system, all threads) process `pid` has used; 0 without one."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
 
 
 @contextmanager
@@ -229,8 +277,9 @@ def canary(cpu: str | None) -> Iterator[Callable[[], float | None]]:
         p.wait()
 
 
+
 def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float, cpu: str | None = None,
-            idle: float = 1.0, canary_cpu: str | None = None) -> Window:
+            idle: float = 1.0, pid: int | None = None, canary_cpu: str | None = None) -> Window:
     """Run trafgen in left; count frames arriving in right over `seconds` after `warmup`."""
     bg = background_cpu(idle)
     # trafgen forks its sender: it gets a process group of its own, and the whole group is
@@ -243,21 +292,77 @@ def measure(lb: netns.Lab, conf: str, warmup: float, seconds: float, cpu: str | 
         if gen.poll() is not None:
             raise SystemExit(f"trafgen exited: {gen.stderr.read().decode() if gen.stderr else ''}")
         with canary(canary_cpu) as share:
-            r0, g0, d0, t0, j0 = snapshot(lb)
+            c0 = process_cpu(pid)
+            r0, g0, d0, t0, j0, q0 = snapshot(lb)
             time.sleep(seconds)
-            r1, g1, d1, t1, j1 = snapshot(lb)
+            r1, g1, d1, t1, j1, q1 = snapshot(lb)
+            c1 = process_cpu(pid)
     finally:
         stop_group(gen)
-    return Window(r1 - r0, t1 - t0, g1 - g0, d1 - d0, (j1 - j0) / TICK, bg * (t1 - t0), share())
+    return Window(r1 - r0, t1 - t0, g1 - g0, d1 - d0, (j1 - j0) / TICK, bg * (t1 - t0), share(), q1 - q0,
+                  c1 - c0)
 
 
 def make_round(name: str, w: Window, extra: dict[str, Any]) -> Round:
-    extra = dict(extra, backlog_drops=w.backlog_drops, canary_share=w.canary_share)
+    extra = dict(extra, backlog_drops=w.backlog_drops, canary_share=w.canary_share, refused=w.refused)
+    if w.process_cpu_s and w.frames:
+        extra["process_ns_per_frame"] = w.process_cpu_s / w.frames * 1e9
     net = max(0.0, w.cpu_s - w.background_cpu_s)
     return Round(name, w.frames, w.seconds, w.frames / w.seconds, w.generated / w.seconds,
                  cpu_s=w.cpu_s, background_cpu_s=w.background_cpu_s,
                  cpu_ns_per_frame=w.cpu_s / w.frames * 1e9 if w.frames else float("inf"),
-                 net_cpu_ns_per_frame=net / w.frames * 1e9 if w.frames else float("inf"), extra=extra)
+                 net_cpu_ns_per_frame=net / w.frames * 1e9 if w.frames else float("inf"),
+                 generator_bound=(w.generated > 0 and w.frames >= GENERATOR_BOUND * w.generated
+                                  and w.refused == 0), extra=extra)
+
+
+def w_refused(r: Round) -> int:
+    return int(r.extra.get("refused", 0))
+
+
+@contextmanager
+def send_buffers(size: int | None) -> Iterator[None]:
+    """net.core.wmem_default at least `size` bytes inside the block (None: unchanged)."""
+    path = "/proc/sys/net/core/wmem_default"
+    with open(path) as f:
+        old = f.read().strip()
+    if size is not None and int(old) < size:
+        with open(path, "w") as f:
+            f.write(str(size))
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+
+
+def napi_threads(ifname: str) -> list[int]:
+    """Pids of the NAPI kernel threads of `ifname` (comm ``napi/IFNAME-ID``, cut to 15 bytes)."""
+    want = ("napi/" + ifname + "-")[:15]
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip().startswith(want):
+                        out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+def threaded_napi(lb: netns.Lab, on: bool, cpu: str | None) -> None:
+    """Turn threaded NAPI (and GRO, without which a veth has no NAPI unless XDP is attached) on
+    or off on the bridge's ingress veth; pin its NAPI threads to `cpu`."""
+    ifname = lb.bridge_left_if
+    if on:
+        lb.exec(lb.ns_bridge, "ethtool", "-K", ifname, "gro", "on")
+    lb.exec(lb.ns_bridge, "sh", "-c", f"echo {int(on)} > /sys/class/net/{ifname}/threaded")
+    if not on:
+        lb.exec(lb.ns_bridge, "ethtool", "-K", ifname, "gro", "off")
+    elif cpu is not None:
+        for pid in napi_threads(ifname):
+            subprocess.run(["taskset", "-p", "-c", cpu, str(pid)], check=True, stdout=subprocess.DEVNULL)
 
 
 def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
@@ -271,9 +376,13 @@ def run_linux(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
         for ifname in (lb.bridge_left_if, lb.bridge_right_if):
             lb.ip(lb.ns_bridge, "link", "set", "dev", ifname, "master", "br0")
         lb.set_up(lb.ns_bridge, "br0")
+        if args.threaded_napi:
+            threaded_napi(lb, True, args.bridge_cpu)
         w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle,
-                    args.bridge_cpu if args.canary else None)
+                    canary_cpu=args.bridge_cpu if args.canary else None)
     finally:
+        if args.threaded_napi:
+            threaded_napi(lb, False, None)
         lb.ip(lb.ns_bridge, "link", "del", "br0", check=False)
     return make_round("linux", w, {})
 
@@ -301,11 +410,15 @@ def run_nmbridge(lb: netns.Lab, conf: str, args: argparse.Namespace, kind: str, 
             child.wait(5)
             err = child.stderr.read() if child.stderr else ""
             raise SystemExit(f"nmbridge did not start: {err.strip().splitlines()[-1:] or line}")
-        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle,
+        if args.threaded_napi:
+            threaded_napi(lb, True, args.bridge_cpu)
+        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle, child.pid,
                     args.bridge_cpu if args.canary else None)
     finally:
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=20)
+        if args.threaded_napi:
+            threaded_napi(lb, False, None)
     if child.returncode != 0:
         raise SystemExit(f"nmbridge ({kind}, {workers} worker(s)) failed: {err.strip()}")
     return make_round(label(kind, workers), w, json.loads(out.strip().splitlines()[-1]))
@@ -334,6 +447,19 @@ def trafgen_conf(lb: netns.Lab, directory: str, flows: int = 1) -> str:
 
 
 BRIDGES = ("linux", "afpacket", "afxdp")
+KNOWN = (*BRIDGES, "none")  # none: the generator alone
+
+
+def run_none(lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
+    """No bridge: what the generator alone sends (the frames die in the bridge namespace)."""
+    if args.threaded_napi:
+        threaded_napi(lb, True, args.bridge_cpu)
+    try:
+        w = measure(lb, conf, args.warmup, args.seconds, args.gen_cpu, args.idle)
+    finally:
+        if args.threaded_napi:
+            threaded_napi(lb, False, None)
+    return make_round("none", w, {})
 
 
 def label(kind: str, workers: int) -> str:
@@ -342,6 +468,8 @@ def label(kind: str, workers: int) -> str:
 
 
 def run_one(name: str, lb: netns.Lab, conf: str, args: argparse.Namespace) -> Round:
+    if name == "none":
+        return run_none(lb, conf, args)
     if name == "linux":
         return run_linux(lb, conf, args)
     kind, _, w = name.partition("-w")
@@ -356,7 +484,7 @@ def main() -> int:
                     help="seconds of background-load measurement before each round (0: none)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per bridge, alternating")
     ap.add_argument("--bridges", default=",".join(BRIDGES),
-                    help="which of linux, afpacket, afxdp to run (comma-separated)")
+                    help="linux, afpacket, afxdp to run, comma-separated (none: the generator alone)")
     ap.add_argument("--burst", type=int, default=256, help="nmbridge forwarder burst")
     ap.add_argument("--slots", type=int, default=1024, help="nmbridge ring slots")
     ap.add_argument("--options", default="", help="afpacket port options, e.g. tx_ring=0&blocks=128")
@@ -379,15 +507,18 @@ def main() -> int:
     ap.add_argument("--flows", type=int, default=None,
                     help="IPv4/UDP flows the generator spreads its frames over "
                          "(default 1 with one worker: 0x88b5 frames; 64 with more)")
+    ap.add_argument("--threaded-napi", action="store_true",
+                    help="receive work of the bridge's ingress veth in a NAPI thread, not in the "
+                         "generator's softirq (every bridge; see the docstring)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     if args.canary and not (args.pin or args.one_cpu):
         args.pin = True
     args.gen_cpu, args.bridge_cpu = ("0", "1") if args.pin else ("0", "0") if args.one_cpu else (None, None)
     kinds = [b.strip() for b in args.bridges.split(",") if b.strip()]
-    bad = [b for b in kinds if b not in BRIDGES]
+    bad = [b for b in kinds if b not in KNOWN]
     if bad or not kinds:
-        print(f"--bridges: unknown {', '.join(bad) or '(none)'}; use {', '.join(BRIDGES)}", file=sys.stderr)
+        print(f"--bridges: unknown {', '.join(bad) or '(none)'}; use {', '.join(KNOWN)}", file=sys.stderr)
         return 2
     try:
         counts = sorted({int(x) for x in args.workers.split(",") if x.strip()})
@@ -403,12 +534,14 @@ def main() -> int:
     if not 1 <= flows <= 256:
         print(f"--flows {flows}: from 1 to 256", file=sys.stderr)
         return 2
-    names = [k if k == "linux" else label(k, n) for k in kinds for n in ([1] if k == "linux" else counts)]
+    names = [k if k in ("linux", "none") else label(k, n) for k in kinds
+             for n in ([1] if k in ("linux", "none") else counts)]
     if os.geteuid() != 0:
         print("veth.py needs root (network namespaces, veth, AF_PACKET, AF_XDP)", file=sys.stderr)
         return 1
     rounds: list[Round] = []
-    with netns.lab(queues=args.queues) as lb, tempfile.TemporaryDirectory() as tmp:
+    with (netns.lab(queues=args.queues) as lb, tempfile.TemporaryDirectory() as tmp,
+          send_buffers(4 << 20 if args.threaded_napi else None)):
         conf = trafgen_conf(lb, tmp, flows)
         for i in range(args.rounds):
             k = i % len(names)
@@ -420,6 +553,8 @@ def main() -> int:
                           f"(generator {r.generator_pps / 1e6:.3f} Mpps), "
                           f"CPU {r.cpu_ns_per_frame:7.0f} ns/frame "
                           f"({r.net_cpu_ns_per_frame:.0f} less background)"
+                          f"{', generator-bound' if r.generator_bound else ''}"
+                          f"{f', veth ring full: {w_refused(r)} dropped' if w_refused(r) else ''}"
                           + (f", canary got {r.extra['canary_share']:.0%} of CPU {args.bridge_cpu}"
                              if r.extra.get("canary_share") is not None else ""), flush=True)
     per: dict[str, dict[str, Any]] = {}
@@ -430,8 +565,14 @@ def main() -> int:
             "pps_all": sorted(r.rate_pps for r in rs),
             "cpu_ns_per_frame": statistics.median(r.cpu_ns_per_frame for r in rs),
             "net_cpu_ns_per_frame": statistics.median(r.net_cpu_ns_per_frame for r in rs),
+            "generator_bound_rounds": sum(r.generator_bound for r in rs),
         }
-        if name != "linux":
+        if name not in ("linux", "none"):
+            per[name]["process_ns_per_frame"] = statistics.median(
+                r.extra.get("process_ns_per_frame", float("inf")) for r in rs)
+        if name == "none":
+            per[name]["generator_pps"] = statistics.median(r.generator_pps for r in rs)
+        elif name != "linux":
             per[name]["peak_rss_mib"] = max(int(r.extra["peak_rss_kib"]) for r in rs) / 1024
             per[name]["mode"] = rs[-1].extra.get("mode")
             per[name]["sched"] = rs[-1].extra.get("sched")
@@ -446,6 +587,7 @@ def main() -> int:
         "seconds": args.seconds,
         "rounds": args.rounds,
         "pinned": args.pin,
+        "threaded_napi": args.threaded_napi,
         "options": args.options,
         "afxdp_options": args.afxdp_options,
         "sched": args.sched,
@@ -470,19 +612,30 @@ def main() -> int:
         return 0
     for name, p in per.items():
         lo, hi = min(p["pps_all"]), max(p["pps_all"])
+        if name == "none":
+            print(f"{'no bridge (generator)':34} {p['generator_pps'] / 1e6:7.3f} Mpps generated (median)")
+            continue
         kind, _, w = name.partition("-w")
         text = {"linux": "Linux bridge", "afpacket": "nmbridge afpacket", "afxdp": "nmbridge afxdp"}[kind]
         text += f" x{w} workers" if w else ""
         if p.get("mode"):
             text += f" ({p['mode']})"
         rss = f", peak RSS {p['peak_rss_mib']:.1f} MiB" if "peak_rss_mib" in p else ""
+        if "process_ns_per_frame" in p:
+            rss += f", nmbridge process {p['process_ns_per_frame']:.0f} ns/frame"
         print(f"{text:34} {p['pps'] / 1e6:7.3f} Mpps median (rounds {lo / 1e6:.3f} .. {hi / 1e6:.3f}), "
               f"CPU {p['cpu_ns_per_frame']:.0f} ns/frame "
               f"({p['net_cpu_ns_per_frame']:.0f} less background){rss}")
     for key, v in summary["ratios"].items():
         if v is not None:
             print(f"ratio {key:15} {v:7.3f}")
-    for name in [n for n in names if n != "linux"]:
+    bound = [n for n, p in per.items() if p["generator_bound_rounds"] and n != "none"]
+    if bound:
+        print(f"generator-bound (delivered >= {GENERATOR_BOUND:.0%} of generated) in some rounds: "
+              f"{', '.join(bound)}: their Mpps is the generator's rate, a lower bound of the bridge's, "
+              f"and ratios between such bridges say nothing about the bridges"
+              f"{'' if args.threaded_napi else ' (try --threaded-napi --pin)'}")
+    for name in [n for n in names if n not in ("linux", "none")]:
         rs = [r for r in rounds if r.bridge == name]
         if not rs:
             continue
@@ -491,6 +644,12 @@ def main() -> int:
               f"{last['cpu_sys_s']:.2f}s sys, "
               f"polls {last['polls']}, context switches {last['ctx_voluntary']} voluntary / "
               f"{last['ctx_involuntary']} involuntary; forwarding thread {last.get('sched')}")
+        if name == "afxdp":
+            c = last["left_port"]
+            t = last["right_port"]
+            print(f"last afxdp round: rxsyncs {c['rxsyncs']}, rx_fill_empty {c['rx_fill_empty']}, "
+                  f"rx_ring_full {c['rx_ring_full']}; tx side: txsyncs {t['txsyncs']}, "
+                  f"tx_kicks {t['tx_kicks']}, tx_again {t['tx_again']}, busy_polls {c.get('busy_polls', 0)}")
     return 0
 
 

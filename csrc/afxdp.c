@@ -13,7 +13,14 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#ifndef SO_PREFER_BUSY_POLL
+#define SO_PREFER_BUSY_POLL 69
+#endif
+#ifndef SO_BUSY_POLL_BUDGET
+#define SO_BUSY_POLL_BUDGET 70
+#endif
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/ethtool.h>
 #include <linux/sockios.h>
@@ -60,13 +67,24 @@ struct xport {
     struct xq *q;
     uint32_t *pos; /* buf_idx -> where we put it when we gave it to the kernel */
     uint32_t bs, nbufs, max_frame;
-    int map_fd, prog_fd, link_fd, epfd, promisc_fd;
+    struct xdev *dev; /* the interface's program, map and promiscuity (shared by its shares) */
+    int epfd;
     int mode, need_wakeup, fake, tx_down, csum_fix;
     int ep_out; /* multi-queue: EPOLLOUT watched (a TX ring is full) */
+    uint32_t busy_poll_us, busy_budget, coalesce_us;
+    uint64_t last_rx_ns;
     uint32_t idle_rx;
     uint32_t fake_seq; /* the fake kernel numbers the frames it receives */
     char mode_reason[160];
     struct nmb_afxdp_stats st;
+};
+
+/* What the shares of one interface have in common (one per open; NULL for a fake port): the
+ * XSKMAP (every bound queue's socket), our program, its link and the promiscuity socket.  It
+ * goes when its last share closes. */
+struct xdev {
+    int map_fd, prog_fd, link_fd, promisc_fd;
+    uint32_t refs; /* under ports_lock */
 };
 
 #define POS(tx, ring, slot) (((uint32_t)(tx) << 31) | ((uint32_t)(ring) << 24) | (uint32_t)(slot))
@@ -195,10 +213,16 @@ static int rx_ring_sync(struct xport *xp, uint32_t qi)
             prod++;
         }
         store_rel(q->fr.producer, prod);
-        if (q->fd >= 0 && xp->need_wakeup && (load_acq(q->fr.flags) & XDP_RING_NEED_WAKEUP)) {
+        if (q->fd >= 0 && !xp->busy_poll_us && xp->need_wakeup && (load_acq(q->fr.flags) & XDP_RING_NEED_WAKEUP)) {
             xp->st.fill_kicks++;
             recvfrom(q->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
         }
+    }
+    if (q->fd >= 0 && xp->busy_poll_us) {
+        /* preferred busy polling: this call runs the queue's NAPI (the XDP program and the
+         * copy into the UMEM) here, up to the budget, instead of in the sender's softirq */
+        xp->st.busy_polls++;
+        recvfrom(q->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
     }
     kr->hwcur = ring->head;
     uint32_t room = (kr->hwcur + n - 1 - kr->hwtail) % n;
@@ -255,11 +279,44 @@ static void clear_socket_errors(struct xport *xp)
     }
 }
 
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Receive coalescing (rx_coalesce=USEC, off by default): while a stream is on (the previous
+ * frames came less than 200 us ago), a sync that finds only a few frames (1 to 31) waiting
+ * sleeps USEC first, so that one wake-up, one batch and one transmit kick serve many frames
+ * instead of one or two -- what a NIC's interrupt moderation does.  A lone frame (latency
+ * probes, light traffic) never waits. */
+static void rx_coalesce(struct xport *xp)
+{
+    uint32_t most = 0;
+    for (uint32_t i = 0; i < xp->nq; i++) {
+        uint32_t a = load_acq(xp->q[i].rx.producer) - *xp->q[i].rx.consumer;
+        most = a > most ? a : most;
+    }
+    if (most == 0)
+        return;
+    uint64_t now = mono_ns();
+    int stream = now - xp->last_rx_ns < 200000;
+    xp->last_rx_ns = now;
+    if (stream && most < 32) {
+        struct timespec ts = {0, (long)xp->coalesce_us * 1000};
+        xp->st.rx_coalesced++;
+        nanosleep(&ts, NULL);
+    }
+}
+
 static int xdp_rxsync(struct nmb_port *p)
 {
     struct xport *xp = (struct xport *)p;
     int got = 0;
     xp->st.rxsyncs++;
+    if (xp->coalesce_us && !xp->fake)
+        rx_coalesce(xp);
     for (uint32_t i = 0; i < xp->nq; i++) {
         int rc = rx_ring_sync(xp, i);
         if (rc < 0)
@@ -583,17 +640,19 @@ static void xq_close(struct xq *q, int fake)
     q->fd = -1;
 }
 
-/* a bound socket of another open queue on region m with the same binding kind, or -1 */
-static int shared_umem_fd(struct xport *self, nmb_umem *m, int zc)
+/* a bound socket of another open queue on region m with the same binding kind, or -1: of an
+ * open port, or of the ports being opened with this one (sib[0..nsib)) */
+static int shared_umem_fd(struct xport *const *sib, uint32_t nsib, nmb_umem *m, int zc)
 {
     for (struct xport *o = ports; o; o = o->next)
         if (o->mem == m && !o->fake)
             for (uint32_t i = 0; i < o->nq; i++)
                 if (o->q[i].fd >= 0 && o->q[i].zc == zc && o->q[i].rx.map)
                     return o->q[i].fd;
-    for (uint32_t i = 0; self && i < self->nq; i++)
-        if (self->q[i].fd >= 0 && self->q[i].zc == zc && self->q[i].rx.map)
-            return self->q[i].fd;
+    for (uint32_t k = 0; k < nsib; k++)
+        for (uint32_t i = 0; sib[k] && i < sib[k]->nq; i++)
+            if (sib[k]->q[i].fd >= 0 && sib[k]->q[i].zc == zc && sib[k]->q[i].rx.map)
+                return sib[k]->q[i].fd;
     return -1;
 }
 
@@ -607,7 +666,8 @@ static uint32_t pow2_at_least(uint32_t v)
 
 /* Open, map and bind the socket of queue qi; zc: XDP_ZEROCOPY (or share a zero-copy UMEM).
  * 0, or -1 with the reason in err. */
-static int xq_open(struct xport *xp, uint32_t qi, int zc, uint32_t ring_size, char *err, size_t errlen)
+static int xq_open(struct xport *const *sib, uint32_t nsib, struct xport *xp, uint32_t qi, int zc,
+                   uint32_t ring_size, char *err, size_t errlen)
 {
     struct xq *q = &xp->q[qi];
     q->fd = socket(AF_XDP, SOCK_RAW | SOCK_CLOEXEC, 0);
@@ -622,7 +682,7 @@ static int xq_open(struct xport *xp, uint32_t qi, int zc, uint32_t ring_size, ch
     }
     q->zc = zc;
     pthread_mutex_lock(&ports_lock);
-    int share = shared_umem_fd(xp, xp->mem, zc);
+    int share = shared_umem_fd(sib, nsib, xp->mem, zc);
     pthread_mutex_unlock(&ports_lock);
     if (share < 0) {
         struct xdp_umem_reg mr;
@@ -662,6 +722,17 @@ static int xq_open(struct xport *xp, uint32_t qi, int zc, uint32_t ring_size, ch
         snprintf(err, errlen, "mmap of the XSK rings: %s", strerror(errno));
         return -1;
     }
+    if (xp->busy_poll_us) {
+        int one = 1, us = (int)xp->busy_poll_us, budget = (int)xp->busy_budget;
+        if (setsockopt(q->fd, SOL_SOCKET, SO_PREFER_BUSY_POLL, &one, sizeof(one)) ||
+            setsockopt(q->fd, SOL_SOCKET, SO_BUSY_POLL, &us, sizeof(us)) ||
+            (budget && setsockopt(q->fd, SOL_SOCKET, SO_BUSY_POLL_BUDGET, &budget, sizeof(budget)))) {
+            snprintf(err, errlen, "busy_poll: SO_PREFER_BUSY_POLL/SO_BUSY_POLL%s: %s%s",
+                     budget ? "/SO_BUSY_POLL_BUDGET" : "", strerror(errno),
+                     errno == EPERM ? " (a budget over the default needs CAP_NET_ADMIN)" : "");
+            return -1;
+        }
+    }
     struct sockaddr_xdp sa;
     memset(&sa, 0, sizeof(sa));
     sa.sxdp_family = AF_XDP;
@@ -700,18 +771,24 @@ static void xp_free(struct xport *xp)
             *pp = xp->next;
             break;
         }
+    struct xdev *dev = xp->dev;
+    int last = dev && --dev->refs == 0;
     pthread_mutex_unlock(&ports_lock);
-    /* the program first: from now on the interface's frames go to the stack again */
-    if (xp->link_fd >= 0)
-        close(xp->link_fd);
-    if (xp->prog_fd >= 0)
-        close(xp->prog_fd);
-    if (xp->map_fd >= 0)
-        close(xp->map_fd);
+    /* the program first (with the last share): from now on the interface's frames go to the
+     * stack again; before that, a closed socket leaves the XSKMAP and its queue's frames pass */
+    if (last) {
+        if (dev->link_fd >= 0)
+            close(dev->link_fd);
+        if (dev->prog_fd >= 0)
+            close(dev->prog_fd);
+        if (dev->map_fd >= 0)
+            close(dev->map_fd);
+        if (dev->promisc_fd >= 0)
+            close(dev->promisc_fd);
+        free(dev);
+    }
     if (xp->epfd >= 0 && xp->epfd != xp->port.fd)
         close(xp->epfd);
-    if (xp->promisc_fd >= 0)
-        close(xp->promisc_fd);
     for (uint32_t i = 0; xp->q && i < xp->nq; i++) {
         xq_close(&xp->q[i], xp->fake);
         free(xp->q[i].tx_state);
@@ -770,7 +847,7 @@ static struct xport *xp_alloc(nmb_umem *m, const char *ifname)
         return NULL;
     xp->mem = m;
     snprintf(xp->ifname, sizeof(xp->ifname), "%s", ifname);
-    xp->map_fd = xp->prog_fd = xp->link_fd = xp->epfd = xp->promisc_fd = -1;
+    xp->epfd = -1;
     xp->port.fd = -1;
     xp->bs = nmb_umem_buf_size(m);
     xp->nbufs = nmb_umem_nbufs(m);
@@ -779,7 +856,8 @@ static struct xport *xp_alloc(nmb_umem *m, const char *ifname)
 }
 
 /* rings, buffer map and the netmap side: common to the real and the fake port */
-static int xp_layout(struct xport *xp, uint32_t nq, uint32_t slots, char *err, size_t errlen)
+static int xp_layout(struct xport *xp, uint32_t nq, uint32_t first_qid, uint32_t qid_step, uint32_t slots,
+                     char *err, size_t errlen)
 {
     xp->nq = nq;
     xp->q = calloc(nq, sizeof(*xp->q));
@@ -791,7 +869,7 @@ static int xp_layout(struct xport *xp, uint32_t nq, uint32_t slots, char *err, s
     memset(xp->pos, 0xff, sizeof(uint32_t) * xp->nbufs);
     for (uint32_t i = 0; i < nq; i++) {
         xp->q[i].fd = -1;
-        xp->q[i].qid = i;
+        xp->q[i].qid = first_qid + i * qid_step;
         xp->q[i].tx_state = calloc(slots, 1);
         if (!xp->q[i].tx_state) {
             snprintf(err, errlen, "out of memory");
@@ -817,54 +895,50 @@ static int xp_layout(struct xport *xp, uint32_t nq, uint32_t slots, char *err, s
     return 0;
 }
 
-#define OPEN_FAIL(...)                          \
-    do {                                        \
-        snprintf(err, errlen, __VA_ARGS__);     \
-        xp_free(xp);                            \
-        return NULL;                            \
+/* Close every port of an open that failed, then say why. */
+#define OPEN_FAIL(...)                                                                             \
+    do {                                                                                           \
+        snprintf(err, errlen, __VA_ARGS__);                                                        \
+        goto fail;                                                                                 \
     } while (0)
 
-struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o,
-                                char *err, size_t errlen)
+/* Open the interface's sockets as `shares` ports: share w gets queues w, w + shares, ... (its
+ * rings 0, 1, ...); all in one UMEM; one XSKMAP, program and link for the interface. */
+static int open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o, uint32_t shares,
+                       struct xport **xs, char *err, size_t errlen)
 {
     char why[256];
     long page = sysconf(_SC_PAGESIZE);
+    struct xdev *dev = NULL;
+    uint32_t made = 0;
     if (!ifname[0] || strlen(ifname) >= IFNAMSIZ) {
         snprintf(err, errlen, "an interface name has 1 to %d bytes", IFNAMSIZ - 1);
-        return NULL;
+        return -1;
     }
     uint32_t bs = nmb_umem_buf_size(m);
     if ((bs != 2048 && bs != 4096) || bs > (uint32_t)page) {
         snprintf(err, errlen, "AF_XDP needs the region's buffers to be 2048 or 4096 bytes (a UMEM chunk); "
                  "they are %u (bridge buf_size)", bs);
-        return NULL;
+        return -1;
     }
     if (((uintptr_t)(nmb_umem_bufs(m) - NMB_UMEM_BUF_LEAD)) % (uintptr_t)page) {
         snprintf(err, errlen, "the region's buffers do not start %d bytes into a page", NMB_UMEM_BUF_LEAD);
-        return NULL;
+        return -1;
     }
     if (o->slots < 2 || o->slots > (1u << 20)) {
         snprintf(err, errlen, "slots must be 2 to %u", 1u << 20);
-        return NULL;
+        return -1;
     }
-    struct xport *xp = xp_alloc(m, ifname);
-    if (!xp) {
-        snprintf(err, errlen, "out of memory");
-        return NULL;
-    }
-    xp->need_wakeup = o->need_wakeup;
-    xp->csum_fix = o->csum_fix;
-    xp->ifindex = (int)if_nametoindex(ifname);
-    if (xp->ifindex == 0)
+    int ifindex = (int)if_nametoindex(ifname);
+    if (ifindex == 0)
         OPEN_FAIL("%s", errno == ENODEV || errno == ENXIO ? "no such interface" : strerror(errno));
+    uint32_t max_frame = bs - NMB_UMEM_BUF_LEAD;
     int mtu = read_mtu(ifname);
-    if (mtu > 0 && (uint64_t)mtu + 14 + 8 > xp->max_frame)
+    if (mtu > 0 && (uint64_t)mtu + 14 + 8 > max_frame)
         OPEN_FAIL("MTU %d is too large: a frame (MTU + 14, + 8 for two VLAN tags) must fit one %u-byte "
                   "buffer less 256 bytes of XDP headroom (%u); multi-buffer AF_XDP is not supported: "
-                  "lower the MTU or use buf_size = 4096", mtu, bs, xp->max_frame);
-    int have = count_rx_queues(ifname);
-    if (have < 1)
-        have = 1;
+                  "lower the MTU or use buf_size = 4096", mtu, bs, max_frame);
+    int have = nmb_afxdp_count_queues(ifname);
     uint32_t nq = o->queues ? o->queues : (uint32_t)have;
     if (nq > NMB_AFXDP_MAX_QUEUES)
         OPEN_FAIL("%u receive queues: at most %d are supported", nq, NMB_AFXDP_MAX_QUEUES);
@@ -874,64 +948,86 @@ struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nm
                   "combined %u)", nq, nq, have, have, ifname, nq);
     if (nq > (uint32_t)have)
         OPEN_FAIL("queues=%u, but the interface has %d receive queues", nq, have);
-    if (xp_layout(xp, nq, o->slots, err, errlen)) {
-        xp_free(xp);
-        return NULL;
+    if (shares < 1 || shares > nq)
+        OPEN_FAIL("cannot be split into %u shares: it has %u ring pairs (one per receive queue; more with "
+                  "ethtool -L %s combined N)", shares, nq, ifname);
+    dev = calloc(1, sizeof(*dev));
+    if (!dev)
+        OPEN_FAIL("out of memory");
+    dev->map_fd = dev->prog_fd = dev->link_fd = dev->promisc_fd = -1;
+    for (made = 0; made < shares; made++) {
+        struct xport *xp = xs[made] = xp_alloc(m, ifname);
+        if (!xp)
+            OPEN_FAIL("out of memory");
+        xp->dev = dev;
+        dev->refs++; /* not yet visible to any other thread */
+        xp->ifindex = ifindex;
+        xp->need_wakeup = o->need_wakeup;
+        xp->csum_fix = o->csum_fix;
+        xp->busy_poll_us = o->busy_poll_us;
+        xp->busy_budget = o->busy_budget;
+        xp->port.spin_us = o->busy_poll_us;
+        xp->coalesce_us = o->rx_coalesce_us;
+        uint32_t mine = (nq - made + shares - 1) / shares; /* queues made, made + shares, ... below nq */
+        if (xp_layout(xp, mine, made, shares, o->slots, why, sizeof(why)))
+            OPEN_FAIL("%s", why);
     }
     uint32_t rs = pow2_at_least(o->slots);
-    /* sockets: zero-copy first unless told otherwise; the first queue decides for the rest */
+    /* sockets: zero-copy first unless told otherwise; the first socket decides for the rest */
     int zc = o->mode == NMB_AFXDP_MODE_AUTO || o->mode == NMB_AFXDP_MODE_ZC;
-    if (o->mode == NMB_AFXDP_MODE_SKB)
-        zc = 0;
-    xp->mode_reason[0] = 0;
-    for (uint32_t i = 0; i < nq; i++) {
-        if (xq_open(xp, i, zc, rs, why, sizeof(why)) == 0)
-            continue;
-        int e = errno;
-        xq_close(&xp->q[i], 0);
-        if (i == 0 && zc && o->mode == NMB_AFXDP_MODE_AUTO && e != EBUSY && e != EPERM &&
-            e != EAFNOSUPPORT && e != EACCES) {
-            snprintf(xp->mode_reason, sizeof(xp->mode_reason),
-                     "the driver has no AF_XDP zero-copy (XDP_ZEROCOPY bind: %s)", strerror(e));
-            zc = 0;
-            if (xq_open(xp, i, 0, rs, why, sizeof(why)) == 0)
+    char reason[160] = "";
+    for (uint32_t w = 0; w < shares; w++) {
+        struct xport *xp = xs[w];
+        for (uint32_t i = 0; i < xp->nq; i++) {
+            if (xq_open(xs, shares, xp, i, zc, rs, why, sizeof(why)) == 0)
                 continue;
+            int e = errno;
             xq_close(&xp->q[i], 0);
+            if (w == 0 && i == 0 && zc && o->mode == NMB_AFXDP_MODE_AUTO && e != EBUSY && e != EPERM &&
+                e != EAFNOSUPPORT && e != EACCES) {
+                snprintf(reason, sizeof(reason), "the driver has no AF_XDP zero-copy (XDP_ZEROCOPY bind: %s)",
+                         strerror(e));
+                zc = 0;
+                if (xq_open(xs, shares, xp, i, 0, rs, why, sizeof(why)) == 0)
+                    continue;
+                xq_close(&xp->q[i], 0);
+            }
+            if (zc && o->mode == NMB_AFXDP_MODE_ZC && (e == EOPNOTSUPP || e == EINVAL))
+                OPEN_FAIL("mode=zc: the driver has no AF_XDP zero-copy (%s)", why);
+            OPEN_FAIL("%s", why);
         }
-        if (zc && o->mode == NMB_AFXDP_MODE_ZC && (e == EOPNOTSUPP || e == EINVAL))
-            OPEN_FAIL("mode=zc: the driver has no AF_XDP zero-copy (%s)", why);
-        OPEN_FAIL("%s", why);
-    }
-    /* the initial fill: every slot of the NIC's part */
-    for (uint32_t i = 0; i < nq; i++) {
-        struct xq *q = &xp->q[i];
-        struct netmap_ring *ring = nmb_rxring(xp->port.nifp, i);
-        uint32_t prod = *q->fr.producer;
-        for (uint32_t s = 0; s + 1 < ring->num_slots; s++) {
-            uint32_t b = ring->slot[s].buf_idx;
-            xp->pos[b] = POS(0, i, s);
-            ((uint64_t *)q->fr.desc)[prod++ & q->fr.mask] = (uint64_t)b * bs;
+        /* the initial fill: every slot of the NIC's part */
+        for (uint32_t i = 0; i < xp->nq; i++) {
+            struct xq *q = &xp->q[i];
+            struct netmap_ring *ring = nmb_rxring(xp->port.nifp, i);
+            uint32_t prod = *q->fr.producer;
+            for (uint32_t sl = 0; sl + 1 < ring->num_slots; sl++) {
+                uint32_t b = ring->slot[sl].buf_idx;
+                xp->pos[b] = POS(0, i, sl);
+                ((uint64_t *)q->fr.desc)[prod++ & q->fr.mask] = (uint64_t)b * bs;
+            }
+            store_rel(q->fr.producer, prod);
         }
-        store_rel(q->fr.producer, prod);
     }
-    xp->map_fd = xskmap_create(nq);
-    if (xp->map_fd < 0)
+    dev->map_fd = xskmap_create(nq);
+    if (dev->map_fd < 0)
         OPEN_FAIL("creating the XSKMAP: %s%s", strerror(errno),
                   errno == EPERM ? " (needs CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)" : "");
-    for (uint32_t i = 0; i < nq; i++)
-        if (xskmap_set(xp->map_fd, i, xp->q[i].fd))
-            OPEN_FAIL("adding queue %u's socket to the XSKMAP: %s", i, strerror(errno));
+    for (uint32_t w = 0; w < shares; w++)
+        for (uint32_t i = 0; i < xs[w]->nq; i++)
+            if (xskmap_set(dev->map_fd, xs[w]->q[i].qid, xs[w]->q[i].fd))
+                OPEN_FAIL("adding queue %u's socket to the XSKMAP: %s", xs[w]->q[i].qid, strerror(errno));
     char log[2048];
-    xp->prog_fd = prog_load(xp->map_fd, log, sizeof(log));
-    if (xp->prog_fd < 0)
+    dev->prog_fd = prog_load(dev->map_fd, log, sizeof(log));
+    if (dev->prog_fd < 0)
         OPEN_FAIL("loading the XDP program: %s%s%s", strerror(errno),
                   errno == EPERM ? " (needs CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)" : "",
                   log[0] ? "; verifier: " : "");
     /* driver XDP unless told skb; generic as the fallback (copy sockets only) */
     int native = o->mode != NMB_AFXDP_MODE_SKB;
     if (native) {
-        xp->link_fd = link_create(xp->prog_fd, xp->ifindex, XDP_FLAGS_DRV_MODE);
-        if (xp->link_fd < 0) {
+        dev->link_fd = link_create(dev->prog_fd, ifindex, XDP_FLAGS_DRV_MODE);
+        if (dev->link_fd < 0) {
             int e = errno;
             if (e == EBUSY || e == EEXIST)
                 OPEN_FAIL("the interface already has an XDP program (see `ip link show %s`; remove it with "
@@ -940,14 +1036,14 @@ struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nm
                 OPEN_FAIL("attaching the XDP program needs CAP_NET_ADMIN (and CAP_BPF)");
             if (o->mode != NMB_AFXDP_MODE_AUTO || zc)
                 OPEN_FAIL("driver-mode XDP: %s", strerror(e));
-            snprintf(xp->mode_reason + strlen(xp->mode_reason), sizeof(xp->mode_reason) - strlen(xp->mode_reason),
-                     "%sno driver-mode XDP: %s", xp->mode_reason[0] ? "; " : "", strerror(e));
+            snprintf(reason + strlen(reason), sizeof(reason) - strlen(reason), "%sno driver-mode XDP: %s",
+                     reason[0] ? "; " : "", strerror(e));
             native = 0;
         }
     }
     if (!native) {
-        xp->link_fd = link_create(xp->prog_fd, xp->ifindex, XDP_FLAGS_SKB_MODE);
-        if (xp->link_fd < 0) {
+        dev->link_fd = link_create(dev->prog_fd, ifindex, XDP_FLAGS_SKB_MODE);
+        if (dev->link_fd < 0) {
             int e = errno;
             if (e == EBUSY || e == EEXIST)
                 OPEN_FAIL("the interface already has an XDP program (see `ip link show %s`; remove it with "
@@ -955,25 +1051,30 @@ struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nm
             OPEN_FAIL("attaching the XDP program (generic mode): %s", strerror(e));
         }
     }
-    xp->mode = zc ? NMB_AFXDP_MODE_ZC : native ? NMB_AFXDP_MODE_NATIVE : NMB_AFXDP_MODE_SKB;
     if (o->promisc) {
         /* an AF_PACKET socket that receives nothing (protocol 0, unbound) but holds the
          * interface promiscuous; the kernel undoes it when the socket goes, even on SIGKILL */
-        xp->promisc_fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+        dev->promisc_fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
         struct packet_mreq mr;
         memset(&mr, 0, sizeof(mr));
-        mr.mr_ifindex = xp->ifindex;
+        mr.mr_ifindex = ifindex;
         mr.mr_type = PACKET_MR_PROMISC;
-        if (xp->promisc_fd < 0 || setsockopt(xp->promisc_fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof(mr)))
+        if (dev->promisc_fd < 0 ||
+            setsockopt(dev->promisc_fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof(mr)))
             OPEN_FAIL("promiscuous mode (PACKET_MR_PROMISC): %s", strerror(errno));
     }
-    if (nq == 1) {
-        xp->port.fd = xp->q[0].fd;
-    } else {
+    for (uint32_t w = 0; w < shares; w++) {
+        struct xport *xp = xs[w];
+        xp->mode = zc ? NMB_AFXDP_MODE_ZC : native ? NMB_AFXDP_MODE_NATIVE : NMB_AFXDP_MODE_SKB;
+        snprintf(xp->mode_reason, sizeof(xp->mode_reason), "%s", reason);
+        if (xp->nq == 1) {
+            xp->port.fd = xp->q[0].fd;
+            continue;
+        }
         xp->epfd = epoll_create1(EPOLL_CLOEXEC);
         if (xp->epfd < 0)
             OPEN_FAIL("epoll_create1: %s", strerror(errno));
-        for (uint32_t i = 0; i < nq; i++) {
+        for (uint32_t i = 0; i < xp->nq; i++) {
             struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
             if (epoll_ctl(xp->epfd, EPOLL_CTL_ADD, xp->q[i].fd, &ev))
                 OPEN_FAIL("epoll_ctl: %s", strerror(errno));
@@ -981,10 +1082,58 @@ struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nm
         xp->port.fd = xp->epfd;
     }
     pthread_mutex_lock(&ports_lock);
-    xp->next = ports;
-    ports = xp;
+    for (uint32_t w = 0; w < shares; w++) {
+        xs[w]->next = ports;
+        ports = xs[w];
+    }
     pthread_mutex_unlock(&ports_lock);
+    return 0;
+fail:
+    /* xs[0..made] may be allocated (xs[made] when its layout failed); the last one freed frees
+     * dev, unless none was made */
+    if (dev && dev->refs == 0)
+        free(dev);
+    for (uint32_t w = 0; w <= made && w < shares; w++)
+        if (xs[w])
+            xp_free(xs[w]);
+    return -1;
+}
+
+int nmb_afxdp_count_queues(const char *ifname)
+{
+    int n = count_rx_queues(ifname);
+    return n < 1 ? 1 : n;
+}
+
+struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o,
+                                char *err, size_t errlen)
+{
+    struct xport *xp = NULL;
+    if (open_shares(m, ifname, o, 1, &xp, err, errlen))
+        return NULL;
     return &xp->port;
+}
+
+int nmb_afxdp_open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o, uint32_t shares,
+                          struct nmb_port **out, char *err, size_t errlen)
+{
+    struct xport *xs[NMB_AFXDP_MAX_QUEUES];
+    if (shares < 1 || shares > NMB_AFXDP_MAX_QUEUES) {
+        snprintf(err, errlen, "%u shares: 1 to %d are possible", shares, NMB_AFXDP_MAX_QUEUES);
+        return -1;
+    }
+    memset(xs, 0, sizeof(xs));
+    if (open_shares(m, ifname, o, shares, xs, err, errlen))
+        return -1;
+    for (uint32_t w = 0; w < shares; w++)
+        out[w] = &xs[w]->port;
+    return 0;
+}
+
+uint32_t nmb_afxdp_queue_id(struct nmb_port *p, uint32_t ring)
+{
+    struct xport *xp = (struct xport *)p;
+    return ring < xp->nq ? xp->q[ring].qid : UINT32_MAX;
 }
 
 void nmb_afxdp_close(struct nmb_port *p)
@@ -1070,15 +1219,18 @@ struct nmb_port *nmb_afxdp_open_fake(nmb_umem *m, const char *name, uint32_t slo
     }
     xp->fake = 1;
     xp->mode = NMB_AFXDP_MODE_NATIVE;
-    if (xp_layout(xp, 1, slots, err, errlen)) {
+    if (xp_layout(xp, 1, 0, 1, slots, err, errlen)) {
         xp_free(xp);
         return NULL;
     }
     uint32_t rs = pow2_at_least(slots);
     struct xq *q = &xp->q[0];
     if (fake_ring(&q->rx, rs, sizeof(struct xdp_desc)) || fake_ring(&q->tx, rs, sizeof(struct xdp_desc)) ||
-        fake_ring(&q->fr, rs, sizeof(uint64_t)) || fake_ring(&q->cr, rs, sizeof(uint64_t)))
-        OPEN_FAIL("out of memory");
+        fake_ring(&q->fr, rs, sizeof(uint64_t)) || fake_ring(&q->cr, rs, sizeof(uint64_t))) {
+        snprintf(err, errlen, "out of memory");
+        xp_free(xp);
+        return NULL;
+    }
     struct netmap_ring *ring = nmb_rxring(xp->port.nifp, 0);
     for (uint32_t s = 0; s + 1 < ring->num_slots; s++) {
         uint32_t b = ring->slot[s].buf_idx;

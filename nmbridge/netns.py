@@ -200,6 +200,7 @@ class Lab:
     right_ip: str
     plen: int
     mtu: int
+    queues: int = 1  # receive and transmit queues of each veth end
 
     @property
     def namespaces(self) -> tuple[str, str, str]:
@@ -253,20 +254,21 @@ class Lab:
 
 
 def new_lab(prefix: str | None = None, *, mtu: int = 1500, left_ip: str = "10.77.0.1",
-            right_ip: str = "10.77.0.2", plen: int = 24) -> Lab:
-    """The names of a new lab (nothing is created yet)."""
+            right_ip: str = "10.77.0.2", plen: int = 24, queues: int = 1) -> Lab:
+    """The names of a new lab (nothing is created yet); `queues`: receive and transmit queues
+    of every veth end (``numrxqueues``/``numtxqueues``)."""
     p = prefix or unique_prefix()
     return Lab(prefix=p, ns_left=f"{p}-left", ns_bridge=f"{p}-bridge", ns_right=f"{p}-right",
                left_if=f"{p}-l", bridge_left_if=f"{p}-bl", bridge_right_if=f"{p}-br", right_if=f"{p}-r",
-               left_ip=left_ip, right_ip=right_ip, plen=plen, mtu=mtu)
+               left_ip=left_ip, right_ip=right_ip, plen=plen, mtu=mtu, queues=queues)
 
 
-def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True, queues: int | None = None) -> None:
+def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True) -> None:
     """Create the lab's namespaces and veths (up, with its MTU); addresses on left and right
     only.  IPv6 is off in all three namespaces unless `ipv6` (so the lab is silent until
     someone sends something); TSO/GSO off on the left and right veths when not `offloads`;
-    `queues`: every veth end gets that many TX and RX queues (``numtxqueues Q numrxqueues
-    Q``; None: the kernel's default, one in use).
+    every veth end gets ``lb.queues`` TX and RX queues (``numtxqueues Q numrxqueues Q``; 1:
+    the kernel's default).
     On failure the caller destroys what was made (:func:`lab` does)."""
     for ns in lb.namespaces:
         run("ip", "netns", "add", ns)
@@ -275,10 +277,10 @@ def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True, queues: int | N
             write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
     # create each pair here, then move the ends (creating them in place can fail: EEXIST)
     mtu = str(lb.mtu)
-    q = ("numtxqueues", str(queues), "numrxqueues", str(queues)) if queues is not None else ()
+    qs = ("numtxqueues", str(lb.queues), "numrxqueues", str(lb.queues)) if lb.queues > 1 else ()
     for a, a_ns, b, b_ns in ((lb.left_if, lb.ns_left, lb.bridge_left_if, lb.ns_bridge),
                              (lb.right_if, lb.ns_right, lb.bridge_right_if, lb.ns_bridge)):
-        run("ip", "link", "add", a, "mtu", mtu, *q, "type", "veth", "peer", "name", b, "mtu", mtu, *q)
+        run("ip", "link", "add", a, *qs, "mtu", mtu, "type", "veth", "peer", "name", b, *qs, "mtu", mtu)
         run("ip", "link", "set", "dev", a, "netns", a_ns)
         run("ip", "link", "set", "dev", b, "netns", b_ns)
     lb.ip(lb.ns_left, "addr", "add", f"{lb.left_ip}/{lb.plen}", "dev", lb.left_if)
@@ -295,11 +297,11 @@ def build(lb: Lab, *, ipv6: bool = False, offloads: bool = True, queues: int | N
 def lab(prefix: str | None = None, *, mtu: int = 1500, ipv6: bool = False, offloads: bool = True,
         left_ip: str = "10.77.0.1", right_ip: str = "10.77.0.2", plen: int = 24,
         queues: int | None = None) -> Iterator[Lab]:
-    """Build a left -- bridge -- right lab (see :func:`build`); yield its :class:`Lab`;
-    always tear it down."""
-    lb = new_lab(prefix, mtu=mtu, left_ip=left_ip, right_ip=right_ip, plen=plen)
+    """Build a left -- bridge -- right lab (see :func:`build`; `queues` per veth end, None:
+    the kernel's default); yield its :class:`Lab`; always tear it down."""
+    lb = new_lab(prefix, mtu=mtu, left_ip=left_ip, right_ip=right_ip, plen=plen, queues=queues or 1)
     try:
-        build(lb, ipv6=ipv6, offloads=offloads, queues=queues)
+        build(lb, ipv6=ipv6, offloads=offloads)
         yield lb
     finally:
         destroy(lb)

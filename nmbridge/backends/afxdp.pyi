@@ -19,6 +19,9 @@ class AfXdpPort(Port):
         promisc: bool = True,
         need_wakeup: bool = True,
         csum_fix: bool = True,
+        busy_poll: int = 0,
+        busy_budget: int = 0,
+        rx_coalesce: int = 0,
     ) -> None: ...
     @property
     def ifindex(self) -> int: ...
@@ -29,6 +32,8 @@ class AfXdpPort(Port):
     @property
     def queues(self) -> int: ...
     @property
+    def queue_ids(self) -> list[int]: ...
+    @property
     def shared_sockets(self) -> int: ...
     def counters(self) -> dict[str, int]: ...
     def check(self) -> None: ...
@@ -38,3 +43,20 @@ class FakeXskPort(AfXdpPort):
     def kernel(self, rx: int = 0, tx: int = 0, length: int = 60, perm: int = 0,
                seen: bytearray | None = None) -> int: ...
     def held(self, tx_side: bool = False) -> list[int]: ...
+
+def count_queues(ifname: str) -> int: ...
+def open_shares(
+    region: Region,
+    ifname: str,
+    shares: int,
+    *,
+    slots: int = 1024,
+    mode: str = "auto",
+    queues: int = 0,
+    promisc: bool = True,
+    need_wakeup: bool = True,
+    csum_fix: bool = True,
+    busy_poll: int = 0,
+    busy_budget: int = 0,
+    rx_coalesce: int = 0,
+) -> list[AfXdpPort]: ...

@@ -31,14 +31,21 @@ cdef extern from "nmb_afxdp.h" nogil:
         int promisc
         int need_wakeup
         int csum_fix
+        uint32_t busy_poll_us
+        uint32_t busy_budget
+        uint32_t rx_coalesce_us
 
     struct nmb_afxdp_stats:
         uint64_t rx_frames, rx_bytes, rx_kernel_drops, rx_ring_full, rx_fill_empty, rx_bad_desc, rx_csum_fixed
         uint64_t tx_frames, tx_bytes, tx_errors, tx_link_down, tx_dev_drops, tx_invalid, tx_again
-        uint64_t rxsyncs, txsyncs, tx_kicks, fill_kicks, completions, link_errors
+        uint64_t rxsyncs, txsyncs, tx_kicks, fill_kicks, completions, link_errors, busy_polls, rx_coalesced
 
     nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const nmb_afxdp_opts *o,
                              char *err, size_t errlen)
+    int nmb_afxdp_open_shares(nmb_umem *m, const char *ifname, const nmb_afxdp_opts *o, uint32_t shares,
+                              nmb_port **out, char *err, size_t errlen)
+    int nmb_afxdp_count_queues(const char *ifname)
+    uint32_t nmb_afxdp_queue_id(nmb_port *p, uint32_t ring)
     void nmb_afxdp_close(nmb_port *p)
     void nmb_afxdp_get_stats(nmb_port *p, nmb_afxdp_stats *out)
     const void *nmb_afxdp_counters(nmb_port *p, size_t *len)
@@ -69,8 +76,35 @@ cdef dict _stats_dict(nmb_afxdp_stats *s):
         "tx_invalid": s.tx_invalid, "tx_again": s.tx_again,
         "rxsyncs": s.rxsyncs, "txsyncs": s.txsyncs, "tx_kicks": s.tx_kicks,
         "fill_kicks": s.fill_kicks, "completions": s.completions, "link_errors": s.link_errors,
+        "busy_polls": s.busy_polls, "rx_coalesced": s.rx_coalesced,
         "tx_sent": s.tx_frames - s.tx_dev_drops - s.tx_invalid,
     }
+
+
+cdef int _options(nmb_afxdp_opts *o, str ifname, int slots, str mode, int queues, bint promisc,
+                  bint need_wakeup, bint csum_fix, int busy_poll, int busy_budget, int rx_coalesce) except -1:
+    if mode not in MODES:
+        raise PortError(f"afxdp:{ifname}: mode {mode!r}: use one of {', '.join(MODES)}")
+    if slots < 2 or queues < 0 or busy_poll < 0 or busy_budget < 0 or rx_coalesce < 0:
+        raise PortError(f"afxdp:{ifname}: slots >= 2, queues, busy_poll, busy_budget and rx_coalesce >= 0 "
+                        f"are needed")
+    o.slots = slots
+    o.mode = MODES[mode]
+    o.queues = queues
+    o.promisc = promisc
+    o.need_wakeup = need_wakeup
+    o.csum_fix = csum_fix
+    o.busy_poll_us = busy_poll
+    o.busy_budget = busy_budget
+    o.rx_coalesce_us = rx_coalesce
+    return 0
+
+
+def count_queues(str ifname) -> int:
+    """The interface's receive queues (ETHTOOL_GCHANNELS; 1 when the driver does not say), in
+    the calling thread's network namespace: the ring pairs an afxdp: port of it has."""
+    cdef bytes name = ifname.encode()
+    return nmb_afxdp_count_queues(name)
 
 
 @cython.no_gc_clear  # the region must outlive the port, even at interpreter exit
@@ -82,24 +116,21 @@ cdef class AfXdpPort(Port):
     cdef tuple _kernel  # the kernel-kept counters last read (see decode_counters)
 
     def __init__(self, Region region not None, str ifname, *, int slots=1024, str mode="auto",
-                 int queues=0, bint promisc=True, bint need_wakeup=True, bint csum_fix=True):
+                 int queues=0, bint promisc=True, bint need_wakeup=True, bint csum_fix=True,
+                 int busy_poll=0, int busy_budget=0, int rx_coalesce=0):
         cdef char err[256]
-        self._kernel = (0, 0, 0, 0)
         cdef nmb_afxdp_opts o
         cdef bytes name = ifname.encode()
-        if mode not in MODES:
-            raise PortError(f"afxdp:{ifname}: mode {mode!r}: use one of {', '.join(MODES)}")
-        if slots < 2 or queues < 0:
-            raise PortError(f"afxdp:{ifname}: slots >= 2 and queues >= 0 are needed")
-        o.slots = slots
-        o.mode = MODES[mode]
-        o.queues = queues
-        o.promisc = promisc
-        o.need_wakeup = need_wakeup
-        o.csum_fix = csum_fix
-        self.c = nmb_afxdp_open(region.c, name, &o, err, sizeof(err))
-        if self.c == NULL:
+        _options(&o, ifname, slots, mode, queues, promisc, need_wakeup, csum_fix, busy_poll, busy_budget,
+                 rx_coalesce)
+        cdef nmb_port *c = nmb_afxdp_open(region.c, name, &o, err, sizeof(err))
+        if c == NULL:
             raise PortError(f"afxdp:{ifname}: {err.decode(errors='replace')}")
+        self._adopt(c, region, ifname)
+
+    cdef void _adopt(self, nmb_port *c, Region region, str ifname):
+        self.c = c
+        self._kernel = (0, 0, 0, 0)
         self.region = region
         self.ifname = ifname
         self.spec = f"afxdp:{ifname}"
@@ -138,6 +169,12 @@ cdef class AfXdpPort(Port):
         return nmb_afxdp_queues(self.c)
 
     @property
+    def queue_ids(self) -> list:
+        """The interface queue each of the port's ring pairs plays (a share: w, w + shares, ...)."""
+        self._check_open()
+        return [nmb_afxdp_queue_id(self.c, i) for i in range(nmb_afxdp_queues(self.c))]
+
+    @property
     def shared_sockets(self) -> int:
         """Sockets bound to another socket's UMEM (XDP_SHARED_UMEM); the rest registered one."""
         self._check_open()
@@ -149,6 +186,7 @@ cdef class AfXdpPort(Port):
         if self.mode_reason:
             out["mode_reason"] = self.mode_reason
         out["queues"] = self.queues
+        out["queue_ids"] = self.queue_ids
         out["umem"] = "shared" if self.shared_sockets == self.queues else "registered"
         return out
 
@@ -232,3 +270,29 @@ cdef class FakeXskPort(AfXdpPort):
             return [buf[i] for i in range(n)]
         finally:
             free(buf)
+
+
+def open_shares(Region region not None, str ifname, int shares, *, int slots=1024, str mode="auto",
+                int queues=0, bint promisc=True, bint need_wakeup=True, bint csum_fix=True,
+                int busy_poll=0, int busy_budget=0, int rx_coalesce=0) -> list:
+    """The port as `shares` AfXdpPorts: share w owns the interface's queues w, w + shares, ...
+    (its ring pairs 0, 1, ...), one socket each, all in the region's one UMEM, each share with
+    its own counters; one XDP program for the interface, detached when the last share closes."""
+    cdef char err[256]
+    cdef nmb_afxdp_opts o
+    cdef bytes name = ifname.encode()
+    cdef nmb_port *out[64]
+    cdef int i
+    cdef AfXdpPort p
+    _options(&o, ifname, slots, mode, queues, promisc, need_wakeup, csum_fix, busy_poll, busy_budget,
+             rx_coalesce)
+    if not 1 <= shares <= 64:
+        raise PortError(f"afxdp:{ifname}: {shares} shares: 1 to 64 are possible")
+    if nmb_afxdp_open_shares(region.c, name, &o, shares, out, err, sizeof(err)) != 0:
+        raise PortError(f"afxdp:{ifname}: {err.decode(errors='replace')}")
+    ports = []
+    for i in range(shares):
+        p = AfXdpPort.__new__(AfXdpPort)
+        p._adopt(out[i], region, ifname)
+        ports.append(p)
+    return ports

@@ -8,8 +8,20 @@ has is refused, since frames of an unbound queue would reach the host stack), ``
 (default 1, held by a socket: the kernel undoes it on close), ``need_wakeup=0|1`` (default 1),
 ``csum_fix=0|1`` (default 1: finish the TCP/UDP checksums a veth peer's stack leaves partial;
 AF_XDP does not pass the kernel's CHECKSUM_PARTIAL mark, so a frame whose checksum field
-equals its pseudo-header sum is completed).
+equals its pseudo-header sum is completed), ``busy_poll=USEC`` (default 0: off; else AF_XDP
+preferred busy polling -- SO_PREFER_BUSY_POLL and SO_BUSY_POLL on the sockets, every rxsync
+runs the queue's NAPI in the forwarding thread, and the loop spins USEC after the last frame
+before it sleeps), ``busy_budget=N`` (SO_BUSY_POLL_BUDGET, frames per busy poll; default the
+kernel's), ``rx_coalesce=USEC`` (default 0: off; else while frames stream in -- the last came
+less than 200 us before -- a sync that finds 1 to 31 frames waiting sleeps USEC first, so one
+wake-up, batch and transmit kick serve more frames: less CPU per frame, up to USEC more latency
+under load, none for a lone frame).
 Example: ``afxdp:eth1?mode=native``.
+
+Shares (forwarding workers): ``open_shares(..., shares=N)`` opens the interface as N ports,
+share w owning the sockets (ring pairs) of queues w, w + N, ...; one XDP program for the
+interface, detached when the last share closes; ``ring_pairs()`` is the number of receive
+queues (``queues=`` when given).
 
 The bridge's buffer pool is the UMEM shared by every afxdp: port, so forwarding between them
 is a buffer swap.  Frames must fit one buffer less 256 bytes of XDP headroom (1792 bytes with
@@ -48,11 +60,14 @@ def parse(name: str) -> tuple[str, dict[str, str]]:
         elif key == "queues":
             if whole_number(value, 1, 64) is None:
                 raise ValueError(f"afxdp option queues={value!r}: a whole number from 1 to 64")
+        elif key in ("busy_poll", "busy_budget", "rx_coalesce"):
+            if whole_number(value, 0, 1_000_000) is None:
+                raise ValueError(f"afxdp option {key}={value!r}: a whole number from 0 to 1000000")
         elif key in _BOOL_OPTIONS:
             if value not in ("0", "1"):
                 raise ValueError(f"afxdp option {key}={value!r}: use 0 or 1")
         else:
-            known = ", ".join(("mode", "queues", *_BOOL_OPTIONS))
+            known = ", ".join(("mode", "queues", "busy_poll", "busy_budget", "rx_coalesce", *_BOOL_OPTIONS))
             raise ValueError(f"unknown afxdp option {key!r} (known: {known})")
         opts[key] = value
     return ifname, opts
@@ -141,16 +156,44 @@ class _AfXdpBackend:
     def open(self, name: str, options: OpenOptions, region: Region | None) -> Port:
         from nmbridge.backends.afxdp import AfXdpPort
 
+        ifname, kw = self._args(name, region)
+        assert region is not None
+        return AfXdpPort(region, ifname, slots=options.slots, **kw)  # type: ignore[arg-type]
+
+    def open_shares(self, name: str, options: OpenOptions, region: Region | None, shares: int) -> list[Port]:
+        """The port as `shares` ports for forwarding workers: share w owns the sockets (and ring
+        pairs) of queues w, w + shares, ...; one UMEM, one XDP program for the interface."""
+        from nmbridge.backends.afxdp import open_shares
+
+        ifname, kw = self._args(name, region)
+        assert region is not None
+        return list(open_shares(region, ifname, shares, slots=options.slots, **kw))  # type: ignore[arg-type]
+
+    def ring_pairs(self, name: str, options: OpenOptions) -> int:
+        """One ring pair per receive queue: ``queues=`` when given, else what the interface has
+        (in the calling thread's network namespace)."""
+        from nmbridge.backends.afxdp import count_queues
+
+        try:
+            ifname, opts = parse(name)
+        except ValueError as e:
+            raise PortError(f"afxdp:{name}: {e}") from None
+        return int(opts["queues"]) if "queues" in opts else count_queues(ifname)
+
+    def _args(self, name: str, region: Region | None) -> tuple[str, dict[str, object]]:
         if region is None:
             raise PortError(f"afxdp:{name}: needs a user-memory region")
         try:
             ifname, opts = parse(name)
         except ValueError as e:
             raise PortError(f"afxdp:{name}: {e}") from None
-        return AfXdpPort(region, ifname, slots=options.slots, mode=opts.get("mode", "auto"),
-                         queues=int(opts.get("queues", "0")), promisc=opts.get("promisc", "1") == "1",
-                         need_wakeup=opts.get("need_wakeup", "1") == "1",
-                         csum_fix=opts.get("csum_fix", "1") == "1")
+        return ifname, dict(mode=opts.get("mode", "auto"), queues=int(opts.get("queues", "0")),
+                            promisc=opts.get("promisc", "1") == "1",
+                            need_wakeup=opts.get("need_wakeup", "1") == "1",
+                            csum_fix=opts.get("csum_fix", "1") == "1",
+                            busy_poll=int(opts.get("busy_poll", "0")),
+                            busy_budget=int(opts.get("busy_budget", "0")),
+                            rx_coalesce=int(opts.get("rx_coalesce", "0")))
 
 
 BACKEND = _AfXdpBackend()

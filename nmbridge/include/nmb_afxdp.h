@@ -56,6 +56,12 @@ struct nmb_afxdp_opts {
     int promisc;      /* hold the interface in promiscuous mode while open */
     int need_wakeup;  /* XDP_USE_NEED_WAKEUP (default 1) */
     int csum_fix;     /* finish TCP/UDP checksums a local stack left partial (default 1) */
+    uint32_t busy_poll_us; /* >0: preferred busy polling (SO_PREFER_BUSY_POLL, SO_BUSY_POLL = this,
+                            * SO_BUSY_POLL_BUDGET): every rxsync runs the queue's NAPI in the
+                            * calling thread, and the loop spins this long before it sleeps */
+    uint32_t busy_budget;  /* SO_BUSY_POLL_BUDGET (frames per busy poll; 0: the kernel's 8) */
+    uint32_t rx_coalesce_us; /* >0: while frames stream in, a sync that finds 1-31 waiting sleeps
+                              * this long first (see afxdp.c: rx_coalesce) */
 };
 
 struct nmb_afxdp_stats {
@@ -73,12 +79,26 @@ struct nmb_afxdp_stats {
     uint64_t tx_again;              /* kicks that left frames in the TX ring for later */
     uint64_t rxsyncs, txsyncs, tx_kicks, fill_kicks, completions;
     uint64_t link_errors;           /* socket errors reported by the kernel */
+    uint64_t busy_polls;            /* recvfrom() calls that ran the RX NAPI here (busy_poll) */
+    uint64_t rx_coalesced;          /* syncs that slept rx_coalesce_us for more frames */
 };
 
 /* Open a port on `ifname` in region `m` (the calling thread's network namespace). NULL with
  * a one-line reason in err (without the "afxdp:IFNAME: " prefix). */
 struct nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o,
                                 char *err, size_t errlen);
+/* The same interface as `shares` ports (1 <= shares <= its queues): share w binds queues w,
+ * w + shares, w + 2 * shares, ... (its ring pairs 0, 1, ... in that order), all in one UMEM,
+ * with one XDP program for the interface, which goes when the last share closes.  Each share
+ * has its own counters and fd and is synced by one thread.  0, or -1 with a reason in err
+ * (nothing is left open). */
+int nmb_afxdp_open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_opts *o, uint32_t shares,
+                          struct nmb_port **out, char *err, size_t errlen);
+/* The interface's receive queues (ETHTOOL_GCHANNELS rx + combined; 1 when the driver does not
+ * say), in the calling thread's network namespace. */
+int nmb_afxdp_count_queues(const char *ifname);
+/* The interface queue that ring pair `ring` of the port plays (UINT32_MAX if none). */
+uint32_t nmb_afxdp_queue_id(struct nmb_port *p, uint32_t ring);
 void nmb_afxdp_close(struct nmb_port *p);
 void nmb_afxdp_get_stats(struct nmb_port *p, struct nmb_afxdp_stats *out);
 /* The live counter struct (written only by the thread that syncs the port), for fastfwd to

@@ -206,6 +206,23 @@ def test_exact_counts_for_crafted_bursts_with_vlan_tags(lab: Lab, bridge: StartB
     assert c["tx_errors"] == c["tx_dev_drops"] == c["rx_kernel_drops"] == c["rx_fill_empty"] == 0
 
 
+def test_exact_counts_with_coalescing_and_busy_polling(lab: Lab, bridge: StartBridge) -> None:
+    """rx_coalesce and busy_poll change when the port syncs, never what it delivers: the same
+    bursts arrive exactly, and the pair's numbers balance."""
+    rb = bridge(lab, query="?rx_coalesce=50&busy_poll=20&busy_budget=16")
+    left, rightp = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
+    lm, rm = lab.mac(lab.ns_left, lab.left_if), lab.mac(lab.ns_right, lab.right_if)
+    try:
+        crafted_burst(rb, left, rightp, rm, lm, "a_to_b")
+        crafted_burst(rb, rightp, left, lm, rm, "b_to_a")
+    finally:
+        left.close()
+        rightp.close()
+    c = rb.left.counters()  # type: ignore[attr-defined]
+    assert c["busy_polls"] > 0 and c["fill_kicks"] == 0  # every rxsync asks the kernel itself
+    assert c["rx_fill_empty"] == c["rx_kernel_drops"] == 0
+
+
 def test_link_down_and_up(lab: Lab, bridge: StartBridge) -> None:
     """With the far side down, frames are dropped and counted; once it is up again, ping works."""
     rb = bridge(lab)

@@ -20,9 +20,12 @@ from nmbridge.doctor import afxdp_mode
     ("eth0?mode=fast", "use one of auto, zc, native, skb"),
     ("eth0?queues=0", "from 1 to 64"),
     ("eth0?queues=x", "from 1 to 64"),
-    ("eth0?bogus=1", "unknown afxdp option 'bogus' \\(known: mode, queues, promisc, need_wakeup, "
-                     "csum_fix\\)"),
+    ("eth0?bogus=1", "unknown afxdp option 'bogus' \\(known: mode, queues, busy_poll, busy_budget, "
+                     "rx_coalesce, promisc, need_wakeup, csum_fix\\)"),
     ("eth0?promisc=2", "use 0 or 1"),
+    ("eth0?busy_poll=-1", "from 0 to 1000000"),
+    ("eth0?rx_coalesce=1000001", "from 0 to 1000000"),
+    ("eth0?busy_budget=x", "from 0 to 1000000"),
 ])
 def test_bad_names_are_refused(name: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
@@ -32,6 +35,8 @@ def test_bad_names_are_refused(name: str, reason: str) -> None:
 def test_good_names() -> None:
     assert parse("eth1?mode=skb&queues=4&promisc=0") == ("eth1", {"mode": "skb", "queues": "4",
                                                                   "promisc": "0"})
+    assert parse("eth1?busy_poll=50&busy_budget=64&rx_coalesce=20") == (
+        "eth1", {"busy_poll": "50", "busy_budget": "64", "rx_coalesce": "20"})
     assert backend("afxdp").interface("eth1?mode=zc") == "eth1"
     assert parse_spec("afxdp:eth1").backend == "afxdp"
     assert backend("afxdp").user_memory
