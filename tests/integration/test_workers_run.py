@@ -1,5 +1,6 @@
-"""`nmbridge run` with `workers = 2` on afpacket: ports, end to end in a netns lab (root):
-the pair's two worker threads each forward one share of a PACKET_FANOUT group per port,
+"""`nmbridge run` with `workers = 2` on afpacket: and afxdp: ports, end to end in a netns lab
+(root): the pair's two worker threads each forward one share per port (afpacket: a socket of
+one PACKET_FANOUT group; afxdp: the socket of one receive queue),
 pinned to the CPUs given; every frame of many UDP flows crosses exactly once, in order within
 its flow; `nmbridge stats` sums the workers and each worker balances on its own; SIGTERM
 stops both and the final counters balance too.
@@ -20,6 +21,7 @@ from rawio import Collector, NmbridgeRun, RawPort, wait_for
 from test_afpacket_fanout import flow_seqs, udp_frame
 
 from nmbridge import netns
+from nmbridge.backends import backend
 from nmbridge.control import request
 from nmbridge.netns import Lab
 
@@ -39,11 +41,14 @@ def balance(d: dict[str, Any]) -> int:
     return int(d["received"] - d["forwarded"] - sum(d["dropped"].values()) - d["queued"])
 
 
-def test_two_afpacket_workers_forward_every_frame_once_and_balance(lab2: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["afpacket", "afxdp"])
+def test_two_workers_forward_every_frame_once_and_balance(lab2: Lab, tmp_path: Path, kind: str) -> None:
     lb = lab2
+    if kind == "afxdp" and (why := backend("afxdp").unavailable()):
+        pytest.skip(why)
     cpus = sorted(os.sched_getaffinity(0))[:2]
     cfg = tmp_path / "bridge.toml"
-    cfg.write_text('[bridge]\nstats_interval = 0\nbackend = "afpacket"\n'
+    cfg.write_text(f'[bridge]\nstats_interval = 0\nbackend = "{kind}"\n'
                    f'[[pair]]\nname = "lab"\nports = ["{lb.bridge_left_if}", "{lb.bridge_right_if}"]\n'
                    f"workers = 2\ncpus = {cpus}\n")
     sock = str(tmp_path / "c.sock")
