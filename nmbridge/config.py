@@ -68,7 +68,7 @@ class BridgeConfig:
     ring_slots: int = 1024  # slots per ring of user-memory ports
     buf_size: int = 2048  # bytes per buffer of user-memory ports
     link_setup: bool = True  # bring links up, promiscuous, offloads off
-    sched: str = "auto"  # forwarding threads: "fifo" (SCHED_FIFO, when permitted), "other", "auto"
+    sched: str = "other"  # forwarding threads: "other" (a short EEVDF slice), "fifo" (SCHED_FIFO), "auto"
     rt_priority: int = 1  # their SCHED_FIFO priority
     sched_slice_us: int = 100  # EEVDF slice of a normal forwarding thread (Linux 6.12+); 0: the kernel's
     cpu_dma_latency_us: int = -1  # hold /dev/cpu_dma_latency at this (PM QoS) while running; -1: no

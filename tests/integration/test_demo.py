@@ -82,7 +82,7 @@ def test_demo_json_summary_and_nothing_left() -> None:
     # the progress a person reads went to stderr, step by step
     assert "[6/6] Removing the lab" in p.stderr and "zero-copy: yes" in p.stderr
     assert "one-way, left -> right: 500 of 500" in p.stderr
-    assert "its forwarding thread runs SCHED_FIFO priority 1" in p.stderr  # root: the default's FIFO
+    assert "its forwarding thread runs SCHED_OTHER, slice 100 µs" in p.stderr  # the default
 
 
 @pytest.mark.root

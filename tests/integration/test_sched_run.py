@@ -1,6 +1,7 @@
 """A running bridge's forwarding thread has the scheduling [bridge] asks for (root, netns lab):
-SCHED_FIFO priority 1 by default, only that thread; as the service's user without CAP_SYS_NICE,
-a normal thread with a 100 µs slice and one warning line saying why."""
+by default a normal thread with a 100 µs EEVDF slice; with `sched = "auto"` SCHED_FIFO priority 1,
+only that thread; as the service's user without CAP_SYS_NICE, a normal thread with a 100 µs
+slice and one warning line saying why."""
 
 from __future__ import annotations
 
@@ -49,8 +50,24 @@ def config(dirpath: Path, lab: Lab, bridge: str = "") -> Path:
 
 
 @pytest.mark.root
-def test_by_default_the_forwarding_thread_alone_runs_sched_fifo_priority_1(lab: Lab, tmp_path: Path) -> None:
+def test_by_default_the_forwarding_thread_gets_a_100us_slice(lab: Lab, tmp_path: Path) -> None:
     run = NmbridgeRun(lab, config(tmp_path, lab))
+    try:
+        ev = event(run, "forwarding_sched")
+        assert (ev["level"], ev["sched"]) == ("info", "SCHED_OTHER, slice 100 µs")
+        event(run, "ready")
+        t = tasks(run.proc.pid)
+        assert all(f["policy"] == sched.SCHED_OTHER for f in t.values())
+        if any("se.slice" in f for f in t.values()):
+            assert [f["se.slice"] for f in t.values()].count(100_000) == 1
+        run.stop()
+    finally:
+        run.kill()
+
+
+@pytest.mark.root
+def test_sched_auto_the_forwarding_thread_alone_runs_sched_fifo_priority_1(lab: Lab, tmp_path: Path) -> None:
+    run = NmbridgeRun(lab, config(tmp_path, lab, 'sched = "auto"'))
     try:
         ev = event(run, "forwarding_sched")
         assert (ev["level"], ev["sched"]) == ("info", "SCHED_FIFO priority 1")
@@ -91,7 +108,7 @@ def test_the_service_user_gets_fifo_only_with_cap_sys_nice_and_else_one_warning(
     state.mkdir()
     os.chown(state, 65534, 65534)
     caps = ("net_admin", "net_raw", *(("sys_nice",) if nice_cap else ()))
-    run = NmbridgeRun(lab, config(public_dir, lab), *_setpriv(*caps), state=state)
+    run = NmbridgeRun(lab, config(public_dir, lab, 'sched = "auto"'), *_setpriv(*caps), state=state)
     try:
         ev = event(run, "forwarding_sched")
         event(run, "ready")

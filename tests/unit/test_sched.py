@@ -20,6 +20,8 @@ from nmbridge import caps, config, sched
 from nmbridge.config import BridgeConfig
 from nmbridge.errors import ConfigError
 
+AUTO = replace(BridgeConfig(), sched="auto")  # the default is "other"; these test what auto decides
+
 ROOT = Path(__file__).resolve().parents[2]
 PAIR = '[[pair]]\nports = ["mem:a", "mem:b"]\n'
 
@@ -34,9 +36,9 @@ def error(text: str) -> str:
 # --- config ----------------------------------------------------------------------------
 
 
-def test_defaults_ask_for_fifo_priority_1_with_a_100_us_fallback_slice_and_no_pm_qos() -> None:
+def test_defaults_a_normal_thread_with_a_100_us_slice_fifo_priority_1_when_asked_no_pm_qos() -> None:
     b = config.loads(PAIR, "b.toml").bridge
-    assert (b.sched, b.rt_priority, b.sched_slice_us, b.cpu_dma_latency_us) == ("auto", 1, 100, -1)
+    assert (b.sched, b.rt_priority, b.sched_slice_us, b.cpu_dma_latency_us) == ("other", 1, 100, -1)
 
 
 def test_every_scheduling_key_is_read() -> None:
@@ -91,7 +93,7 @@ class Kernel:
 
 
 def choose(k: Kernel, cpus: int = 2, **kw: Any) -> sched.Applied:
-    return sched.choose(replace(BridgeConfig(), **kw), k.fifo, k.slice, lambda: cpus)
+    return sched.choose(replace(AUTO, **kw), k.fifo, k.slice, lambda: cpus)
 
 
 def test_auto_on_two_cpus_asks_for_fifo_at_the_configured_priority_only() -> None:
@@ -113,9 +115,9 @@ def test_auto_leaves_a_cpu_to_the_rest_and_never_spins_fifo() -> None:
     """auto gives SCHED_FIFO only while the bridge's forwarding threads (all pairs, all
     workers) are fewer than the usable CPUs, and never to a thread whose port busy-polls."""
     k = Kernel()
-    assert sched.choose(BridgeConfig(), k.fifo, k.slice, lambda: 4, threads=3).policy == "fifo"
-    assert sched.choose(BridgeConfig(), k.fifo, k.slice, lambda: 2, threads=2).policy == "other"
-    assert sched.choose(BridgeConfig(), k.fifo, k.slice, lambda: 4, spins=True).policy == "other"
+    assert sched.choose(AUTO, k.fifo, k.slice, lambda: 4, threads=3).policy == "fifo"
+    assert sched.choose(AUTO, k.fifo, k.slice, lambda: 2, threads=2).policy == "other"
+    assert sched.choose(AUTO, k.fifo, k.slice, lambda: 4, spins=True).policy == "other"
     assert k.calls == [("fifo", 1), ("slice", 100), ("slice", 100)]
     assert sched.auto_fifo(2, 2, False) == ("sched = auto: 2 forwarding threads on 2 usable CPUs "
                                             "would leave no CPU to the rest")
@@ -177,7 +179,7 @@ def test_enter_forwarding_logs_once_per_process_and_warns_on_a_fallback(
     monkeypatch.setattr(sched.choose, "__defaults__", (refuse, lambda us: None, lambda: 2))
     log = Log()
     for _ in range(3):  # three pairs' threads: one line
-        sched.enter_forwarding(BridgeConfig(), log)
+        sched.enter_forwarding(AUTO, log)
     assert len(log.events) == 1
     level, event, kw = log.events[0]
     assert (level, event, kw["sched"]) == ("warning", "forwarding_sched", "SCHED_OTHER, slice 100 µs")
