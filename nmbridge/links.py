@@ -430,21 +430,40 @@ def in_netns(name: str | None) -> Iterator[None]:
 
 SIOCETHTOOL = 0x8946
 ETHTOOL_GDRVINFO = 0x3
+ETHTOOL_GCHANNELS = 0x3C
 _DRVINFO_SIZE = 196  # struct ethtool_drvinfo
+_CHANNELS_SIZE = 36  # struct ethtool_channels: 9 x u32
 
 
-def _driver_name(ifname: str) -> str | None:
-    """The driver behind an interface (ETHTOOL_GDRVINFO), or None if it has none to tell."""
-    info = ctypes.create_string_buffer(_DRVINFO_SIZE)
-    struct.pack_into("I", info, 0, ETHTOOL_GDRVINFO)
-    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(info)).ljust(40, b"\0")
+def _ethtool(ifname: str, cmd: int, size: int) -> bytes | None:
+    """The `size`-byte answer of ethtool command `cmd` for an interface (SIOCETHTOOL, in the
+    calling thread's namespace), or None when the driver does not answer it."""
+    buf = ctypes.create_string_buffer(size)
+    struct.pack_into("I", buf, 0, cmd)
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(buf)).ljust(40, b"\0")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
         except OSError:
             return None
-    name = info.raw[4:36].split(b"\0", 1)[0].decode(errors="replace")
+    return buf.raw
+
+
+def _driver_name(ifname: str) -> str | None:
+    """The driver behind an interface (ETHTOOL_GDRVINFO), or None if it has none to tell."""
+    info = _ethtool(ifname, ETHTOOL_GDRVINFO, _DRVINFO_SIZE)
+    name = info[4:36].split(b"\0", 1)[0].decode(errors="replace") if info else ""
     return name or None
+
+
+def ethtool_rx_queues(ifname: str) -> int:
+    """The interface's RX queues from ETHTOOL_GCHANNELS (rx + combined channels), in the
+    calling thread's namespace; 1 when the driver does not tell."""
+    chan = _ethtool(ifname, ETHTOOL_GCHANNELS, _CHANNELS_SIZE)
+    if chan is None:
+        return 1
+    rx, _tx, _other, combined = struct.unpack_from("4I", chan, 20)
+    return max(1, int(rx) + int(combined))
 
 
 def _reason(e: BaseException) -> str:

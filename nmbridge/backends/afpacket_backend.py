@@ -43,18 +43,15 @@ buffer of the region arrive as NS_MOREFRAG chains; frames the kernel truncated a
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import os
 import socket
-import struct
 import sys
 from typing import TYPE_CHECKING
 
 from nmbridge.accounting import PortAccounting
 from nmbridge.backends import OpenOptions, close_all, parse_options, whole_number
 from nmbridge.errors import PortError
-from nmbridge.links import RX_MERGING, TX_SEGMENTATION, VLAN_STRIPPING
+from nmbridge.links import RX_MERGING, TX_SEGMENTATION, VLAN_STRIPPING, ethtool_rx_queues
 from nmbridge.port import Port, Region
 
 if TYPE_CHECKING:
@@ -140,25 +137,6 @@ def rx_queues(ifname: str, ifindex: int, sysfs: str | None = None) -> int | None
     except (OSError, ValueError):
         return None
     return max(1, sum(1 for n in names if n.startswith("rx-") and n[3:].isdigit()))
-
-
-_SIOCETHTOOL = 0x8946
-_ETHTOOL_GCHANNELS = 0x3C
-
-
-def ethtool_rx_queues(ifname: str) -> int:
-    """The interface's RX queues from ETHTOOL_GCHANNELS (rx + combined channels), in the
-    calling thread's namespace; 1 when the driver does not tell."""
-    chan = ctypes.create_string_buffer(36)  # struct ethtool_channels: 9 x u32
-    struct.pack_into("I", chan, 0, _ETHTOOL_GCHANNELS)
-    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(chan)).ljust(40, b"\0")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifreq)
-        except OSError:
-            return 1
-    rx, _tx, _other, combined = struct.unpack_from("4I", chan, 20)
-    return max(1, int(rx) + int(combined))
 
 
 def has_cap_net_raw() -> bool:
