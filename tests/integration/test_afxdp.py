@@ -186,13 +186,8 @@ def test_udp_from_local_stacks_arrives_intact(lab: Lab, bridge: StartBridge) -> 
     assert fixed >= 6
 
 
-@pytest.mark.parametrize("right", ["afxdp", "afpacket"])
-def test_exact_counts_for_crafted_bursts_with_vlan_tags(lab: Lab, bridge: StartBridge, right: str) -> None:
-    """Untagged, 802.1Q and QinQ frames of 60 to 1522 bytes, both ways: each arrives once,
-    whole, tags included; against afpacket: too (a mixed pair swaps buffers: one region, and
-    the UMEM is the whole pool, so an afpacket: buffer is a valid UMEM chunk)."""
-    rb = bridge(lab, right=right)
-    assert rb.fwd.zerocopy  # type: ignore[attr-defined]
+def crafted_bursts_both_ways(lab: Lab, rb: RunningBridge) -> None:
+    """crafted_burst() left to right, then right to left."""
     left, rightp = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
     lm, rm = lab.mac(lab.ns_left, lab.left_if), lab.mac(lab.ns_right, lab.right_if)
     try:
@@ -201,6 +196,16 @@ def test_exact_counts_for_crafted_bursts_with_vlan_tags(lab: Lab, bridge: StartB
     finally:
         left.close()
         rightp.close()
+
+
+@pytest.mark.parametrize("right", ["afxdp", "afpacket"])
+def test_exact_counts_for_crafted_bursts_with_vlan_tags(lab: Lab, bridge: StartBridge, right: str) -> None:
+    """Untagged, 802.1Q and QinQ frames of 60 to 1522 bytes, both ways: each arrives once,
+    whole, tags included; against afpacket: too (a mixed pair swaps buffers: one region, and
+    the UMEM is the whole pool, so an afpacket: buffer is a valid UMEM chunk)."""
+    rb = bridge(lab, right=right)
+    assert rb.fwd.zerocopy  # type: ignore[attr-defined]
+    crafted_bursts_both_ways(lab, rb)
     c = rb.left.counters()  # type: ignore[attr-defined]
     assert c["rx_frames"] == rb.fwd.stats()["a_to_b"]["frames"]  # type: ignore[attr-defined]
     assert c["tx_errors"] == c["tx_dev_drops"] == c["rx_kernel_drops"] == c["rx_fill_empty"] == 0
@@ -210,14 +215,7 @@ def test_exact_counts_with_coalescing_and_busy_polling(lab: Lab, bridge: StartBr
     """rx_coalesce and busy_poll change when the port syncs, never what it delivers: the same
     bursts arrive exactly, and the pair's numbers balance."""
     rb = bridge(lab, query="?rx_coalesce=50&busy_poll=20&busy_budget=16")
-    left, rightp = RawPort(lab.ns_left, lab.left_if), RawPort(lab.ns_right, lab.right_if)
-    lm, rm = lab.mac(lab.ns_left, lab.left_if), lab.mac(lab.ns_right, lab.right_if)
-    try:
-        crafted_burst(rb, left, rightp, rm, lm, "a_to_b")
-        crafted_burst(rb, rightp, left, lm, rm, "b_to_a")
-    finally:
-        left.close()
-        rightp.close()
+    crafted_bursts_both_ways(lab, rb)
     c = rb.left.counters()  # type: ignore[attr-defined]
     assert c["busy_polls"] > 0 and c["fill_kicks"] == 0  # every rxsync asks the kernel itself
     assert c["rx_fill_empty"] == c["rx_kernel_drops"] == 0

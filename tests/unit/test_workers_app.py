@@ -7,14 +7,13 @@ import io
 import json
 import os
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_ops import DEADLINE, events, wait_for
 
 from nmbridge import app, config
 from nmbridge.app import Bridge
@@ -26,20 +25,7 @@ from nmbridge.fastfwd import Forwarder
 from nmbridge.stats import balance
 from nmbridge.workers import FilterCopies
 
-DEADLINE = 30.0
 CPU = min(config.allowed_cpus())
-
-
-def wait_for(cond: Any, what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def events(out: io.StringIO, name: str) -> list[dict[str, Any]]:
-    return [e for e in (json.loads(line) for line in out.getvalue().splitlines()) if e["event"] == name]
 
 
 def frame(ring: int, i: int, ethertype: int = 0x88B5) -> bytes:
