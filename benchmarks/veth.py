@@ -120,7 +120,9 @@ signal.signal(signal.SIGTERM, lambda *_: done.set())
 def work(i):  # as `nmbridge run` does: pinned, the thread's scheduling from [bridge], the loop
     if cpus:
         os.sched_setaffinity(0, {cpus[i % len(cpus)]})
-    got.append(sched.choose(bridge).describe())
+    applied = sched.choose(bridge)
+    got.append(applied.describe())
+    fwds[i].spin_us = applied.spin_us
     fwds[i].run()
 ts = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
 for t in ts:

@@ -290,7 +290,8 @@ class Bridge:
             p.fwd.pin(w)
             threads = sum(len(q.fwd) for q in self.pairs)  # the bridge's forwarding threads
             spins = any(port.spin_us for port in (*p.fwd.a_shares, *p.fwd.b_shares) if not port.closed)
-            sched.enter_forwarding(self.config.bridge, self.log, threads=threads, spins=spins)
+            got = sched.enter_forwarding(self.config.bridge, self.log, threads=threads, spins=spins)
+            fwd.spin_us = got.spin_us
             fwd.run()
         except Exception as e:  # PortError mostly; anything else must stop the bridge too
             with self._fail_lock:

@@ -51,6 +51,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # pair and filter names: they ap
 NAME_RULE = "1-64 letters, digits, '_' or '-'"
 MAX_CONFIG_BYTES = 1 << 20  # a bridge config is a few KiB; a bigger file is the wrong file
 SCHED_CHOICES = ("auto", "fifo", "other")  # [bridge] sched: see nmbridge.sched
+MAX_SPIN_US = 1_000_000  # [bridge] spin_us: at most a second
 MAX_PCAP = 2048  # characters of one pcap expression (libpcap's optimizer is superlinear)
 
 
@@ -72,6 +73,9 @@ class BridgeConfig:
     rt_priority: int = 1  # their SCHED_FIFO priority
     sched_slice_us: int = 100  # EEVDF slice of a normal forwarding thread (Linux 6.12+); 0: the kernel's
     cpu_dma_latency_us: int = -1  # hold /dev/cpu_dma_latency at this (PM QoS) while running; -1: no
+    # µs a forwarding loop keeps polling its idle rings before it sleeps (README "Latency"):
+    # "auto" = AUTO_SPIN_US for a normal thread, 0 for a SCHED_FIFO one
+    spin_us: int | Literal["auto"] = "auto"
     # defaults of every pair's `workers` and `cpus` (README "Workers")
     workers: int | Literal["auto"] = 1
     cpus: tuple[int, ...] = ()
@@ -540,9 +544,22 @@ class _Loader:
             rt_priority=t.get_int("rt_priority", d.rt_priority, 1, 99),
             sched_slice_us=sched_slice_us,
             cpu_dma_latency_us=t.get_int("cpu_dma_latency_us", d.cpu_dma_latency_us, -1, 2_000_000_000),
+            spin_us=self.spin_us(t, d.spin_us),
             workers=self.workers(t, d.workers),
             cpus=self.cpus(t, d.cpus),
         )
+
+    def spin_us(self, t: _Table, default: int | Literal["auto"]) -> int | Literal["auto"]:
+        """``spin_us``: "auto", or µs from 0 (sleep at once) to MAX_SPIN_US."""
+        value = t.raw.get("spin_us", default)
+        if value == "auto":
+            return "auto"
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.error(t.path("spin_us"), f'must be a number of microseconds or "auto", not '
+                             f"{_kind(value)}", value)
+        if not 0 <= value <= MAX_SPIN_US:
+            raise self.error(t.path("spin_us"), f'must be from 0 to {MAX_SPIN_US} µs (or "auto")', value)
+        return value
 
     def workers(self, t: _Table, default: int | Literal["auto"]) -> int | Literal["auto"]:
         """``workers``: a whole number from 1 to MAX_WORKERS, or "auto"."""

@@ -124,6 +124,7 @@ cdef struct fwd_dir:
 
 cdef enum:
     MAX_PORT_COUNTERS = 64  # uint64_t counters of one port that a snapshot copies
+    MAX_SPIN_US = 1000000   # a pair's idle polling: at most a second
 
 
 cdef struct published:
@@ -143,6 +144,7 @@ cdef struct fwd_state:
     int stop
     int stop_fd
     int poll_timeout_ms
+    uint32_t spin_us       # the pair's idle polling before poll() (README "Latency"); ports may ask more
     bint poll_syncs        # both ports' poll() syncs their rings (the kernel's netmap)
     uint64_t epoch         # loop iterations; a filter swap waits for it to move
     uint64_t polls
@@ -471,10 +473,14 @@ cdef uint64_t now_us() noexcept nogil:
 
 
 cdef int spin(fwd_state *f, nmb_port *a, nmb_port *b) noexcept nogil:
-    """Both sources idle and a port asks for busy polling (spin_us): sync until a frame
-    comes (1), the time is up or a stop is asked (0), or a sync fails (-1)."""
+    """Both sources idle: keep syncing for the longest of the pair's spin_us and its ports'
+    (their busy_poll) before the loop sleeps in poll(), so a frame that comes meanwhile is
+    taken without a wake-up.  1: a frame came; 0: the time is up or a stop is asked; -1: a
+    sync failed."""
     cdef uint32_t us = a.spin_us if a.spin_us > b.spin_us else b.spin_us
     cdef uint64_t end
+    if f.spin_us > us:
+        us = f.spin_us
     if us == 0 or (f.d[0].enabled and rx_pending(a)) or (f.d[1].enabled and rx_pending(b)):
         return 0
     end = now_us() + us
@@ -646,7 +652,7 @@ cdef class Forwarder:
         self.st.stop_fd = -1
 
     def __init__(self, Port a not None, Port b not None, *, int burst=1024, str direction="both",
-                 int poll_timeout_ms=1000, zerocopy=None):
+                 int poll_timeout_ms=1000, zerocopy=None, int spin_us=0):
         """`zerocopy`: None swaps buffers when both ports share a memory region (else copies),
         False forces copying (benchmarks), True insists on swapping (ValueError if impossible)."""
         if a.c == NULL or b.c == NULL:
@@ -659,6 +665,8 @@ cdef class Forwarder:
             raise ValueError(f"direction must be both, a-to-b or b-to-a, not {direction!r}")
         if poll_timeout_ms < 1:
             raise ValueError("poll_timeout_ms must be >= 1")
+        if not 0 <= spin_us <= MAX_SPIN_US:
+            raise ValueError(f"spin_us {spin_us} outside [0, {MAX_SPIN_US}]")
         self.a, self.b = a, b
         self.direction = direction
         self.burst = burst
@@ -679,6 +687,7 @@ cdef class Forwarder:
             self.st.d[i].filter = NULL
             self.st.d[i].tap = NULL
         self.st.poll_timeout_ms = poll_timeout_ms
+        self.st.spin_us = <uint32_t>spin_us
         self.st.poll_syncs = a.c.poll_syncs != 0 and b.c.poll_syncs != 0
         cdef size_t addr, nbytes
         for i, port in enumerate((a, b)):
@@ -805,6 +814,20 @@ cdef class Forwarder:
     @property
     def polls(self) -> int:
         return self.st.polls
+
+    @property
+    def spin_us(self) -> int:
+        """µs the loop keeps polling its idle rings before it sleeps in poll() (0: it sleeps
+        at once); a port's own busy_poll counts when longer."""
+        return self.st.spin_us
+
+    @spin_us.setter
+    def spin_us(self, int us) -> None:
+        if self._running:
+            raise RuntimeError("spin_us is set before run()")
+        if not 0 <= us <= MAX_SPIN_US:
+            raise ValueError(f"spin_us {us} outside [0, {MAX_SPIN_US}]")
+        self.st.spin_us = <uint32_t>us
 
     @property
     def running(self) -> bool:

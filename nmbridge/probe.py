@@ -14,6 +14,7 @@ between two probes it waits on the receive socket until the next probe is due.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import select
 import socket
@@ -68,6 +69,16 @@ def percentiles_us(latencies_ns: list[int]) -> dict[str, float | None]:
     out: dict[str, float | None] = {k: round(percentile(v, q) / 1000, 1) for k, q in keys}
     out["max_us"] = round(v[-1] / 1000, 1)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process `pid` has used so far; 0.0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _timestamp(ancdata: list[tuple[int, int, bytes]]) -> int | None:

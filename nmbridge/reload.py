@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 DIRECTIONS = ("a_to_b", "b_to_a")
 # [bridge] keys that shape ports and forwarders already open: a reload keeps the old value
 RESTART_KEYS = ("backend", "burst", "poll_timeout_ms", "ring_slots", "buf_size", "sched", "rt_priority",
-                "sched_slice_us", "cpu_dma_latency_us")
+                "sched_slice_us", "cpu_dma_latency_us", "spin_us")
 
 
 @dataclass

@@ -30,6 +30,9 @@ from typing import Protocol
 
 SCHED_OTHER = 0
 SCHED_FIFO = 1
+# [bridge] spin_us = "auto" for a normal forwarding thread: a ring that had a frame in the last
+# 2 ms (>= 500 frames/s) is polled, not slept on (README "Latency": what it saves, what it costs)
+AUTO_SPIN_US = 2000
 DMA_LATENCY_PATH = "/dev/cpu_dma_latency"
 # sched_setattr(2) system call numbers (glibc has no wrapper); others: not attempted
 _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "armv7l": 380, "riscv64": 274, "ppc64le": 355,
@@ -47,21 +50,44 @@ class _Settings(Protocol):
     @property
     def sched_slice_us(self) -> int: ...
 
+    @property
+    def spin_us(self) -> int | str: ...
+
 
 @dataclass(frozen=True)
 class Applied:
     """What a forwarding thread got: ``policy`` ("fifo", "other"), its priority, its slice
-    (µs, 0: the kernel's default) and, when it got less than was asked, why."""
+    (µs, 0: the kernel's default), how long its loop polls idle rings before it sleeps
+    (``spin_us``) and, when it got less than was asked, why."""
 
     policy: str
     priority: int = 0
     slice_us: int = 0
     fallback: str | None = None
+    spin_us: int = 0
 
     def describe(self) -> str:
         if self.policy == "fifo":
-            return f"SCHED_FIFO priority {self.priority}"
-        return "SCHED_OTHER" + (f", slice {self.slice_us} µs" if self.slice_us else "")
+            got = f"SCHED_FIFO priority {self.priority}"
+        else:
+            got = "SCHED_OTHER" + (f", slice {self.slice_us} µs" if self.slice_us else "")
+        return got + (f", polls idle rings {self.spin_us} µs before sleeping" if self.spin_us
+                      else ", sleeps when its rings are idle")
+
+
+def spin_for(setting: int | str, policy: str) -> int:
+    """The ``spin_us`` a forwarding loop gets: the setting, or for "auto" AUTO_SPIN_US when
+    the thread is normal and 0 when it is SCHED_FIFO (a FIFO thread that polls takes its CPU
+    from the softirq work that feeds it)."""
+    if setting == "auto":
+        return 0 if policy == "fifo" else AUTO_SPIN_US
+    return int(setting)
+
+
+def spins_explicitly(settings: _Settings) -> bool:
+    """Whether ``spin_us`` asks for polling whatever the policy (a number above 0)."""
+    v = getattr(settings, "spin_us", "auto")
+    return isinstance(v, int) and v > 0
 
 
 def set_fifo(priority: int) -> None:
@@ -104,27 +130,31 @@ def choose(settings: _Settings, fifo: Callable[[int], None] = set_fifo,
     ``"other"``, the auto case that does not qualify, or when SCHED_FIFO is not permitted:
     SCHED_OTHER with an EEVDF slice of ``sched_slice_us`` (0: the kernel's)."""
     why: str | None = None
+    spin = getattr(settings, "spin_us", "auto")
+    spins = spins or spins_explicitly(settings)
     if settings.sched == "fifo" or (settings.sched == "auto" and auto_fifo(cpus(), threads, spins) is None):
         try:
             fifo(settings.rt_priority)
-            return Applied("fifo", priority=settings.rt_priority)
+            return Applied("fifo", priority=settings.rt_priority, spin_us=spin_for(spin, "fifo"))
         except OSError as e:
             why = (f"SCHED_FIFO priority {settings.rt_priority} not permitted ({e.strerror}): needs "
                    "CAP_SYS_NICE or an RLIMIT_RTPRIO that allows it (systemd: LimitRTPRIO=)")
     if settings.sched_slice_us > 0:
         try:
             slice_(settings.sched_slice_us)
-            return Applied("other", slice_us=settings.sched_slice_us, fallback=why)
+            return Applied("other", slice_us=settings.sched_slice_us, fallback=why,
+                           spin_us=spin_for(spin, "other"))
         except OSError as e:
             refused = f"EEVDF slice {settings.sched_slice_us} µs refused ({e.strerror})"
             why = f"{why}; {refused}" if why else refused
-    return Applied("other", fallback=why)
+    return Applied("other", fallback=why, spin_us=spin_for(spin, "other"))
 
 
 def auto_fifo(cpus: int, threads: int, spins: bool) -> str | None:
     """None when ``sched = "auto"`` gives forwarding threads SCHED_FIFO, else why not."""
     if spins:
-        return "sched = auto: a port busy-polls (busy_poll), which a SCHED_FIFO thread must not"
+        return ("sched = auto: the loop busy-polls (spin_us, a port's busy_poll), which a SCHED_FIFO "
+                "thread must not")
     if threads >= cpus:
         return (f"sched = auto: {threads} forwarding thread{'s' if threads != 1 else ''} on "
                 f"{cpus} usable CPU{'s' if cpus != 1 else ''} would leave no CPU to the rest")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -173,6 +174,74 @@ def test_run_in_a_thread_stops_at_once() -> None:
     assert not t.is_alive()
     assert got == frames
     assert fwd.polls >= 1
+
+
+def _polls_between_frames(spin_us: int, n: int = 20) -> int:
+    """Run a forwarder with `spin_us`; send `n` frames, each once the one before arrived
+    (and, with spin_us = 0, once the loop is asleep again): the poll() calls meanwhile.  The
+    loop's thread and this one on different CPUs where there are two, so that they do not
+    preempt each other (a preempted loop stops polling and sleeps)."""
+    a, b = pair(slots=64, strict=False)
+    fwd = Forwarder(a, b, poll_timeout_ms=60_000, spin_us=spin_us)
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def run() -> None:
+        if len(cpus) > 1:
+            os.sched_setaffinity(0, {cpus[-1]})
+        fwd.run()
+
+    mine = os.sched_getaffinity(0)
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, set(cpus[:-1]))
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        got: list[bytes] = []
+        start = None  # counted from the second frame on (the first finds the loop asleep)
+        for i in range(n + 1):
+            polls = fwd.polls  # asleep (spin_us = 0): counted as it went to sleep
+            a.inject(frame(i))
+            for _ in range(10_000):
+                got += b.collect()
+                if got and got[-1] == frame(i):
+                    break
+                threading.Event().wait(0.0005)
+            if not spin_us:  # asleep again before the next frame
+                for _ in range(10_000):
+                    if fwd.polls > polls:
+                        break
+                    threading.Event().wait(0.0005)
+            if start is None:
+                start = fwd.polls
+        assert got == [frame(i) for i in range(n + 1)]
+        assert start is not None
+        return fwd.polls - start
+    finally:
+        fwd.stop()
+        t.join(timeout=5)
+        os.sched_setaffinity(0, mine)
+        assert not t.is_alive()
+
+
+def test_spin_us_takes_the_next_frame_without_sleeping() -> None:
+    """Idle, the loop keeps syncing for spin_us before it sleeps in poll(): a frame that comes
+    meanwhile needs no wake-up (frames a millisecond apart, a second-long window: hardly a
+    poll(); one now and then when the thread was preempted anyway); with spin_us = 0 the
+    loop sleeps as soon as nothing moves, one poll() per frame at least."""
+    assert _polls_between_frames(1_000_000) < 10
+    assert _polls_between_frames(0) >= 20
+
+
+def test_spin_us_is_bounded_and_set_before_run() -> None:
+    a, b = pair()
+    with pytest.raises(ValueError, match="spin_us"):
+        Forwarder(a, b, spin_us=1_000_001)
+    fwd = Forwarder(a, b)
+    assert fwd.spin_us == 0
+    fwd.spin_us = 2000
+    assert fwd.spin_us == 2000
+    with pytest.raises(ValueError, match="spin_us"):
+        fwd.spin_us = -1
 
 
 def test_run_reports_a_ring_violation_as_port_error() -> None:

@@ -41,6 +41,26 @@ def test_defaults_a_normal_thread_with_a_100_us_slice_fifo_priority_1_when_asked
     assert (b.sched, b.rt_priority, b.sched_slice_us, b.cpu_dma_latency_us) == ("other", 1, 100, -1)
 
 
+def test_spin_defaults_to_auto_and_takes_microseconds() -> None:
+    assert config.loads(PAIR, "b.toml").bridge.spin_us == "auto"
+    assert config.loads("[bridge]\nspin_us = 0\n" + PAIR, "b.toml").bridge.spin_us == 0
+    assert config.loads("[bridge]\nspin_us = 250\n" + PAIR, "b.toml").bridge.spin_us == 250
+
+
+def test_auto_spin_polls_for_a_normal_thread_and_never_for_a_fifo_one() -> None:
+    """spin_us = "auto": a normal thread polls its idle rings AUTO_SPIN_US before sleeping; a
+    SCHED_FIFO one sleeps at once (polling, it would starve its CPU's softirq work); a number
+    is what it says, whatever the policy -- also when FIFO was refused."""
+    k = Kernel()
+    assert choose(k, sched="other").spin_us == sched.AUTO_SPIN_US == 2000
+    assert choose(k, sched="fifo").spin_us == 0
+    assert choose(k, sched="fifo", spin_us=300).spin_us == 300
+    assert choose(k, sched="other", spin_us=0).spin_us == 0
+    assert choose(Kernel(refuse_fifo=True), sched="fifo").spin_us == sched.AUTO_SPIN_US
+    assert choose(k, sched="other").describe() == ("SCHED_OTHER, slice 100 µs, polls idle rings 2000 µs "
+                                                   "before sleeping")
+
+
 def test_every_scheduling_key_is_read() -> None:
     b = config.loads('[bridge]\nsched = "other"\nrt_priority = 20\nsched_slice_us = 0\n'
                      "cpu_dma_latency_us = 0\n" + PAIR, "b.toml").bridge
@@ -55,6 +75,10 @@ def test_every_scheduling_key_is_read() -> None:
     ("sched_slice_us = 99", "must be 0 (the kernel's) or 100 .. 100000 µs"),
     ("sched_slice_us = 100001", "must be from 0 to 100000"),
     ("cpu_dma_latency_us = -2", "must be from -1 to 2000000000"),
+    ("spin_us = -1", 'must be from 0 to 1000000 µs (or "auto")'),
+    ("spin_us = 1000001", 'must be from 0 to 1000000 µs (or "auto")'),
+    ('spin_us = "2ms"', 'must be a number of microseconds or "auto", not a string'),
+    ("spin_us = true", 'must be a number of microseconds or "auto", not a boolean'),
     ('cpu_dma_latency_us = "0"', "must be an integer, not a string"),
 ])
 def test_bad_values_are_one_line_naming_the_key(line: str, reason: str) -> None:
@@ -101,14 +125,14 @@ def test_auto_on_two_cpus_asks_for_fifo_at_the_configured_priority_only() -> Non
     got = choose(k, rt_priority=7)
     assert k.calls == [("fifo", 7)]
     assert got == sched.Applied("fifo", priority=7)
-    assert got.describe() == "SCHED_FIFO priority 7"
+    assert got.describe() == "SCHED_FIFO priority 7, sleeps when its rings are idle"
 
 
 def test_auto_on_one_cpu_never_asks_for_fifo() -> None:
     k = Kernel()
     got = choose(k, cpus=1)
     assert k.calls == [("slice", 100)]
-    assert got == sched.Applied("other", slice_us=100) and got.fallback is None
+    assert got == sched.Applied("other", slice_us=100, spin_us=sched.AUTO_SPIN_US) and got.fallback is None
 
 
 def test_auto_leaves_a_cpu_to_the_rest_and_never_spins_fifo() -> None:
@@ -122,6 +146,8 @@ def test_auto_leaves_a_cpu_to_the_rest_and_never_spins_fifo() -> None:
     assert sched.auto_fifo(2, 2, False) == ("sched = auto: 2 forwarding threads on 2 usable CPUs "
                                             "would leave no CPU to the rest")
     assert "busy_poll" in (sched.auto_fifo(8, 1, True) or "")
+    # a spin_us asked for explicitly is polling too: auto keeps the thread normal
+    assert sched.choose(replace(AUTO, spin_us=50), k.fifo, k.slice, lambda: 4).policy == "other"
     # asked for explicitly, fifo is what it is
     k = Kernel()
     assert sched.choose(replace(BridgeConfig(), sched="fifo"), k.fifo, k.slice, lambda: 2, threads=2,
@@ -144,8 +170,8 @@ def test_fifo_not_permitted_falls_back_to_the_slice_and_says_why() -> None:
 
 def test_other_never_asks_for_fifo_and_slice_0_asks_for_nothing() -> None:
     k = Kernel()
-    assert choose(k, sched="other") == sched.Applied("other", slice_us=100)
-    assert choose(k, sched="other", sched_slice_us=0) == sched.Applied("other")
+    assert choose(k, sched="other") == sched.Applied("other", slice_us=100, spin_us=sched.AUTO_SPIN_US)
+    assert choose(k, sched="other", sched_slice_us=0) == sched.Applied("other", spin_us=sched.AUTO_SPIN_US)
     assert k.calls == [("slice", 100)]
 
 
@@ -182,7 +208,8 @@ def test_enter_forwarding_logs_once_per_process_and_warns_on_a_fallback(
         sched.enter_forwarding(AUTO, log)
     assert len(log.events) == 1
     level, event, kw = log.events[0]
-    assert (level, event, kw["sched"]) == ("warning", "forwarding_sched", "SCHED_OTHER, slice 100 µs")
+    assert (level, event, kw["sched"]) == ("warning", "forwarding_sched", "SCHED_OTHER, slice 100 µs, polls "
+                                           "idle rings 2000 µs before sleeping")
     assert "CAP_SYS_NICE" in str(kw["reason"])
 
 
@@ -287,6 +314,7 @@ def test_cpu_dma_latency_is_held_while_open() -> None:
 
 def test_doctor_line_says_what_a_thread_would_get() -> None:
     line = sched.describe_settings(replace(BridgeConfig(), sched="other"))
-    assert line in ("forwarding threads: SCHED_OTHER, slice 100 µs",
-                    "forwarding threads: SCHED_OTHER (EEVDF slice 100 µs refused (Invalid argument))")
+    spin = ", polls idle rings 2000 µs before sleeping"
+    assert line in (f"forwarding threads: SCHED_OTHER, slice 100 µs{spin}",
+                    f"forwarding threads: SCHED_OTHER{spin} (EEVDF slice 100 µs refused (Invalid argument))")
     assert os.sched_getscheduler(0) == sched.SCHED_OTHER
