@@ -1,14 +1,19 @@
 """How the kernel schedules a forwarding thread (``[bridge] sched``, ``rt_priority``,
-``sched_slice_us``) and the opt-in idle-state limit (``[bridge] cpu_dma_latency_us``).
+``sched_slice_us``), how long its loop polls idle rings before sleeping (``spin_us``), and
+the opt-in idle-state limit (``[bridge] cpu_dma_latency_us``).  README "Latency" has the
+measurements behind each default.
 
 A frame that reaches an idle ``afpacket:`` port waits for nmbridge's forwarding thread to be
-woken and to get a CPU.  On a busy host the second part is the tail: a normal (SCHED_OTHER)
-thread woken on a CPU where another task runs waits until the scheduler lets it preempt.  The
-Linux bridge does not wait: it forwards inside the sender's softirq.  So by default the
-forwarding thread asks for ``SCHED_FIFO`` at a low priority (``rt_priority = 1``: above every
-normal task, below every kernel and RT thread that asked for more).  Without the right to
-(CAP_SYS_NICE, or an ``RLIMIT_RTPRIO`` such as systemd's ``LimitRTPRIO=``) it falls back to
-a short EEVDF slice (``sched_slice_us``, Linux 6.12+, no privilege needed) and says so once.
+woken and to get a CPU; the Linux bridge does not wait, it forwards inside the sender's
+softirq.  By default the thread is a normal (SCHED_OTHER) thread with a short EEVDF slice
+(``sched_slice_us``: it preempts sooner when woken, Linux 6.12+, no privilege needed) whose
+loop polls its rings for ``AUTO_SPIN_US`` after the last frame (``spin_us = "auto"``), so a
+busy link's frames need no wake-up at all.  ``sched = "fifo"`` (or ``"auto"``) asks for
+``SCHED_FIFO`` at ``rt_priority`` instead -- wake-ups that preempt any normal task, for a
+host where other work competes for the CPUs -- and such a thread sleeps as soon as its rings
+are idle unless ``spin_us`` says otherwise.  Without the right to FIFO (CAP_SYS_NICE, or an
+``RLIMIT_RTPRIO`` such as systemd's ``LimitRTPRIO=``) it falls back to the slice and says so
+once.
 
 A SCHED_FIFO thread that never sleeps owns its CPU except for what the kernel's RT
 throttling (``/proc/sys/kernel/sched_rt_runtime_us``, 95 % by default) leaves to the rest.
