@@ -394,6 +394,15 @@ def test_a_flush_writes_what_was_held_back_and_count_spans_taps(monkeypatch: pyt
     assert cap.done() and cap.written == 5
 
 
+def test_the_rate_limit_is_the_pairs_shared_by_its_workers() -> None:
+    p = _TwoWorkers()
+    p.fwd = _TwoWorkers.fwd()  # type: ignore[assignment]
+    cap = Capture(CaptureSpec("lan", ("a_to_b", "b_to_a"), "all", rate=2561), p)
+    assert [[t.rate for t in taps.parts] for taps in cap.taps.values()] == [[1281, 1281]] * 2  # rounded up
+    cap = Capture(CaptureSpec("lan", ("a_to_b",), "all", rate=0), p)
+    assert [t.rate for t in cap.taps["a_to_b"].parts] == [0, 0]  # no limit stays none
+
+
 def test_two_forwarding_workers_each_write_their_own_tap() -> None:
     """Two workers over two shares of each port (stepped here, one after the other): the
     capture sees every verdict of both, once each, in time order, with the deciding rule."""
