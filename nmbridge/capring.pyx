@@ -68,6 +68,11 @@ cdef class Tap:
     def dir(self) -> int:
         return self.c.dir
 
+    @property
+    def rate(self) -> int:
+        """Frames per second this tap takes at most (0: no limit)."""
+        return self.c.rate
+
     def counters(self) -> dict:
         """seen (matched the selection), captured, capture_dropped (ring full), rate_limited,
         bytes (copied)."""

@@ -1,11 +1,14 @@
 """Live capture: what a pair forwards and what it drops, and why, as pcapng.
 
-A :class:`Capture` installs one tap (:class:`nmbridge.capring.Tap`) per captured direction of a
-pair's forwarder; the forwarding thread copies the frames that match the selection into the
-tap's ring, and :meth:`Capture.stream` — the control connection's thread, the only consumer —
-drains the rings into pcapng blocks on the client's socket until ``count`` frames, ``duration``
-seconds, the client going away, or the pair going away.  Then the taps come out, one
-Interface Statistics Block per direction carries the tap's counters, and the stream ends.
+A :class:`Capture` installs one tap (:class:`nmbridge.capring.Tap`) per captured direction and
+per worker of a pair (a :class:`TapSet` per direction: a tap's ring has one writer, its
+worker's thread); each forwarding thread copies the frames that match the selection into its
+own tap's ring, and :meth:`Capture.stream` — the control connection's thread, the only
+consumer — drains the rings, merges them by timestamp (see :meth:`Capture.drain`) into pcapng
+blocks on the client's socket until ``count`` frames, ``duration`` seconds, the client going
+away, or the pair going away.  Then the taps come out, one Interface Statistics Block per
+direction carries the counters of its taps (summed; per worker in its comment), and the stream
+ends.
 
 pcapng (draft-ietf-opsawg-pcapng): one Section Header Block, one Interface Description Block
 per direction (Ethernet, ``if_tsresol`` = 9: nanoseconds), one Enhanced Packet Block per frame;
@@ -14,13 +17,15 @@ a dropped frame's EPB has an ``opt_comment`` such as ``dropped: filter guard, ru
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +38,7 @@ WHAT = {"forwarded": ("forwarded",), "dropped": ("filter", "oversize", "broken_c
 DEFAULT_RATE = 10_000
 DEFAULT_SNAPLEN = 262_144
 RING_BYTES = 4 << 20
+DRAIN_RECORDS = 4096  # records taken from one tap per read
 LINKTYPE_ETHERNET = 1
 
 
@@ -168,10 +174,32 @@ def _compile_selection(expr: str) -> Any:
 
 _ids = itertools.count(1)
 
+# a record as the merge handles it: ts_ns, direction, reason, rule, origlen, frame bytes
+_Rec = tuple[int, str, str, int | None, int, bytes]
+COUNTERS = ("seen", "captured", "capture_dropped", "rate_limited", "bytes")
+
+
+class TapSet:
+    """The taps of one direction of a capture, one per worker of the pair (worker w writes
+    ``parts[w]`` only); ``Workers.set_tap`` installs part w on worker w.  Counters are summed."""
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        if not parts:
+            raise ValueError("a TapSet needs at least one tap")
+        self.parts = list(parts)
+
+    def counters(self) -> dict[str, int]:
+        per = [t.counters() for t in self.parts]
+        return {k: sum(c[k] for c in per) for k in COUNTERS}
+
+    def per_worker(self) -> list[dict[str, int]]:
+        return [t.counters() for t in self.parts]
+
 
 class Capture:
     """One running capture of one pair (see the module's doc).  `pair` is the bridge's running
-    pair (``config``, ``fwd``, ``filters``); `alive()` says whether it still runs."""
+    pair (``config``, ``fwd``: its :class:`~nmbridge.workers.Workers`, ``filters``); `alive()`
+    says whether it still runs."""
 
     def __init__(self, spec: CaptureSpec, pair: Any, alive: Any = lambda: True) -> None:
         from nmbridge.capring import Tap
@@ -190,10 +218,16 @@ class Capture:
         dirs = [d for d in spec.directions if d in enabled]
         if not dirs:
             raise NmbridgeError(f"capture: pair {spec.pair} does not forward {'/'.join(spec.directions)}")
-        self.taps = {d: Tap(DIRECTIONS.index(d), want, snaplen=spec.snaplen, ring_bytes=ring,
-                            rate=spec.rate, limit=spec.count, select=self.select,
-                            decide=decide_address())
+        self.workers = len(pair.fwd)
+        rate = -(-spec.rate // self.workers)  # the pair's taps together copy at most `rate`/s
+        self.taps = {d: TapSet([Tap(DIRECTIONS.index(d), want, snaplen=spec.snaplen, ring_bytes=ring,
+                                    rate=rate, limit=spec.count, select=self.select,
+                                    decide=decide_address())
+                                for _ in range(self.workers)])
                      for d in dirs}
+        # what was read from each tap and not written yet (see drain)
+        self._pending: list[tuple[str, Any, deque[_Rec]]] = [
+            (d, tap, deque()) for d, taps in self.taps.items() for tap in taps.parts]
         self.interfaces = {d: i for i, d in enumerate(dirs)}
         self.started = time.time()
         self.written = 0
@@ -229,11 +263,17 @@ class Capture:
                 "rate": s.rate}
 
     def info(self) -> dict[str, Any]:
-        """For ``captures``, stats and metrics: the selection and per-direction counters."""
+        """For ``captures``, stats and metrics: the selection and per-direction counters (the
+        sums over the workers; with several, each worker's beside them)."""
+        per = {"workers": self.per_worker()} if self.workers > 1 else {}
         return {**self.header(), "state": "running" if self.attached.is_set() else "starting",
                 "running_seconds": round(time.time() - self.started, 3),
                 "written": self.written,
-                "directions": {d: tap.counters() for d, tap in self.taps.items()}}
+                "directions": {d: taps.counters() for d, taps in self.taps.items()}, **per}
+
+    def per_worker(self) -> list[dict[str, Any]]:
+        return [{"worker": w, "directions": {d: taps.parts[w].counters() for d, taps in self.taps.items()}}
+                for w in range(self.workers)]
 
     def _ifname(self, d: str) -> str:
         return f"{self.spec.pair}:{d.replace('_', '-')}"
@@ -264,33 +304,49 @@ class Capture:
             out.append(idb(self._ifname(d), f"{src} -> {dst}", self.spec.snaplen))
         return b"".join(out)
 
-    def drain(self) -> bytes:
-        """pcapng blocks for what the rings hold now (at most `count` frames in all)."""
-        recs: list[tuple[int, str, str, int | None, int, int, bytes]] = []
-        for d, tap in self.taps.items():
-            for _dir, reason, rule, ts, origlen, data in tap.drain():
-                recs.append((ts, d, reason, rule, origlen, 0, data))
-        if not recs:
-            return b""
-        recs.sort(key=lambda r: r[0])
+    def drain(self, flush: bool = False) -> bytes:
+        """pcapng blocks for what the rings hold now (at most `count` frames in all), the taps
+        (directions, workers) merged by timestamp.  Each tap's records keep their order; across
+        taps, a record is written only once every tap has delivered what it stamped before it:
+        a tap read dry has (up to the clock read before reading it), one that may hold more has
+        up to its last record read; the rest waits for the next read.  `flush` (the taps are
+        out: nothing can come) writes everything."""
+        now = time.time_ns()
+        mark = None
+        for d, tap, pending in self._pending:
+            got = tap.drain(DRAIN_RECORDS)
+            pending.extend((ts, d, reason, rule, origlen, data)
+                           for _dir, reason, rule, ts, origlen, data in got)
+            seen = got[-1][3] if len(got) == DRAIN_RECORDS else now
+            mark = seen if mark is None else min(mark, seen)
+        ready: list[list[_Rec]] = []
+        for _d, _tap, pending in self._pending:
+            out = []
+            while pending and (flush or mark is None or pending[0][0] <= mark):
+                out.append(pending.popleft())
+            ready.append(out)
+        recs = list(heapq.merge(*ready, key=lambda r: r[0]))
         if self.spec.count:
             recs = recs[:max(0, self.spec.count - self.written)]
         self.written += len(recs)
         return b"".join(epb(self.interfaces[d], ts, data, origlen, self._comment(d, reason, rule))
-                        for ts, d, reason, rule, origlen, _, data in recs)
+                        for ts, d, reason, rule, origlen, data in recs)
 
     def trailer(self) -> bytes:
         now = time.time_ns()
         start = int(self.started * 1e9)
         out = []
-        for d, tap in self.taps.items():
-            c = tap.counters()
+        for d, taps in self.taps.items():
+            c = taps.counters()
+            per = "".join(f"; worker {w}: captured {x['captured']}, capture_dropped {x['capture_dropped']}, "
+                          f"rate_limited {x['rate_limited']}"
+                          for w, x in enumerate(taps.per_worker())) if self.workers > 1 else ""
             out.append(isb(self.interfaces[d], now, start_ns=start, received=c["seen"],
                            dropped=c["capture_dropped"] + c["rate_limited"],
                            comment=(f"capture {self.id} {self._ifname(d)} ended ({self.ended}): "
                                     f"seen {c['seen']}, "
                                     f"captured {c['captured']}, capture_dropped {c['capture_dropped']}, "
-                                    f"rate_limited {c['rate_limited']}")))
+                                    f"rate_limited {c['rate_limited']}{per}")))
         return b"".join(out)
 
     def done(self) -> bool:
@@ -335,7 +391,7 @@ class Capture:
                         self.ended = "client closed"
                         break
             self.detach()
-            rest = self.drain() if not self.done() else b""
+            rest = self.drain(flush=True) if not self.done() else b""
             sock.sendall(rest + self.trailer())
         except OSError:  # the client is gone (EPIPE, reset, timeout): stop quietly
             self.ended = self.ended or "client gone"

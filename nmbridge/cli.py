@@ -377,7 +377,8 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
                        description="Run each frame of a pcap file through filters (the fast path's own "
                                    "code) and print its verdict and the rule that decided, then "
                                    "per-rule totals.")
-    t.add_argument("--pcap", required=True, metavar="CAPTURE", help="a pcap file (Ethernet)")
+    t.add_argument("--pcap", required=True, metavar="CAPTURE",
+                   help="a pcap file (Ethernet), or - for standard input")
     source = t.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", "--config", metavar="FILE", help="the filters of this config")
     source.add_argument("--rules", metavar="FILE", help="a rule file ([[rule]] tables)")

@@ -256,10 +256,6 @@ class Ops:
         if pair is None:
             known = ", ".join(p.config.name for p in self.bridge.pairs) or "none"
             raise NmbridgeError(f"capture: no pair {spec.pair!r} (running: {known})")
-        if len(pair.fwd) > 1:  # a tap's ring has one producer: one worker
-            raise NmbridgeError(f"capture: pair {spec.pair} runs {len(pair.fwd)} workers, and a capture "
-                                "tap has one writer: capturing a pair with several workers is not "
-                                "supported yet (run it with workers = 1 to capture)")
         with self._captures_lock:
             for other in self.captures.values():
                 both = set(other.taps) & set(spec.directions)
@@ -276,8 +272,10 @@ class Ops:
                 cap.stream(sock, self.stopping)
             finally:
                 self.captures.pop(cap.id, None)
+                info = cap.info()
                 log.info("capture_ended", capture=cap.id, pair=spec.pair, reason=cap.ended,
-                         written=cap.written, counters=cap.info()["directions"])
+                         written=cap.written, counters=info["directions"],
+                         **({"workers": info["workers"]} if "workers" in info else {}))
 
         return Stream("pcapng", cap.header(), run)
 

@@ -8,10 +8,11 @@ forwarding loop is the same one a single-threaded pair runs: each worker has its
 filter programs (rule hits) and stop flag.
 
 :class:`Workers` is what the bridge keeps for a pair in place of one forwarder: it fans a stop,
-a filter swap or a snapshot request out to every worker and sums what they count.  A pair's
-number of workers is at most the ring pairs of its smaller port; within a worker, its RX rings
-of one port feed its TX rings of the other exactly as one forwarder's do (every RX ring into
-the first TX ring with room), so unequal ring counts need no rule of their own.
+a filter swap, a capture tap (one per worker) or a snapshot request out to every worker and sums
+what they count.  A pair's number of workers is at most the ring pairs of its smaller port;
+within a worker, its RX rings of one port feed its TX rings of the other exactly as one
+forwarder's do (every RX ring into the first TX ring with room), so unequal ring counts need
+no rule of their own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nmbridge.backends import share_rings
-from nmbridge.errors import NmbridgeError
 from nmbridge.fastfwd import Forwarder
 from nmbridge.port import Port
 
@@ -74,6 +74,7 @@ class Workers:
         for a, b in zip(a_shares, b_shares, strict=True):
             self.forwarders.append(make(a, b))
         self._filters: dict[str, Any] = {}
+        self._taps: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self.forwarders)
@@ -155,11 +156,19 @@ class Workers:
         return self._filters.get(direction)
 
     def set_tap(self, direction: str, tap: Any) -> None:
-        """A capture tap has one producer: a pair of one worker only."""
-        if len(self) > 1 and tap is not None:
-            raise NmbridgeError(f"capture: this pair runs {len(self)} workers, and a capture tap has one "
-                                "writer: capturing a pair with several workers is not supported yet")
-        self.forwarders[0].set_tap(direction, tap)
+        """Install a capture tap on every worker (a :class:`~nmbridge.capture.TapSet` with one
+        tap per worker, or one tap for a single worker), or None to remove it; returns once the
+        change is in force on every worker (each worker's loop passed its epochs)."""
+        parts = [None] * len(self) if tap is None else getattr(tap, "parts", [tap])
+        if len(parts) != len(self):
+            raise ValueError(f"{len(parts)} capture taps for {len(self)} workers: one each (a tap's ring "
+                             "has one writer)")
+        for f, part in zip(self.forwarders, parts, strict=True):
+            f.set_tap(direction, part)
+        if tap is None:
+            self._taps.pop(direction, None)
+        else:
+            self._taps[direction] = tap
 
     def tap(self, direction: str) -> Any:
-        return self.forwarders[0].tap(direction)
+        return self._taps.get(direction)

@@ -12,11 +12,12 @@ captured bytes (a capture cut by a snap length is judged on what was captured).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from nmbridge.errors import NmbridgeError
 from nmbridge.filters.compiler import CompiledFilter
@@ -44,12 +45,40 @@ class CaptureError(Exception):
     """The capture file cannot be read (one line: file and reason)."""
 
 
-def read_pcap(path: str | Path) -> Iterator[bytes]:
-    """The frames of a classic pcap file (either byte order, micro- or nanosecond)."""
+def open_capture(path: str | Path) -> BinaryIO:
+    """The capture file at `path` opened for reading, or standard input for ``-`` (``tcpdump
+    -w - | nmbridge filter test --pcap - ...``).  Never blocks: anything but a regular file (a
+    FIFO, whose open() waits for a writer; a device) is refused before it is opened, and
+    opened non-blocking in case it became one."""
+    from nmbridge.config import _not_regular  # config imports the filters package
+
+    name = str(path)
     try:
-        f = open(path, "rb")
+        if name == "-":
+            if os.isatty(0):
+                raise CaptureError("-: standard input is a terminal: pipe a capture in "
+                                   "(tcpdump -w - ... | nmbridge filter test --pcap - ...)")
+            return os.fdopen(os.dup(0), "rb")
+        kind = _not_regular(os.stat(path).st_mode)
+        fd = -1
+        if not kind:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            kind = _not_regular(os.fstat(fd).st_mode)  # replaced between stat() and open()
+        if kind:
+            if fd >= 0:
+                os.close(fd)
+            raise CaptureError(f"{name}: is {kind}, not a capture file: give a pcap file, or pipe "
+                               "the capture in with --pcap -")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
     except OSError as e:
-        raise CaptureError(f"{path}: {e.strerror or e}") from None
+        raise CaptureError(f"{name}: {e.strerror or e}") from None
+
+
+def read_pcap(path: str | Path) -> Iterator[bytes]:
+    """The frames of a classic pcap file (either byte order, micro- or nanosecond); `path`
+    ``-`` reads standard input."""
+    f = open_capture(path)
     try:
         head = f.read(24)
         if len(head) < 24:

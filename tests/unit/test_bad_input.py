@@ -584,6 +584,26 @@ def test_filter_test_into_head_ends_quietly(tmp_path: Path) -> None:
     proc.stderr.close()
 
 
+def test_filter_test_refuses_a_fifo_without_waiting_and_reads_stdin(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done = nmbridge("filter", "test", "--pcap", str(fifo), "-e", "arp", timeout=DEADLINE)  # hung in open()
+    assert done.returncode == 1 and done.stdout == ""
+    assert one_line(done.stderr) == f"nmbridge: {fifo}: is a FIFO, not a capture file: give a pcap file, " \
+                                    "or pipe the capture in with --pcap -\n"
+    done = nmbridge("filter", "test", "--pcap", "/dev/zero", "-e", "arp", timeout=DEADLINE)
+    assert done.returncode == 1
+    assert "/dev/zero: is a character device, not a capture file" in one_line(done.stderr)
+    # a stream on standard input is the way to pipe one in: `tcpdump -w - | ... --pcap -`
+    pcap = tmp_path / "c.pcap"
+    write_pcap(pcap, 3)
+    with pcap.open("rb") as f:
+        done = nmbridge("filter", "test", "--pcap", "-", "-e", "arp", "--totals", stdin=f, timeout=DEADLINE)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith("-e (1 rule, default drop): 3 frames from -\n") and "passed 3, dropped 0" \
+        in done.stdout, done.stdout
+
+
 def closed(fd: int) -> Callable[[], None]:
     return lambda: os.close(fd)
 

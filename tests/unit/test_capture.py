@@ -13,7 +13,9 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgReader
 
+from nmbridge.backends import OpenOptions
 from nmbridge.backends.mem import MemPort
+from nmbridge.backends.mem_backend import BACKEND as MEM
 from nmbridge.capring import Tap
 from nmbridge.capture import Capture, CaptureSpec, block_comments, epb, idb, isb, read_blocks, shb
 from nmbridge.errors import NmbridgeError
@@ -22,6 +24,7 @@ from nmbridge.filters import FilterConfig, RuleConfig, compile_filter
 from nmbridge.filters.engine import decide_address
 from nmbridge.netmap_consts import NS_MOREFRAG
 from nmbridge.port import Region
+from nmbridge.workers import FilterCopies, Workers
 
 
 def test_ring_loses_and_duplicates_nothing_between_threads() -> None:
@@ -105,7 +108,7 @@ def _capture_pair(flt: object | None = None) -> tuple[MemPort, MemPort, Forwarde
         filters: dict[str, object] = {}
 
     p = P()
-    p.fwd = fwd  # type: ignore[attr-defined]
+    p.fwd = Workers([a], [b], lambda x, y: fwd)  # type: ignore[attr-defined]
     if flt is not None:
         fwd.set_filter("a_to_b", flt)
         p.filters = {"a_to_b": flt}
@@ -277,14 +280,16 @@ def test_a_new_forwarder_for_the_pair_gets_the_taps_again() -> None:
     a, b, _fwd, p = _capture_pair()
     cap = Capture(CaptureSpec("lan", ("a_to_b",), "all", rate=0), p)
     cap.attach()
-    p.fwd = Forwarder(a, b, burst=16)  # type: ignore[attr-defined]
+    new = Forwarder(a, b, burst=16)
+    p.fwd = Workers([a], [b], lambda x, y: new)  # type: ignore[attr-defined]
     cap.attach()
     assert p.fwd.tap("a_to_b") is cap.taps["a_to_b"]  # type: ignore[attr-defined]
+    assert new.tap("a_to_b") is cap.taps["a_to_b"].parts[0]
     a.inject(frame(1))
-    drain(p.fwd, a, b)  # type: ignore[attr-defined]
+    drain(new, a, b)
     assert cap.taps["a_to_b"].counters()["captured"] == 1
     cap.detach()
-    assert p.fwd.tap("a_to_b") is None  # type: ignore[attr-defined]
+    assert p.fwd.tap("a_to_b") is None and new.tap("a_to_b") is None  # type: ignore[attr-defined]
 
 
 def test_stream_ends_after_its_duration_with_the_statistics_block() -> None:
@@ -305,3 +310,132 @@ def test_stream_ends_after_its_duration_with_the_statistics_block() -> None:
     assert [t for t, _ in blocks] == [0x0A0D0D0A, 1, 5]
     assert block_comments(*blocks[-1])[0].startswith("capture ") and "ended (duration)" in \
         block_comments(*blocks[-1])[0]
+
+
+# --- a pair of several workers: a tap per worker, merged by timestamp ------------------------
+
+class _TwoWorkers:
+    """What Capture needs of a pair of two workers, without ports (the taps are fed by hand)."""
+
+    class config:
+        name = "lan"
+        ports = ("mem:ca", "mem:cb")
+
+    filters: dict[str, object] = {}
+
+    class fwd:
+        @staticmethod
+        def __len__() -> int:
+            return 2
+
+        @staticmethod
+        def stats() -> dict[str, object]:
+            return {"a_to_b": {}, "b_to_a": {}}
+
+
+def _frames_of(data: bytes) -> list[tuple[int, bytes]]:
+    """(interface, frame) of each EPB."""
+    out = []
+    for t, body in read_blocks(data):
+        if t == 6:
+            ifc, _hi, _lo, caplen, _origlen = struct.unpack_from("<IIIII", body)
+            out.append((ifc, body[20:20 + caplen]))
+    return out
+
+
+def test_taps_of_several_workers_merge_by_time_each_in_its_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _TwoWorkers()
+    p.fwd = _TwoWorkers.fwd()  # type: ignore[assignment]
+    cap = Capture(CaptureSpec("lan", ("a_to_b", "b_to_a"), "all", rate=0), p)
+    assert [len(t.parts) for t in cap.taps.values()] == [2, 2]
+    a0, a1 = cap.taps["a_to_b"].parts
+    b0, b1 = cap.taps["b_to_a"].parts
+    order = [(a0, 0), (a1, 1), (b1, 2), (a0, 3), (b0, 4), (a1, 5), (a1, 6), (b0, 7)]
+    for tap, i in order:  # each stamped when offered: one clock, so this is time order
+        tap._offer("forwarded", frame(i))
+    got = _frames_of(cap.drain())
+    assert got == [(0 if tap in (a0, a1) else 1, frame(i)) for tap, i in order]
+    assert cap.drain() == b""
+
+    # a tap that may hold more than one read takes: what another tap has of later is held back
+    monkeypatch.setattr("nmbridge.capture.DRAIN_RECORDS", 2)
+    for i in range(3):
+        a0._offer("forwarded", frame(10 + i))
+    a1._offer("forwarded", frame(13))
+    assert _frames_of(cap.drain()) == [(0, frame(10)), (0, frame(11))]  # frame 13 waits for 12
+    assert _frames_of(cap.drain()) == [(0, frame(12)), (0, frame(13))]
+
+    # counters: summed per direction, and each worker's beside them (info, statistics blocks)
+    info = cap.info()
+    assert info["directions"]["a_to_b"]["captured"] == 9
+    assert [w["directions"]["a_to_b"]["captured"] for w in info["workers"]] == [5, 4]
+    cap.ended = "count"
+    comments = [block_comments(t, body)[0] for t, body in read_blocks(cap.trailer())]
+    assert comments[0].endswith("ended (count): seen 9, captured 9, capture_dropped 0, rate_limited 0; "
+                                "worker 0: captured 5, capture_dropped 0, rate_limited 0; "
+                                "worker 1: captured 4, capture_dropped 0, rate_limited 0")
+    assert "worker 0: captured 2" in comments[1] and "worker 1: captured 1" in comments[1]
+
+
+def test_a_flush_writes_what_was_held_back_and_count_spans_taps(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _TwoWorkers()
+    p.fwd = _TwoWorkers.fwd()  # type: ignore[assignment]
+    cap = Capture(CaptureSpec("lan", ("a_to_b",), "all", rate=0, count=5), p)
+    t0, t1 = cap.taps["a_to_b"].parts
+    monkeypatch.setattr("nmbridge.capture.DRAIN_RECORDS", 1)
+    t0._offer("forwarded", frame(0))
+    t0._offer("forwarded", frame(1))
+    t1._offer("forwarded", frame(2))
+    assert _frames_of(cap.drain()) == [(0, frame(0))]
+    assert _frames_of(cap.drain(flush=True)) == [(0, frame(1)), (0, frame(2))]
+    for i in range(3, 10):
+        (t0 if i % 2 else t1)._offer("forwarded", frame(i))
+    assert _frames_of(cap.drain(flush=True)) == [(0, frame(3)), (0, frame(4))]  # 5 in all
+    assert cap.done() and cap.written == 5
+
+
+def test_the_rate_limit_is_the_pairs_shared_by_its_workers() -> None:
+    p = _TwoWorkers()
+    p.fwd = _TwoWorkers.fwd()  # type: ignore[assignment]
+    cap = Capture(CaptureSpec("lan", ("a_to_b", "b_to_a"), "all", rate=2561), p)
+    assert [[t.rate for t in taps.parts] for taps in cap.taps.values()] == [[1281, 1281]] * 2  # rounded up
+    cap = Capture(CaptureSpec("lan", ("a_to_b",), "all", rate=0), p)
+    assert [t.rate for t in cap.taps["a_to_b"].parts] == [0, 0]  # no limit stays none
+
+
+def test_two_forwarding_workers_each_write_their_own_tap() -> None:
+    """Two workers over two shares of each port (stepped here, one after the other): the
+    capture sees every verdict of both, once each, in time order, with the deciding rule."""
+    region = Region(ports=2, rings=2, slots=64, buf_size=2048)
+    a = MEM.open_shares("ca?rings=2", OpenOptions(slots=64), region, 2)
+    b = MEM.open_shares("cb?rings=2", OpenOptions(slots=64), region, 2)
+    fwds = [Forwarder(x, y, burst=16) for x, y in zip(a, b, strict=True)]
+    made = iter(fwds)
+    workers = Workers(a, b, lambda x, y: next(made))
+    rules = (RuleConfig("no 3", "drop", pcap="ether[17] = 3"),)
+    parts = [compile_filter(FilterConfig("guard", "pass", rules)) for _ in fwds]
+    copies = FilterCopies(parts)
+    workers.set_filter("a_to_b", copies)
+    p = _TwoWorkers()
+    p.fwd = workers  # type: ignore[assignment]
+    p.filters = {"a_to_b": copies}
+    cap = Capture(CaptureSpec("lan", ("a_to_b",), "all", rate=0), p)
+    cap.attach()
+    assert [f.tap("a_to_b") for f in fwds] == cap.taps["a_to_b"].parts
+    sent = []
+    for i in range(8):
+        w = (i // 2) % 2  # 0 0 1 1 0 0 1 1
+        share = a[w]
+        assert isinstance(share, MemPort)
+        share.inject(frame(i))
+        drain(fwds[w], a[w], b[w])
+        sent.append(frame(i))
+    cap.detach()
+    assert all(f.tap("a_to_b") is None for f in fwds) and workers.tap("a_to_b") is None
+    blocks = read_blocks(cap.drain(flush=True))
+    epbs = [body for t, body in blocks if t == 6]
+    assert [body[20:20 + struct.unpack_from("<I", body, 12)[0]] for body in epbs] == sent
+    assert [block_comments(6, body) for body in epbs][3] == ['dropped: filter guard, rule "no 3"']
+    assert [w["directions"]["a_to_b"]["captured"] for w in cap.info()["workers"]] == [4, 4]
+    with pytest.raises(ValueError, match="1 capture taps for 2 workers"):
+        workers.set_tap("a_to_b", Tap(0, ["forwarded"]))

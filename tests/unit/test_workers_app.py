@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -18,9 +19,10 @@ from test_ops import DEADLINE, events, wait_for
 from nmbridge import app, config
 from nmbridge.app import Bridge
 from nmbridge.backends.mem import MemPort
+from nmbridge.capture import block_comments, read_blocks, run_client
 from nmbridge.config import workers_for
 from nmbridge.control import ControlError, request
-from nmbridge.errors import ConfigError, NmbridgeError, PortError
+from nmbridge.errors import ConfigError, PortError
 from nmbridge.fastfwd import Forwarder
 from nmbridge.stats import balance
 from nmbridge.workers import FilterCopies
@@ -163,9 +165,44 @@ def test_a_pair_of_two_workers(running: tuple[Bridge, str, Path], log_lines: io.
         assert samples[("nmbridge_worker_cpu", (("pair", "lan"), ("worker", str(w))))] == CPU
     assert samples[("nmbridge_workers", (("pair", "lan"),))] == 2
 
-    # a capture tap has one writer: refused in one line for a pair of two workers
-    with pytest.raises(NmbridgeError, match=r"^capture: pair lan runs 2 workers, and a capture tap"):
-        bridge.ops._cmd_capture({"pair": "lan", "direction": "a-to-b"})
+
+
+def test_a_capture_of_two_workers_is_one_stream(running: tuple[Bridge, str, Path]) -> None:
+    """A tap per worker (each written by its own thread), one pcapng stream: every frame sent
+    while it runs once, each ring's in order, the dropped ones with their rule."""
+    bridge, sock, _ = running
+    lan = bridge.pairs[0]
+    per_ring = 25
+    out = io.BytesIO()
+    ended: list[object] = []
+    req = {"pair": "lan", "direction": "a-to-b", "rate": 0, "count": 4 * per_ring}
+    client = threading.Thread(target=lambda: ended.append(run_client(sock, req, out)), daemon=True)
+    client.start()
+    wait_for(lambda: [c["state"] for c in request(sock, "captures")["captures"]] == ["running"],
+             "the capture's taps in")
+    sent = {ring: [frame(ring, 1000 + i, 0x0806 if i % 5 == 0 else 0x88B5) for i in range(per_ring)]
+            for ring in range(4)}
+    for ring in range(4):  # rings 0, 2: worker 0; rings 1, 3: worker 1
+        share = lan.fwd.a_shares[ring % 2]
+        assert isinstance(share, MemPort)
+        share.inject_many(sent[ring], ring=ring // 2)
+    client.join(DEADLINE)
+    assert ended, "the capture did not end at its count"
+    blocks = read_blocks(out.getvalue())
+    got = []
+    for t, body in blocks:
+        if t == 6:
+            caplen = struct.unpack_from("<I", body, 12)[0]
+            got.append((body[20:20 + caplen], block_comments(6, body)))
+    for ring in range(4):  # each frame once, a ring's (one worker's) in the order sent
+        assert [(f, c) for f, c in got if f[14] == ring] == [
+            (f, ['dropped: filter noarp, rule "arp"'] if f[12:14] == b"\x08\x06" else
+             ["forwarded: filter noarp, default action"]) for f in sent[ring]]
+    (isb_comment,) = [block_comments(t, body)[0] for t, body in blocks if t == 5]
+    assert (f"seen {4 * per_ring}, captured {4 * per_ring}, capture_dropped 0, rate_limited 0; "
+            f"worker 0: captured {2 * per_ring}, capture_dropped 0, rate_limited 0; "
+            f"worker 1: captured {2 * per_ring}") in isb_comment, isb_comment
+    assert all(w.tap("a_to_b") is None for w in lan.fwd.forwarders)  # the taps are out
 
 
 def test_reload_changing_workers_restarts_the_pair(running: tuple[Bridge, str, Path],
