@@ -91,6 +91,9 @@ BRIDGES = [
     # the forwarding loop sleeping as soon as its rings are idle (README "Latency": spin_us)
     BridgeKind("afpacket-sleep", "afpacket", settings="spin_us = 0"),
     BridgeKind("afxdp-sleep", "afxdp", settings="spin_us = 0"),
+    # SCHED_FIFO (which does not poll by default): what README "Latency" advises for a host
+    # where other work competes for the bridge's CPUs
+    BridgeKind("afpacket-fifo", "afpacket", settings='sched = "fifo"'),
 ]
 DEFAULT_BRIDGES = ("linux", "afpacket", "afxdp")
 
