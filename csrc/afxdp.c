@@ -758,6 +758,40 @@ static int xq_open(struct xport *const *sib, uint32_t nsib, struct xport *xp, ui
     return 0;
 }
 
+/* whether an open port of this process has a socket on queue qid of interface ifindex */
+static int queue_held_here(int ifindex, uint32_t qid)
+{
+    int held = 0;
+    pthread_mutex_lock(&ports_lock);
+    for (struct xport *o = ports; o && !held; o = o->next)
+        if (!o->fake && o->ifindex == ifindex)
+            for (uint32_t i = 0; i < o->nq; i++)
+                held |= o->q[i].fd >= 0 && o->q[i].qid == qid;
+    pthread_mutex_unlock(&ports_lock);
+    return held;
+}
+
+/* xq_open, waiting out a queue that a socket closed a moment ago still holds: the kernel
+ * gives the queue back only when that socket's deferred release has run (an RCU grace period,
+ * then a work item; measured here: ~50 ms under load), and bind says EBUSY until then.  A
+ * reload or a relink that re-opens a port on the same queues meets exactly that.  A queue an
+ * open port of ours holds is refused at once (the caller closes that port and tries again). */
+#define BIND_BUSY_WAIT_MS 2000
+#define BIND_BUSY_STEP_MS 5
+static int xq_open_settled(struct xport *const *sib, uint32_t nsib, struct xport *xp, uint32_t qi, int zc,
+                           uint32_t ring_size, char *err, size_t errlen)
+{
+    for (int waited = 0;; waited += BIND_BUSY_STEP_MS) {
+        if (xq_open(sib, nsib, xp, qi, zc, ring_size, err, errlen) == 0)
+            return 0;
+        if (errno != EBUSY || waited >= BIND_BUSY_WAIT_MS || queue_held_here(xp->ifindex, xp->q[qi].qid))
+            return -1;
+        xq_close(&xp->q[qi], 0);
+        struct timespec ts = {0, BIND_BUSY_STEP_MS * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* ---------------------------------------------------------------------------------------
  * open / close */
 
@@ -979,7 +1013,7 @@ static int open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_o
     for (uint32_t w = 0; w < shares; w++) {
         struct xport *xp = xs[w];
         for (uint32_t i = 0; i < xp->nq; i++) {
-            if (xq_open(xs, shares, xp, i, zc, rs, why, sizeof(why)) == 0)
+            if (xq_open_settled(xs, shares, xp, i, zc, rs, why, sizeof(why)) == 0)
                 continue;
             int e = errno;
             xq_close(&xp->q[i], 0);
@@ -988,7 +1022,7 @@ static int open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_o
                 snprintf(reason, sizeof(reason), "the driver has no AF_XDP zero-copy (XDP_ZEROCOPY bind: %s)",
                          strerror(e));
                 zc = 0;
-                if (xq_open(xs, shares, xp, i, 0, rs, why, sizeof(why)) == 0)
+                if (xq_open_settled(xs, shares, xp, i, 0, rs, why, sizeof(why)) == 0)
                     continue;
                 xq_close(&xp->q[i], 0);
             }

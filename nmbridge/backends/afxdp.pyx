@@ -138,6 +138,9 @@ cdef class AfXdpPort(Port):
         self.region_name = f"user:{region.address:#x}"
 
     cdef void _release(self) noexcept:
+        cdef nmb_afxdp_stats s
+        nmb_afxdp_get_stats(self.c, &s)  # the kernel's counters go with the sockets: keep them
+        self._kernel = (s.rx_kernel_drops, s.rx_ring_full, s.rx_fill_empty, s.tx_invalid)
         nmb_afxdp_close(self.c)
 
     def __dealloc__(self):
