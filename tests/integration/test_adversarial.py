@@ -140,12 +140,20 @@ def pair_stats(sock: str) -> dict[str, Any]:
     return pair
 
 
-def check_final(ev: dict[str, Any]) -> None:
-    """A `stopped` or `pair_stopped` event's counters balance (its own shape)."""
-    counters = ev["counters"] if ev["event"] == "pair_stopped" else ev["counters"]["lab"]
+def check_final(ev: dict[str, Any], workers: int | None = None) -> None:
+    """A `stopped` or `pair_stopped` event's counters balance (its own shape), and so do its
+    workers' (`workers`: how many it must list), whose sums are the pair's."""
+    stopped = ev["event"] == "stopped"
+    counters = ev["counters"]["lab"] if stopped else ev["counters"]
+    ws = (ev.get("workers", {}).get("lab", []) if stopped else ev.get("workers", []))
+    if workers is not None:
+        assert len(ws) == (workers if workers > 1 else 0), ev
     for d, c in counters.items():
-        assert c["dropped"] == sum(c["drops"].values()), (d, c)
-        assert balance(c) == 0, (d, c)
+        for x in [c, *(w["directions"][d] for w in ws)]:
+            assert x["dropped"] == sum(x["drops"].values()), (d, x)
+            assert balance(x) == 0, (d, x)
+        for k in ("received", "forwarded", "queued", "dropped") if ws else ():
+            assert sum(w["directions"][d][k] for w in ws) == c[k], (d, k, ws, c)
 
 
 def flowing(sock: str, frames: int = 2000) -> None:
@@ -228,7 +236,7 @@ def test_overload_both_ways_then_sigterm_balances_and_matches_the_far_ends(
                 assert all(sum(x["forwarded"] for x in w["directions"].values()) > 0 for w in pair["workers"])
             check_metrics(lb)
             stopped = run.stop()  # SIGTERM while both generators still run
-        check_final(stopped)
+        check_final(stopped, workers=2)
         for d, (ns, i, b), (was, was_b) in zip(("a_to_b", "b_to_a"), far, before, strict=True):
             c = stopped["counters"]["lab"][d]
             now, now_b = link_counts(lb, ns, i), link_counts(lb, lb.ns_bridge, b)
@@ -280,12 +288,12 @@ def test_link_down_mtu_and_a_recreated_veth_under_traffic(lab2: Lab, tmp_path: P
         recreate_right(lb)
         run.wait_event("relinked", pair="lab")
         assert not run.events("pair_lost") and not run.events("relink_failed")
-        check_final(run.events("pair_stopped")[-1])  # the pair's ports before the re-open
+        check_final(run.events("pair_stopped")[-1], workers=2)  # the pair's ports before the re-open
         with both_ways(lb, tmp_path, kind):
             flowing(sock)  # through the new interface, both ways, on both workers again
             assert len(pair_stats(sock)["workers"]) == 2
             stopped = run.stop()
-        check_final(stopped)
+        check_final(stopped, workers=2)
     finally:
         run.kill()
 
@@ -311,13 +319,13 @@ def test_sighup_reloads_workers_2_1_2_under_traffic_then_sigint_twice(
                 assert ev["restarted"] == ["lab"] and ev["failed"] == {}, ev
                 assert len(pair_stats(sock).get("workers", [])) == n
                 flowing(sock)
-                check_final(run.events("pair_stopped")[-1])
+                check_final(run.events("pair_stopped")[-1], workers=3 - n)  # the pair before
             run.proc.send_signal(signal.SIGINT)
             run.proc.send_signal(signal.SIGINT)
             stopped = run.wait_event("stopped")
             assert run.proc.wait(DEADLINE) == 0
         assert not run.events("reload_failed") and not run.events("pair_lost")
-        check_final(stopped)
+        check_final(stopped, workers=2)
     finally:
         run.kill()
 
@@ -428,7 +436,7 @@ def test_garbage_on_the_control_socket_while_two_workers_forward(lab2: Lab, tmp_
         assert pair["directions"]["a_to_b"]["forwarded"] >= sent
         assert request(sock, "ports")["ports"]  # still answering
         stopped = run.stop()
-        check_final(stopped)
+        check_final(stopped, workers=2)
         assert not [e for e in run.seen if e["level"] in ("error", "critical")]
     finally:
         for c in idle:
@@ -457,7 +465,7 @@ def test_configs_a_two_queue_lab_cannot_run_are_one_line(lab2: Lab, tmp_path: Pa
     try:
         ev = run.wait_event("forwarding", pair="lab")
         assert [(w["worker"], w["cpu"]) for w in ev["workers"]] == [(0, None), (1, None)]
-        check_final(run.stop())
+        check_final(run.stop(), workers=2)
     finally:
         run.kill()
 
