@@ -332,14 +332,17 @@ def test_link_down_mtu_and_a_recreated_veth_under_traffic(lab2: Lab, tmp_path: P
         run.kill()
 
 
-def test_every_worker_follows_an_mtu_lowered_while_it_forwards(lab2: Lab, tmp_path: Path) -> None:
-    """afpacket: checks the egress MTU itself (its TX ring has a virtio_net_hdr, so the kernel
-    does not): lowered while both workers forward, each must start counting egress_mtu within
-    its re-read period (time, not txsyncs: a worker moving whole batches does few), long before
-    2000 more frames; every frame is forwarded or counted egress_mtu."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_worker_follows_an_mtu_lowered_while_it_forwards(lab2: Lab, tmp_path: Path, kind: str) -> None:
+    """The ports check the egress MTU themselves (the kernel does not: afpacket's TX ring has a
+    virtio_net_hdr; an AF_XDP transmit is not checked): lowered while the workers forward, each
+    must start counting egress_mtu within its re-read period (time, not txsyncs: a worker
+    moving whole batches does few), long before 2000 more frames; every frame is forwarded or
+    counted egress_mtu.  (afxdp: this test's frames all leave from one CPU, so one queue.)"""
+    need(kind)
     lb = lab2
     sock = str(tmp_path / "c.sock")
-    run = NmbridgeRun(lb, write_config(lb, tmp_path / "b.toml", "afpacket"), control=sock)
+    run = NmbridgeRun(lb, write_config(lb, tmp_path / "b.toml", kind), control=sock)
     left, right = RawPort(lb.ns_left, lb.left_if), RawPort(lb.ns_right, lb.right_if)
     lmac, rmac = lb.mac(lb.ns_left, lb.left_if), lb.mac(lb.ns_right, lb.right_if)
     token = secrets.token_bytes(8)
@@ -357,15 +360,16 @@ def test_every_worker_follows_an_mtu_lowered_while_it_forwards(lab2: Lab, tmp_pa
         at_right = Collector(right, token)
         send(64)
         at_right.wait(64, DEADLINE)
-        assert all(w["directions"]["a_to_b"]["forwarded"] > 0 for w in pair_stats(sock)["workers"])
+        active = [w["worker"] for w in pair_stats(sock)["workers"] if w["directions"]["a_to_b"]["forwarded"]]
+        assert active == [0, 1] or (kind == "afxdp" and active), active
         lb.ip(lb.ns_bridge, "link", "set", "dev", lb.bridge_right_if, "mtu", "1000")
         before = sent
 
         def every_worker_drops() -> bool:
             send(8)
             ws = pair_stats(sock)["workers"]
-            return sent - before >= 2000 or all(w["directions"]["a_to_b"]["dropped"]["egress_mtu"]
-                                                for w in ws)
+            return sent - before >= 2000 or all(ws[w]["directions"]["a_to_b"]["dropped"]["egress_mtu"]
+                                                for w in active)
 
         wait_for(every_worker_drops, DEADLINE, "every worker to count egress_mtu")
         assert sent - before < 2000, [w["directions"]["a_to_b"] for w in pair_stats(sock)["workers"]]
