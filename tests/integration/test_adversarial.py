@@ -2,11 +2,15 @@
 veths): trafgen at full speed both ways through a `workers = 2` pair, stopped by SIGTERM
 mid-traffic; links set down, re-created and re-sized under traffic; reloads that change
 `workers` under traffic; signals during start-up; SIGPIPE on the client; garbage on the
-control socket while forwarding; configs a 2-queue lab cannot run.
+control socket while forwarding; configs a 2-queue lab cannot run; an egress MTU lowered
+under traffic.
 
 Each checks the counter contract to the frame: per pair, direction and worker, received =
 forwarded + drops + queued, in `nmbridge stats`, in one metrics scrape and in the `stopped`
-(and `pair_stopped`) events; and what the far end's interface got agrees with `forwarded`.
+(and `pair_stopped`) events.  Since `queued` is what the identity leaves over, that alone can
+never fail: what can is `queued` going back to 0 in every worker once traffic stops (a frame
+lost uncounted stays there), and the interfaces' own counters: what the near veth received is
+`received`, what the far veth got (plus the kernel's drops) is `forwarded`.
 
 left ns -- veth (2 queues) -- [bridge ns: nmbridge run] -- veth (2 queues) -- right ns
 """
