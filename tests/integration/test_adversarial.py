@@ -293,9 +293,9 @@ def test_overload_both_ways_then_sigterm_balances_and_matches_the_far_ends(
 
 # --- 2. link faults under traffic ------------------------------------------------------------
 
-def recreate_right(lb: Lab) -> None:
-    """The right veth again, 2 queues per end (after its bridge end, and so its peer, was deleted)."""
-    qs = ("numtxqueues", "2", "numrxqueues", "2")
+def recreate_right(lb: Lab, queues: int = 2) -> None:
+    """The right veth again, `queues` per end (after its bridge end, and so its peer, was deleted)."""
+    qs = ("numtxqueues", str(queues), "numrxqueues", str(queues))
     netns.run("ip", "link", "add", lb.right_if, *qs, "type", "veth", "peer", "name", lb.bridge_right_if, *qs)
     netns.run("ip", "link", "set", "dev", lb.right_if, "netns", lb.ns_right)
     netns.run("ip", "link", "set", "dev", lb.bridge_right_if, "netns", lb.ns_bridge)
@@ -388,6 +388,47 @@ def test_every_worker_follows_an_mtu_lowered_while_it_forwards(lab2: Lab, tmp_pa
     finally:
         left.close()
         right.close()
+        run.kill()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_veth_recreated_with_too_few_queues_keeps_the_pair(lab2: Lab, tmp_path: Path, kind: str) -> None:
+    """Re-created with 1 queue under a `workers = 2` pair: the re-open cannot work; it is refused
+    in one line and the pair stays (it used to close the pair's healthy ports to retry, fail
+    again and lose the pair for good: no ports, no counters, no stopped event); re-created again
+    with 2 queues, it is re-opened and forwards."""
+    need(kind)
+    lb = lab2
+    sock = str(tmp_path / "c.sock")
+    run = NmbridgeRun(lb, write_config(lb, tmp_path / "b.toml", kind), control=sock, state=tmp_path / "state")
+    left = RawPort(lb.ns_left, lb.left_if)
+    try:
+        run.wait_event("ready")
+        for queues in (1, 2):
+            lb.ip(lb.ns_bridge, "link", "del", lb.bridge_right_if)
+            run.wait_event("link_down", ifname=lb.bridge_right_if, operstate="NOTPRESENT")
+            recreate_right(lb, queues)
+            if queues == 1:
+                ev = run.wait_event("relink_failed", pair="lab")
+                assert not run.events("pair_lost"), run.events("pair_lost")
+                assert "re-created with 1 ring pair, and the pair runs 2 workers" in ev["error"], ev
+                assert len(pair_stats(sock)["workers"]) == 2 and request(sock, "ports")["ports"]
+        run.wait_event("relinked", pair="lab")
+        assert not run.events("pair_lost")
+        right = RawPort(lb.ns_right, lb.right_if)
+        try:
+            token = secrets.token_bytes(8)
+            at_right = Collector(right, token)
+            lmac, rmac = lb.mac(lb.ns_left, lb.left_if), lb.mac(lb.ns_right, lb.right_if)
+            for seq in range(64):
+                left.send(udp_frame(rmac, lmac, lb.left_ip, "10.77.0.200", 20000 + seq, token, seq, seq))
+            at_right.wait(64, DEADLINE)
+        finally:
+            right.close()
+        settle(sock)
+        check_final(run.stop(), workers=2)
+    finally:
+        left.close()
         run.kill()
 
 
