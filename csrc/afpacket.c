@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "nmb_afpacket.h"
@@ -78,7 +79,7 @@ struct afport {
     uint32_t tx_kpos;                 /* the oldest of them (the kernel sends in ring order) */
     int tx_kick;                      /* frames may wait in the ring for a kick */
     int mtu;
-    uint32_t mtu_age;
+    uint64_t mtu_read_ns;             /* when the MTU (and the carrier) was last read: coarse clock */
     uint32_t idle_rx;                 /* idle rxsyncs since the socket error was read */
     /* TX through sendmmsg */
     struct mmsghdr *msgs;
@@ -847,6 +848,20 @@ done:
 
 #define TX_DATA_OFF TPACKET_ALIGN(sizeof(struct tpacket2_hdr)) /* no PACKET_TX_HAS_OFF */
 
+/* A monotonic clock of a tick's resolution (a few ns through the vDSO). */
+static uint64_t coarse_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* How often a TX ring's txsync reads the MTU and the carrier again: by time, not by a count
+ * of txsyncs, since a loaded bridge moves whole batches in few of them (measured: after an
+ * MTU lowered under load, one of two workers sent every frame oversize for seconds; with a
+ * PACKET_VNET_HDR TX ring the kernel does not check the MTU itself). */
+#define MTU_RECHECK_NS 100000000ull
+
 /* The interface's MTU, asked through the socket (so in its network namespace, whichever
  * thread asks); the last known one when that fails. */
 static int read_mtu(struct afport *ap)
@@ -865,7 +880,7 @@ static void refresh_tx_max(struct afport *ap)
 {
     uint32_t cap = ap->tx_frame_size - TX_DATA_OFF - ap->tx_vnet - 4;
     uint32_t m = (uint32_t)ap->mtu + ETH_HLEN;
-    ap->mtu_age = 0;
+    ap->mtu_read_ns = coarse_ns();
     ap->tx_ring_max = m < cap ? m : cap;
 }
 
@@ -1030,7 +1045,7 @@ static int afp_txsync_ring(struct nmb_port *p)
     uint32_t head = ring->head, n = ring->num_slots, bs = ring->nr_buf_size;
     uint32_t s = kr->hwcur, queued = 0;
     int down = 0;
-    if (++ap->mtu_age >= 4096) {
+    if (coarse_ns() - ap->mtu_read_ns >= MTU_RECHECK_NS) {
         ap->mtu = read_mtu(ap);
         refresh_tx_max(ap);
         if (!ap->tx_down && !link_ready(ap))

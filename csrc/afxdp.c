@@ -67,6 +67,8 @@ struct xport {
     struct xq *q;
     uint32_t *pos; /* buf_idx -> where we put it when we gave it to the kernel */
     uint32_t bs, nbufs, max_frame;
+    uint32_t tx_mtu_max;  /* largest untagged frame the egress MTU allows (0: not known) */
+    uint64_t mtu_read_ns; /* when it was read: coarse monotonic clock */
     struct xdev *dev; /* the interface's program, map and promiscuity (shared by its shares) */
     int epfd;
     int mode, need_wakeup, fake, tx_down, csum_fix;
@@ -84,6 +86,7 @@ struct xport {
  * goes when its last share closes. */
 struct xdev {
     int map_fd, prog_fd, link_fd, promisc_fd;
+    int ctl_fd; /* a datagram socket of the interface's namespace, for its MTU */
     uint32_t refs; /* under ports_lock */
 };
 
@@ -286,6 +289,31 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* The egress MTU: the kernel does not check it on an AF_XDP transmit (a 1400-byte frame
+ * went out of a veth of MTU 1000), so the port does, as afpacket: does; read at open and
+ * again when MTU_RECHECK_NS have passed at a txsync (through the interface's index, on a
+ * socket of its namespace: whichever thread syncs).  Kept as it was when the read fails. */
+#define MTU_RECHECK_NS 100000000ull
+static uint64_t coarse_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void xp_read_mtu(struct xport *xp)
+{
+    struct ifreq ifr;
+    xp->mtu_read_ns = coarse_ns();
+    if (!xp->dev || xp->dev->ctl_fd < 0)
+        return;
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_ifindex = xp->ifindex;
+    if (ioctl(xp->dev->ctl_fd, SIOCGIFNAME, &ifr) == 0 && ioctl(xp->dev->ctl_fd, SIOCGIFMTU, &ifr) == 0 &&
+        ifr.ifr_mtu > 0)
+        xp->tx_mtu_max = (uint32_t)ifr.ifr_mtu + 14;
+}
+
 /* Receive coalescing (rx_coalesce=USEC, off by default): while a stream is on (the previous
  * frames came less than 200 us ago), a sync that finds only a few frames (1 to 31) waiting
  * sleeps USEC first, so that one wake-up, one batch and one transmit kick serve many frames
@@ -445,8 +473,13 @@ static int tx_ring_sync(struct xport *xp, uint32_t qi)
             xp->st.tx_errors++;
             continue;
         }
+        const uint8_t *f = (const uint8_t *)nmb_buf(ring, b);
         if (len < 14 || len > xp->max_frame) {
             xp->st.tx_errors++;
+            q->tx_state[s] = TX_DONE;
+        } else if (xp->tx_mtu_max && len > xp->tx_mtu_max &&
+                   (len > xp->tx_mtu_max + 4 || f[12] != 0x81 || f[13] != 0x00)) {
+            xp->st.tx_mtu++; /* larger than the egress MTU allows (+4 for an 802.1Q tag) */
             q->tx_state[s] = TX_DONE;
         } else if (xp->tx_down) {
             xp->st.tx_link_down++;
@@ -502,6 +535,8 @@ static int xdp_txsync(struct nmb_port *p)
     struct xport *xp = (struct xport *)p;
     int full = 0;
     xp->st.txsyncs++;
+    if (xp->dev && coarse_ns() - xp->mtu_read_ns >= MTU_RECHECK_NS)
+        xp_read_mtu(xp);
     for (uint32_t i = 0; i < xp->nq; i++) {
         int rc = tx_ring_sync(xp, i);
         if (rc < 0)
@@ -758,6 +793,40 @@ static int xq_open(struct xport *const *sib, uint32_t nsib, struct xport *xp, ui
     return 0;
 }
 
+/* whether an open port of this process has a socket on queue qid of interface ifindex */
+static int queue_held_here(int ifindex, uint32_t qid)
+{
+    int held = 0;
+    pthread_mutex_lock(&ports_lock);
+    for (struct xport *o = ports; o && !held; o = o->next)
+        if (!o->fake && o->ifindex == ifindex)
+            for (uint32_t i = 0; i < o->nq; i++)
+                held |= o->q[i].fd >= 0 && o->q[i].qid == qid;
+    pthread_mutex_unlock(&ports_lock);
+    return held;
+}
+
+/* xq_open, waiting out a queue that a socket closed a moment ago still holds: the kernel
+ * gives the queue back only when that socket's deferred release has run (an RCU grace period,
+ * then a work item; measured here: ~50 ms under load), and bind says EBUSY until then.  A
+ * reload or a relink that re-opens a port on the same queues meets exactly that.  A queue an
+ * open port of ours holds is refused at once (the caller closes that port and tries again). */
+#define BIND_BUSY_WAIT_MS 2000
+#define BIND_BUSY_STEP_MS 5
+static int xq_open_settled(struct xport *const *sib, uint32_t nsib, struct xport *xp, uint32_t qi, int zc,
+                           uint32_t ring_size, char *err, size_t errlen)
+{
+    for (int waited = 0;; waited += BIND_BUSY_STEP_MS) {
+        if (xq_open(sib, nsib, xp, qi, zc, ring_size, err, errlen) == 0)
+            return 0;
+        if (errno != EBUSY || waited >= BIND_BUSY_WAIT_MS || queue_held_here(xp->ifindex, xp->q[qi].qid))
+            return -1;
+        xq_close(&xp->q[qi], 0);
+        struct timespec ts = {0, BIND_BUSY_STEP_MS * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* ---------------------------------------------------------------------------------------
  * open / close */
 
@@ -785,6 +854,8 @@ static void xp_free(struct xport *xp)
             close(dev->map_fd);
         if (dev->promisc_fd >= 0)
             close(dev->promisc_fd);
+        if (dev->ctl_fd >= 0)
+            close(dev->ctl_fd);
         free(dev);
     }
     if (xp->epfd >= 0 && xp->epfd != xp->port.fd)
@@ -955,6 +1026,7 @@ static int open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_o
     if (!dev)
         OPEN_FAIL("out of memory");
     dev->map_fd = dev->prog_fd = dev->link_fd = dev->promisc_fd = -1;
+    dev->ctl_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0); /* -1: the MTU is not checked */
     for (made = 0; made < shares; made++) {
         struct xport *xp = xs[made] = xp_alloc(m, ifname);
         if (!xp)
@@ -962,6 +1034,7 @@ static int open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_o
         xp->dev = dev;
         dev->refs++; /* not yet visible to any other thread */
         xp->ifindex = ifindex;
+        xp_read_mtu(xp);
         xp->need_wakeup = o->need_wakeup;
         xp->csum_fix = o->csum_fix;
         xp->busy_poll_us = o->busy_poll_us;
@@ -979,7 +1052,7 @@ static int open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_o
     for (uint32_t w = 0; w < shares; w++) {
         struct xport *xp = xs[w];
         for (uint32_t i = 0; i < xp->nq; i++) {
-            if (xq_open(xs, shares, xp, i, zc, rs, why, sizeof(why)) == 0)
+            if (xq_open_settled(xs, shares, xp, i, zc, rs, why, sizeof(why)) == 0)
                 continue;
             int e = errno;
             xq_close(&xp->q[i], 0);
@@ -988,7 +1061,7 @@ static int open_shares(nmb_umem *m, const char *ifname, const struct nmb_afxdp_o
                 snprintf(reason, sizeof(reason), "the driver has no AF_XDP zero-copy (XDP_ZEROCOPY bind: %s)",
                          strerror(e));
                 zc = 0;
-                if (xq_open(xs, shares, xp, i, 0, rs, why, sizeof(why)) == 0)
+                if (xq_open_settled(xs, shares, xp, i, 0, rs, why, sizeof(why)) == 0)
                     continue;
                 xq_close(&xp->q[i], 0);
             }

@@ -83,20 +83,50 @@ void nmb_umem_destroy(nmb_umem *m)
     free(m);
 }
 
+/* Objects are carved from [0, obj_bytes): a block freed by a closed port is reused, split
+ * (the smallest block that fits, its rest freed again) and merged with free neighbours, and the
+ * free block at the end goes back to the untouched part; so ports of other shapes (a reload
+ * that changes a pair's workers: one port of N ring pairs becomes N ports of one) fit where
+ * the old ones were. */
 static char *obj_alloc(nmb_umem *m, size_t len)
 {
-    for (uint32_t i = 0; i < m->nfreed; i++) {
-        if (m->freed[i].len >= len) {
-            char *p = m->base + m->freed[i].off;
-            m->freed[i] = m->freed[--m->nfreed];
-            return p;
+    uint32_t best = m->nfreed;
+    for (uint32_t i = 0; i < m->nfreed; i++)
+        if (m->freed[i].len >= len && (best == m->nfreed || m->freed[i].len < m->freed[best].len))
+            best = i;
+    if (best < m->nfreed) {
+        char *p = m->base + m->freed[best].off;
+        if (m->freed[best].len > len) {
+            m->freed[best].off += len;
+            m->freed[best].len -= len;
+        } else {
+            m->freed[best] = m->freed[--m->nfreed];
         }
+        return p;
     }
     if (m->obj_used + len > m->obj_bytes)
         return NULL;
     char *p = m->base + m->obj_used;
     m->obj_used += len;
     return p;
+}
+
+static void obj_free(nmb_umem *m, size_t off, size_t len)
+{
+    for (uint32_t i = 0; i < m->nfreed;) { /* merge with the free blocks just before and after */
+        struct obj_block *b = &m->freed[i];
+        if (b->off + b->len == off || off + len == b->off) {
+            off = b->off < off ? b->off : off;
+            len += b->len;
+            *b = m->freed[--m->nfreed];
+            continue;
+        }
+        i++;
+    }
+    if (off + len == m->obj_used)
+        m->obj_used = off;
+    else if (m->nfreed < NMB_UMEM_MAX_IFS)
+        m->freed[m->nfreed++] = (struct obj_block){off, len};
 }
 
 static void ring_init(nmb_umem *m, struct netmap_ring *ring, uint32_t id, int is_tx, uint32_t nslots)
@@ -176,11 +206,7 @@ void nmb_umem_if_destroy(nmb_umem *m, struct netmap_if *nifp)
             ring_release(m, nmb_txring(nifp, i));
         for (uint32_t i = 0; i < nifp->ni_rx_rings; i++)
             ring_release(m, nmb_rxring(nifp, i));
-        if (m->nfreed < NMB_UMEM_MAX_IFS) {
-            m->freed[m->nfreed].off = (char *)nifp - m->base;
-            m->freed[m->nfreed].len = m->if_len[k];
-            m->nfreed++;
-        }
+        obj_free(m, (size_t)((char *)nifp - m->base), m->if_len[k]);
         m->ifs[k] = m->ifs[m->nifs - 1];
         m->if_len[k] = m->if_len[m->nifs - 1];
         m->nifs--;

@@ -53,6 +53,7 @@ from nmbridge.stats import (
     Snapshot,
     WorkerStats,
     final_counters,
+    final_report,
     sum_directions,
     worker_directions,
 )
@@ -353,13 +354,14 @@ class Bridge:
         pairs = [p for p in pairs if not (p.a.closed and p.b.closed)]  # closed already
         self.join(pairs)
         for p in pairs:
-            counters = final_counters(p.fwd, p.a, p.b)
+            counters, workers = final_report(p.fwd, p.a, p.b)
             _stop_watcher(p)
             if _alive(p):
                 self.log.error("threads_stuck", pairs=[p.config.name], note="ports left open")
             else:
                 self.portset.close_ports([*p.fwd.a_shares, *p.fwd.b_shares])
-            self.log.info("pair_stopped", pair=p.config.name, counters=counters)
+            self.log.info("pair_stopped", pair=p.config.name, counters=counters,
+                          **({"workers": workers} if workers else {}))
 
     def join(self, pairs: list[_Pair]) -> None:
         deadline = time.monotonic() + JOIN_TIMEOUT
@@ -423,8 +425,10 @@ class Bridge:
                 self.stop()
                 self.close()
                 if self.pairs:
-                    self.log.info("stopped", counters={p.config.name: final_counters(p.fwd, p.a, p.b)
-                                                       for p in self.pairs})
+                    reports = {p.config.name: final_report(p.fwd, p.a, p.b) for p in self.pairs}
+                    workers = {name: w for name, (_, w) in reports.items() if w}
+                    self.log.info("stopped", counters={name: c for name, (c, _) in reports.items()},
+                                  **({"workers": workers} if workers else {}))
         failed = [p for p in self.pairs if p.error]
         if failed:
             raise PortError(f"pair {failed[0].config.name}: {failed[0].error}")

@@ -267,6 +267,17 @@ def relink(bridge: Bridge, name: str) -> None:
     if any(st is None for st in present.values()):
         return  # not back yet: wait for its next event
     log = get_logger(bridge=bridge.config.bridge.name)
+    # re-created with fewer ring pairs than the pair has workers: the re-open cannot work, and
+    # trying it would close the pair's other (healthy) ports and lose the pair; keep it as it is
+    rings = [bridge.ring_pairs(s) for s in p.config.ports]
+    n = config_module.workers_for(p.config, *rings)  # "auto" follows the new ring pairs
+    short = [(s, r) for s, r in zip(p.config.ports, rings, strict=True) if r < n and _interface(s) in stale]
+    if n > 1 and short:
+        spec, r = short[0]
+        log.error("relink_failed", pair=name, error=f"port {spec}: re-created with {r} ring pair"
+                  f"{'s' if r != 1 else ''}, and the pair runs {n} workers (one ring pair has one owner)",
+                  note="the pair stays down; the next event of the interface tries again")
+        return
     log.warning("relinking", pair=name, interfaces=stale,
                 note="re-created under the same name: re-opening the pair's ports")
     bridge.links.forget(stale)

@@ -178,4 +178,17 @@ def pair_counters(fwd: Any, a: Any, b: Any) -> dict[str, DirectionStats]:
 
 def final_counters(fwd: Any, a: Any, b: Any) -> dict[str, dict[str, Any]]:
     """What the `stopped` and `pair_stopped` events show for one pair."""
-    return {d: counters(s) for d, s in pair_counters(fwd, a, b).items()}
+    return final_report(fwd, a, b)[0]
+
+
+def final_report(fwd: Any, a: Any, b: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """One pair's final counters per direction and, for a pair of several workers, each
+    worker's (``worker``, ``cpu``, ``directions``; else []), from one snapshot per worker: the
+    pair's are the workers' sums, and each worker balances on its own."""
+    per = worker_directions(fwd, a, b)
+    total = {d: counters(s) for d, s in sum_directions(per).items()}
+    if len(per) < 2:
+        return total, []
+    return total, [{"worker": w["worker"], "cpu": w["cpu"],
+                    "directions": {d: counters(s) for d, s in dirs.items()}}
+                   for w, dirs in zip(fwd.describe(), per, strict=True)]

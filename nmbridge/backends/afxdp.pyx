@@ -39,6 +39,7 @@ cdef extern from "nmb_afxdp.h" nogil:
         uint64_t rx_frames, rx_bytes, rx_kernel_drops, rx_ring_full, rx_fill_empty, rx_bad_desc, rx_csum_fixed
         uint64_t tx_frames, tx_bytes, tx_errors, tx_link_down, tx_dev_drops, tx_invalid, tx_again
         uint64_t rxsyncs, txsyncs, tx_kicks, fill_kicks, completions, link_errors, busy_polls, rx_coalesced
+        uint64_t tx_mtu
 
     nmb_port *nmb_afxdp_open(nmb_umem *m, const char *ifname, const nmb_afxdp_opts *o,
                              char *err, size_t errlen)
@@ -76,7 +77,7 @@ cdef dict _stats_dict(nmb_afxdp_stats *s):
         "tx_invalid": s.tx_invalid, "tx_again": s.tx_again,
         "rxsyncs": s.rxsyncs, "txsyncs": s.txsyncs, "tx_kicks": s.tx_kicks,
         "fill_kicks": s.fill_kicks, "completions": s.completions, "link_errors": s.link_errors,
-        "busy_polls": s.busy_polls, "rx_coalesced": s.rx_coalesced,
+        "busy_polls": s.busy_polls, "rx_coalesced": s.rx_coalesced, "tx_mtu": s.tx_mtu,
         "tx_sent": s.tx_frames - s.tx_dev_drops - s.tx_invalid,
     }
 
@@ -138,6 +139,9 @@ cdef class AfXdpPort(Port):
         self.region_name = f"user:{region.address:#x}"
 
     cdef void _release(self) noexcept:
+        cdef nmb_afxdp_stats s
+        nmb_afxdp_get_stats(self.c, &s)  # the kernel's counters go with the sockets: keep them
+        self._kernel = (s.rx_kernel_drops, s.rx_ring_full, s.rx_fill_empty, s.tx_invalid)
         nmb_afxdp_close(self.c)
 
     def __dealloc__(self):

@@ -119,6 +119,7 @@ ACCOUNTING = PortAccounting(
     },
     tx_drops={
         "tx_errors": "tx_error",  # too long for a chunk, a runt, or a chain (no multi-buffer)
+        "tx_mtu": "egress_mtu",  # larger than the egress MTU (the kernel does not check it)
         "tx_link_down": "tx_link_down",
         "tx_dev_drops": "tx_device_refused",  # the device refused a posted frame
         "tx_invalid": "tx_invalid",  # the kernel found the descriptor invalid

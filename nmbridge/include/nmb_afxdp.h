@@ -81,6 +81,7 @@ struct nmb_afxdp_stats {
     uint64_t link_errors;           /* socket errors reported by the kernel */
     uint64_t busy_polls;            /* recvfrom() calls that ran the RX NAPI here (busy_poll) */
     uint64_t rx_coalesced;          /* syncs that slept rx_coalesce_us for more frames */
+    uint64_t tx_mtu;                /* dropped: larger than the egress MTU allows */
 };
 
 /* Open a port on `ifname` in region `m` (the calling thread's network namespace). NULL with

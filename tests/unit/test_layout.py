@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from nmbridge.backends import OpenOptions, PortSet, parse_spec
 from nmbridge.backends.mem import MemPort
 from nmbridge.errors import PortError, RingError
 from nmbridge.port import Region, port_bytes
@@ -123,6 +124,21 @@ def test_region_accounting_and_reuse_after_close() -> None:
     region.check()
     q.close()
     assert port_bytes(1, 32) > 0
+
+
+def test_room_freed_by_ports_of_one_shape_fits_ports_of_another() -> None:
+    """A reload that changes a pair's workers closes ports of one shape (2 shares of 1 ring
+    pair each) and opens another (1 share of 2 ring pairs), over and over: the freed room must
+    be merged and split again, never lost to fragments (the region is sized for the ports, with
+    spares, once)."""
+    ps = PortSet(OpenOptions(slots=64))
+    specs = [parse_spec("mem:a?rings=2"), parse_spec("mem:b?rings=2")]
+    for n in (2, 1, 2, 1, 2, 1, 2, 1):
+        shares = ps.open_shares(specs, [n, n])
+        assert [len(s) for s in shares] == [n, n]
+        ps.close_ports([p for s in shares for p in s])
+    assert ps.region is not None
+    ps.region.check()
 
 
 def test_region_refuses_what_does_not_fit() -> None:
