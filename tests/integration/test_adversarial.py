@@ -524,7 +524,8 @@ GARBAGE = [  # (a request, whether it may succeed: known commands ignore argumen
     (b'{"cmd": 5}\n', False),
     (b'{"cmd": "stats"\n', False),
     (b"[" * 100_000 + b"\n", False),
-    (b'{"cmd": "capture", "pair": "lab", "write": "-"}\n', False),  # 2 workers: refused
+    (b'{"cmd": "capture", "pair": "nope", "write": "-"}\n', False),  # no such pair
+    (b'{"cmd": "capture", "pair": "lab", "write": "-"}\n', True),  # 2 workers: one tap each
     (b'{"cmd": "capture", "pair": "lab", "count": "many"}\n', False),
     (b'{"cmd": "reload", "source": {"x": 1}}\n', True),
     (b'{"cmd": "ports", "pair": [1, 2]}\n', True),
