@@ -55,6 +55,13 @@ cdef extern from "<sys/eventfd.h>" nogil:
         EFD_CLOEXEC
     int eventfd(unsigned int initval, int flags)
 
+cdef extern from "<sys/resource.h>" nogil:
+    struct rusage:
+        long ru_nivcsw
+    enum:
+        RUSAGE_THREAD
+    int getrusage(int who, rusage *usage)
+
 cdef extern from "<unistd.h>" nogil:
     int usleep(unsigned int usec)
     long read(int fd, void *buf, size_t n)
@@ -145,6 +152,7 @@ cdef struct fwd_state:
     int stop_fd
     int poll_timeout_ms
     uint32_t spin_us       # the pair's idle polling before poll() (README "Latency"); ports may ask more
+    uint64_t spin_yields   # polling spells cut short because another task took the thread's CPU
     bint poll_syncs        # both ports' poll() syncs their rings (the kernel's netmap)
     uint64_t epoch         # loop iterations; a filter swap waits for it to move
     uint64_t polls
@@ -472,24 +480,42 @@ cdef uint64_t now_us() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000000 + <uint64_t>ts.tv_nsec // 1000
 
 
+cdef long preempted() noexcept nogil:
+    """Times the calling thread was preempted so far (involuntary context switches)."""
+    cdef rusage ru
+    if getrusage(RUSAGE_THREAD, &ru) != 0:
+        return -1
+    return ru.ru_nivcsw
+
+
 cdef int spin(fwd_state *f, nmb_port *a, nmb_port *b) noexcept nogil:
     """Both sources idle: keep syncing for the longest of the pair's spin_us and its ports'
     (their busy_poll) before the loop sleeps in poll(), so a frame that comes meanwhile is
-    taken without a wake-up.  1: a frame came; 0: the time is up or a stop is asked; -1: a
-    sync failed."""
+    taken without a wake-up.  Once another task has taken the thread's CPU (it was
+    preempted), polling stops: a polling thread gets its CPU back only in scheduler turns,
+    while a sleeping one is woken by the next frame -- on a free CPU if there is one (the
+    scheduler places a thread when it wakes, never while it runs).  1: a frame came; 0: the
+    time is up, the thread was preempted, or a stop is asked; -1: a sync failed."""
     cdef uint32_t us = a.spin_us if a.spin_us > b.spin_us else b.spin_us
     cdef uint64_t end
+    cdef long before
+    cdef uint32_t n = 0
     if f.spin_us > us:
         us = f.spin_us
     if us == 0 or (f.d[0].enabled and rx_pending(a)) or (f.d[1].enabled and rx_pending(b)):
         return 0
     end = now_us() + us
+    before = preempted()
     while not NMB_LOAD_INT(f.stop):
         if sync_all(f) < 0:
             return -1
         if (f.d[0].enabled and rx_pending(a)) or (f.d[1].enabled and rx_pending(b)):
             return 1
         if now_us() >= end:
+            break
+        n += 1
+        if n % 64 == 0 and preempted() != before:
+            f.spin_yields += 1  # another task took this CPU: sleep, and let the next wake-up place us
             break
     return 0
 
@@ -814,6 +840,12 @@ cdef class Forwarder:
     @property
     def polls(self) -> int:
         return self.st.polls
+
+    @property
+    def spin_yields(self) -> int:
+        """Polling spells the loop cut short because another task took its CPU (it sleeps
+        then: the next frame's wake-up preempts that task, or finds the thread a free CPU)."""
+        return self.st.spin_yields
 
     @property
     def spin_us(self) -> int:

@@ -232,6 +232,48 @@ def test_spin_us_takes_the_next_frame_without_sleeping() -> None:
     assert _polls_between_frames(0) >= 20
 
 
+def test_a_polling_loop_that_loses_its_cpu_stops_polling_and_sleeps() -> None:
+    """A busy task on the forwarding thread's CPU: the loop, polling for a second, notices it
+    was preempted and sleeps in poll() instead (no frame comes: only that can end the spell)."""
+    a, b = pair(slots=64, strict=False)
+    fwd = Forwarder(a, b, poll_timeout_ms=60_000, spin_us=1_000_000)
+    cpu = min(os.sched_getaffinity(0))
+    stop = threading.Event()
+
+    def run() -> None:
+        os.sched_setaffinity(0, {cpu})
+        fwd.run()
+
+    def hog() -> None:  # a CPU-bound task on the same CPU
+        os.sched_setaffinity(0, {cpu})
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    t = threading.Thread(target=run)
+    t.start()
+    a.inject(frame(1))  # a frame, so the loop polls afterwards
+    for _ in range(10_000):
+        if b.collect():
+            break
+        threading.Event().wait(0.0005)
+    polls = fwd.polls
+    h = threading.Thread(target=hog)
+    h.start()
+    try:
+        for _ in range(2_000):  # well inside the second of polling
+            if fwd.spin_yields and fwd.polls > polls:
+                break
+            threading.Event().wait(0.0005)
+        assert fwd.spin_yields >= 1 and fwd.polls > polls
+    finally:
+        stop.set()
+        h.join()
+        fwd.stop()
+        t.join(timeout=5)
+    assert not t.is_alive()
+
+
 def test_spin_us_is_bounded_and_set_before_run() -> None:
     a, b = pair()
     with pytest.raises(ValueError, match="spin_us"):
