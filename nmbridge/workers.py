@@ -137,20 +137,29 @@ class Workers:
         asked = [f.ask_snapshot() for f in self.forwarders]
         return [f.snapshot(timeout, asked=r) for f, r in zip(self.forwarders, asked, strict=True)]
 
+    def _one_each(self, obj: Any, what: str, why: str) -> list[Any]:
+        """`obj`'s per-worker parts (its ``parts``, or itself for a single worker; Nones for
+        None), checked to be one per worker."""
+        parts = [None] * len(self) if obj is None else getattr(obj, "parts", [obj])
+        if len(parts) != len(self):
+            raise ValueError(f"{len(parts)} {what} for {len(self)} workers: one each ({why})")
+        return parts
+
+    @staticmethod
+    def _keep(kept: dict[str, Any], direction: str, obj: Any) -> None:
+        if obj is None:
+            kept.pop(direction, None)
+        else:
+            kept[direction] = obj
+
     def set_filter(self, direction: str, filt: Any) -> None:
         """Install a filter on every worker (a :class:`FilterCopies` with one program per
         worker, or one compiled filter for a single worker); returns once no worker can still
         run the old one (each worker's loop passed its epochs)."""
-        parts = [None] * len(self) if filt is None else getattr(filt, "parts", [filt])
-        if len(parts) != len(self):
-            raise ValueError(f"{len(parts)} filter programs for {len(self)} workers: one each (a program's "
-                             "rule counters have one writer)")
+        parts = self._one_each(filt, "filter programs", "a program's rule counters have one writer")
         for f, part in zip(self.forwarders, parts, strict=True):
             f.set_filter(direction, part)
-        if filt is None:
-            self._filters.pop(direction, None)
-        else:
-            self._filters[direction] = filt
+        self._keep(self._filters, direction, filt)
 
     def filter(self, direction: str) -> Any:
         return self._filters.get(direction)
@@ -159,16 +168,10 @@ class Workers:
         """Install a capture tap on every worker (a :class:`~nmbridge.capture.TapSet` with one
         tap per worker, or one tap for a single worker), or None to remove it; returns once the
         change is in force on every worker (each worker's loop passed its epochs)."""
-        parts = [None] * len(self) if tap is None else getattr(tap, "parts", [tap])
-        if len(parts) != len(self):
-            raise ValueError(f"{len(parts)} capture taps for {len(self)} workers: one each (a tap's ring "
-                             "has one writer)")
+        parts = self._one_each(tap, "capture taps", "a tap's ring has one writer")
         for f, part in zip(self.forwarders, parts, strict=True):
             f.set_tap(direction, part)
-        if tap is None:
-            self._taps.pop(direction, None)
-        else:
-            self._taps[direction] = tap
+        self._keep(self._taps, direction, tap)
 
     def tap(self, direction: str) -> Any:
         return self._taps.get(direction)
