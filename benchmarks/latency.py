@@ -196,6 +196,14 @@ def wire_cpu() -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def started(gen: subprocess.Popen[Any], what: str, settle: float) -> None:
+    """After `settle` s, SystemExit with its stderr if generator `gen` has already exited."""
+    time.sleep(settle)
+    if gen.poll() is not None:
+        err = gen.stderr.read() if gen.stderr else ""
+        raise SystemExit(f"{what} exited: {err.decode() if isinstance(err, bytes) else err}")
+
+
 @contextmanager
 def full_speed(lb: netns.Lab, conf: str) -> Iterator[None]:
     """trafgen in left as fast as it goes (one process; it pins itself to CPU 0)."""
@@ -203,9 +211,7 @@ def full_speed(lb: netns.Lab, conf: str) -> Iterator[None]:
                    "--no-sock-mem", "--notouch-irq", "--no-cpu-stats",
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        time.sleep(0.5)
-        if gen.poll() is not None:
-            raise SystemExit(f"trafgen exited: {gen.stderr.read().decode() if gen.stderr else ''}")
+        started(gen, "trafgen", 0.5)
         yield
     finally:
         from veth import stop_group  # benchmarks/veth.py: stops trafgen's whole process group
@@ -220,9 +226,7 @@ def paced(lb: netns.Lab, pacer: str, pps: int, report: dict[str, Any]) -> Iterat
     gen = lb.popen(lb.ns_left, *on_wire([pacer, lb.left_if, str(pps), "0", load_frame(lb).hex()]),
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)
-        if gen.poll() is not None:
-            raise SystemExit(f"the pacer exited: {gen.stderr.read() if gen.stderr else ''}")
+        started(gen, "the pacer", 0.3)
         yield
     finally:
         gen.terminate()
