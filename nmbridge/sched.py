@@ -91,8 +91,7 @@ def spin_for(setting: int | str, policy: str) -> int:
 
 def spins_explicitly(settings: _Settings) -> bool:
     """Whether ``spin_us`` asks for polling whatever the policy (a number above 0)."""
-    v = getattr(settings, "spin_us", "auto")
-    return isinstance(v, int) and v > 0
+    return isinstance(settings.spin_us, int) and settings.spin_us > 0
 
 
 def set_fifo(priority: int) -> None:
@@ -135,7 +134,7 @@ def choose(settings: _Settings, fifo: Callable[[int], None] = set_fifo,
     ``"other"``, the auto case that does not qualify, or when SCHED_FIFO is not permitted:
     SCHED_OTHER with an EEVDF slice of ``sched_slice_us`` (0: the kernel's)."""
     why: str | None = None
-    spin = getattr(settings, "spin_us", "auto")
+    spin = settings.spin_us
     spins = spins or spins_explicitly(settings)
     if settings.sched == "fifo" or (settings.sched == "auto" and auto_fifo(cpus(), threads, spins) is None):
         try:
