@@ -18,6 +18,9 @@
  * - NIOCTXSYNC / NIOCRXSYNC, and poll() the way netmap_poll() does on Linux: TX rings are
  *   txsynced when POLLOUT is asked or the port was registered without NR_NO_TX_POLL (then only
  *   rings with new slots), RX rings are rxsynced only when POLLIN is asked;
+ * - one sync at a time per kring, as the kernel's nm_kr_tryget() has it: a sync (ioctl or
+ *   poll) that finds the kring busy with another thread's sync skips it, so two threads on one
+ *   port (one sending, one polling with TX poll) never run the same ring's sync twice at once;
  * - what the "wire" does: by default a txsync loops a TX ring's frames into the same-numbered
  *   RX ring of the adapter, or of the other end of a pipe (`p{0` -> `p}0`, and back) once
  *   that end has been registered; names starting with "sink" consume every transmitted frame;
@@ -71,6 +74,7 @@ struct fk_adapter {
     char name[NETMAP_REQ_IFNAMSIZ];
     uint32_t used, nic;
     uint32_t hwcur[2][RINGS];
+    uint32_t busy[2][RINGS]; /* a sync holds the kring (nm_kr_tryget's nr_busy) */
     uint64_t seq;
 };
 
@@ -96,6 +100,7 @@ _Static_assert(RING_SIZE % NM_CACHE_ALIGN == 0, "rings stay aligned");
 static char *mem;
 static signed char fd_kind[MAXFD]; /* 0 unknown, 1 the fake device, -1 something else */
 static uint64_t counters[8];       /* see fake_netmap_counters() */
+static unsigned slot_delay_us;     /* see fake_netmap_slow_wire() */
 static unsigned char last_req[sizeof(struct nmreq_header) + sizeof(struct nmreq_register)];
 #define KEPT_REQ 16u
 static unsigned char kept_req[KEPT_REQ][sizeof(last_req)]; /* since the last reset */
@@ -115,6 +120,13 @@ void fake_netmap_reset_counters(void)
 {
     memset(counters, 0, sizeof(counters));
     kept = 0;
+}
+
+/* Make this process's TX syncs take `us` microseconds per frame they move (0: as fast as
+ * they go), so a test can have two threads' syncs of one ring overlap for certain. */
+void fake_netmap_slow_wire(unsigned us)
+{
+    slot_delay_us = us;
 }
 
 /* NIOCCTRL request i (from 0) since the last reset, as last_request has it: 0, or -1 when
@@ -436,6 +448,18 @@ static int peer_of(uint32_t a)
     return -1;
 }
 
+/* nm_kr_tryget()/nm_kr_put() for a kring: 1 when this sync may run, 0 when another holds it
+ * (the caller then skips the ring, as netmap_ioctl() and netmap_poll() do). */
+static int kr_tryget(uint32_t a, int t, uint32_t i)
+{
+    return !__atomic_exchange_n(&shared()->ad[a].busy[t][i], 1, __ATOMIC_ACQUIRE);
+}
+
+static void kr_put(uint32_t a, int t, uint32_t i)
+{
+    __atomic_store_n(&shared()->ad[a].busy[t][i], 0, __ATOMIC_RELEASE);
+}
+
 static void txsync_ring(struct fk_binding *b, uint32_t i)
 {
     struct fk_adapter *ad = &shared()->ad[b->ad];
@@ -452,6 +476,8 @@ static void txsync_ring(struct fk_binding *b, uint32_t i)
                 break; /* RX full: the rest waits */
             struct netmap_slot *s = &tx->slot[*hwcur], *d = &rx->slot[t];
             memcpy(nmb_buf(rx, d->buf_idx), nmb_buf(tx, s->buf_idx), s->len);
+            if (slot_delay_us)
+                usleep(slot_delay_us);
             d->len = s->len;
             d->flags = s->flags & NS_MOREFRAG;
             __atomic_store_n(&rx->tail, next, __ATOMIC_RELEASE);
@@ -505,7 +531,10 @@ static short fake_poll_one(int fd, short events)
             struct netmap_ring *tx = kring(b->ad, TX, i);
             if (!want_tx && tx->head == shared()->ad[b->ad].hwcur[TX][i])
                 continue; /* nothing new to send on this ring */
+            if (!kr_tryget(b->ad, TX, i))
+                continue; /* another thread's sync holds it */
             txsync_ring(b, i);
+            kr_put(b->ad, TX, i);
             counters[4]++;
             if (tx->cur != tx->tail) {
                 revents |= (short)want_tx;
@@ -516,7 +545,10 @@ static short fake_poll_one(int fd, short events)
     if (want_rx) {
         for (uint32_t i = b->first[RX]; i < b->last[RX]; i++) {
             struct netmap_ring *rx = kring(b->ad, RX, i);
+            if (!kr_tryget(b->ad, RX, i))
+                continue;
             rxsync_ring(b, i);
+            kr_put(b->ad, RX, i);
             counters[5]++;
             if (rx->cur != rx->tail)
                 revents |= POLLIN;
@@ -547,14 +579,22 @@ int ioctl(int fd, unsigned long req, ...)
     }
     if (req == NIOCTXSYNC) {
         counters[1]++;
-        for (uint32_t i = b->first[TX]; i < b->last[TX]; i++)
-            txsync_ring(b, i);
+        for (uint32_t i = b->first[TX]; i < b->last[TX]; i++) {
+            if (kr_tryget(b->ad, TX, i)) {
+                txsync_ring(b, i);
+                kr_put(b->ad, TX, i);
+            }
+        }
         return 0;
     }
     if (req == NIOCRXSYNC) {
         counters[2]++;
-        for (uint32_t i = b->first[RX]; i < b->last[RX]; i++)
-            rxsync_ring(b, i);
+        for (uint32_t i = b->first[RX]; i < b->last[RX]; i++) {
+            if (kr_tryget(b->ad, RX, i)) {
+                rxsync_ring(b, i);
+                kr_put(b->ad, RX, i);
+            }
+        }
         return 0;
     }
     errno = ENOTTY;

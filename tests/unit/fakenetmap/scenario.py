@@ -323,12 +323,48 @@ def prompt() -> None:
                 assert time.monotonic() < deadline, f"wave {wave}: {len(got)} of 5 after 10 s"
                 got += b.recv()
                 time.sleep(0.001)
-            assert got == frames
+            assert got == frames, (wave, len(got), [g[:2] for g in got[:8]])
             assert fwd.polls <= polls + 2  # woken once by the wave, then asleep again
     finally:
         fwd.stop()
         t.join(10)
     assert not t.is_alive()
+    a.close()
+    b.close()
+
+
+def shared_ring() -> None:
+    """Two threads on one port, as prompt() has them: this one sends on `a` (a txsync), the
+    forwarder sleeps in poll() on `a`, whose TX poll also txsyncs `a`'s rings with new slots.
+    The kernel runs one sync per ring at a time (nm_kr_tryget: the other skips the ring); the
+    fake must too, or both syncs move the same slots.  With the wire slowed to 3 ms a frame, a
+    5-frame txsync outlasts the fake poll()'s 10 ms re-check, so the syncs overlap every time."""
+    import threading
+    import time
+
+    a = open_port("netmap:sra", device=DEV)
+    b = open_port("netmap:srb", device=DEV)
+    fwd = Forwarder(a, b, direction="a-to-b", poll_timeout_ms=60_000)
+    t = threading.Thread(target=fwd.run)
+    t.start()
+    FAKE.fake_netmap_slow_wire(3000)
+    try:
+        for wave in range(3):
+            frames = [bytes([0x5A, wave, i]) * 20 for i in range(5)]
+            assert a.send(frames) == 5
+            got: list[bytes] = []
+            deadline = time.monotonic() + 10.0
+            while len(got) < 5 and time.monotonic() < deadline:
+                got += b.recv()
+                time.sleep(0.001)
+            assert got == frames, (wave, len(got), [g[:3] for g in got[:8]])
+        assert fwd.stats()["a_to_b"]["frames"] == 15, fwd.stats()
+    finally:
+        FAKE.fake_netmap_slow_wire(0)
+        fwd.stop()
+        t.join(10)
+    assert not t.is_alive()
+    assert b.recv() == []  # nothing moved twice
     a.close()
     b.close()
 
@@ -339,6 +375,7 @@ def main() -> None:
         basics()
         exclusive()
         prompt()
+        shared_ring()
         shares()
     counts = syscalls()
     print(json.dumps(counts))
