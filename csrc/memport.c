@@ -202,6 +202,8 @@ static int mem_txsync(struct nmb_port *p)
             break;
         }
         uint32_t n = ring->num_slots;
+        if (mp->tx_mode == NMB_MEM_TX_HOLD)
+            continue; /* the slots stay with the "NIC" for good */
         for (uint32_t s = kr->hwcur; s != ring->head; s = s + 1 == n ? 0 : s + 1) {
             struct netmap_slot *slot = &ring->slot[s];
             if (mp->strict && slot->len > ring->nr_buf_size) {

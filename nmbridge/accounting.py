@@ -15,6 +15,11 @@ Per direction (source port S, destination port D)::
 - ``queued``: frames inside the bridge at that moment: in S's RX ring not yet taken, on D's
   TX slots not yet synced, in D's kernel TX ring not yet taken.  0 when idle.
 
+At stop, a forwarder first drains (``fastfwd.drain``: what is inside goes out, for a bounded
+time, taking nothing new).  What is still inside when the pair's ports close is lost with
+them: the final counters (``stopped``, ``pair_stopped``) count it as dropped, reason
+:data:`STOPPED`, so there queued is 0 (:func:`closed`).
+
 Each backend says, in one table (:class:`PortAccounting`, its ``accounting``), which of its
 port counters are the RX deliveries, the TX handovers and the drops of each side, and under
 which reason.  Adding a backend or a drop reason is one table line; fastfwd's loop never
@@ -31,6 +36,8 @@ from typing import Any, TypedDict
 
 # fastfwd's own drop counters (Forwarder.stats() keys), in the loop's order
 FASTFWD_DROPS = ("filtered", "oversize", "broken_chain")
+# still inside the bridge when its ports closed, after the drain at stop (see closed())
+STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,15 @@ def direction(fwd: Mapping[str, int], src: Mapping[str, int] | None, src_acc: Po
     return Direction(received=received, forwarded=forwarded,
                      queued=received - forwarded - sum(dropped.values()), dropped=dropped,
                      bytes=nbytes, batches=int(fwd["batches"]), tx_stalls=int(fwd["tx_stalls"]))
+
+
+def closed(d: Direction) -> Direction:
+    """A direction's numbers once its ports are closed: nothing is inside the bridge any
+    more, so what was queued (what the drain at stop could not move out) is dropped, as
+    :data:`STOPPED`."""
+    dropped = {**d["dropped"], STOPPED: d["dropped"].get(STOPPED, 0) + d["queued"]}
+    return Direction(received=d["received"], forwarded=d["forwarded"], queued=0, dropped=dropped,
+                     bytes=d["bytes"], batches=d["batches"], tx_stalls=d["tx_stalls"])
 
 
 def pair_directions(snap: Mapping[str, Any], a: Any, b: Any) -> dict[str, Direction]:

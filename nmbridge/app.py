@@ -52,6 +52,7 @@ from nmbridge.stats import (
     PairStats,
     Snapshot,
     WorkerStats,
+    drain_report,
     final_counters,
     final_report,
     sum_directions,
@@ -354,13 +355,13 @@ class Bridge:
         pairs = [p for p in pairs if not (p.a.closed and p.b.closed)]  # closed already
         self.join(pairs)
         for p in pairs:
-            counters, workers = final_report(p.fwd, p.a, p.b)
             _stop_watcher(p)
             if _alive(p):
                 self.log.error("threads_stuck", pairs=[p.config.name], note="ports left open")
             else:
                 self.portset.close_ports([*p.fwd.a_shares, *p.fwd.b_shares])
-            self.log.info("pair_stopped", pair=p.config.name, counters=counters,
+            counters, workers = final_report(p.fwd, p.a, p.b)  # closed: what is left is `stopped`
+            self.log.info("pair_stopped", pair=p.config.name, counters=counters, drain=drain_report(p.fwd),
                           **({"workers": workers} if workers else {}))
 
     def join(self, pairs: list[_Pair]) -> None:
@@ -428,6 +429,7 @@ class Bridge:
                     reports = {p.config.name: final_report(p.fwd, p.a, p.b) for p in self.pairs}
                     workers = {name: w for name, (_, w) in reports.items() if w}
                     self.log.info("stopped", counters={name: c for name, (c, _) in reports.items()},
+                                  drain={p.config.name: drain_report(p.fwd) for p in self.pairs},
                                   **({"workers": workers} if workers else {}))
         failed = [p for p in self.pairs if p.error]
         if failed:

@@ -132,6 +132,8 @@ cdef struct fwd_dir:
 cdef enum:
     MAX_PORT_COUNTERS = 64  # uint64_t counters of one port that a snapshot copies
     MAX_SPIN_US = 1000000   # a pair's idle polling: at most a second
+    DRAIN_MS = 100          # a stopped loop's drain: at most this long (see drain())
+    MAX_DRAIN_MS = 10000
 
 
 cdef struct published:
@@ -157,6 +159,10 @@ cdef struct fwd_state:
     uint64_t epoch         # loop iterations; a filter swap waits for it to move
     uint64_t polls
     uint64_t max_frames    # stop after this many frames (0: run until stopped)
+    uint32_t drain_ms      # the drain's bound (0: none)
+    uint64_t drain_us      # how long the last drain took
+    uint64_t drain_moved   # RX slots it moved (forwarded or dropped by the filter)
+    bint drain_complete    # it ended with nothing left inside (else: at its bound)
     char error[256]
 
 
@@ -431,6 +437,17 @@ cdef bint rx_pending(nmb_port *p) noexcept nogil:
     return False
 
 
+cdef bint tx_idle(nmb_port *p) noexcept nogil:
+    """Every TX ring of `p` is back with the user whole: all it was given went out."""
+    cdef uint32_t i
+    cdef netmap_ring *tx
+    for i in range(p.tx_first, p.tx_last):
+        tx = nmb_txring(p.nifp, i)
+        if nmb_ring_space(tx) != tx.num_slots - 1:
+            return False
+    return True
+
+
 cdef int port_failed(fwd_state *f, nmb_port *p, const char *what, int rc) noexcept nogil:
     cdef const char *msg = strerror(-rc)
     if p.error[0]:
@@ -645,6 +662,49 @@ cdef int run_loop(fwd_state *f) noexcept nogil:
     return 0
 
 
+cdef int drain(fwd_state *f) noexcept nogil:
+    """After a stop, before the ports close: forward what is already inside the bridge -- the
+    frames in the sources' RX rings, on the destinations' TX slots, in their kernels' TX
+    rings -- for at most `drain_ms`.  The rounds are the loop's own (move_dir, then a txsync
+    of each destination), without the rxsync: nothing new is taken from the kernel, so what
+    is inside can only go out.  Ends when no source RX ring holds a frame and every
+    destination TX ring is back whole, or at the bound (a full or dead egress, a chain whose
+    rest never came): what is left then is the pair's ``stopped`` drops
+    (nmbridge.accounting).  A round that moved nothing waits 100 µs, not poll(): some fds are
+    always writable.  0, or -1 with the pair failed."""
+    cdef uint64_t start = now_us(), bound = <uint64_t>f.drain_ms * 1000
+    cdef uint32_t moved
+    cdef int i, rc
+    cdef bint left = True
+    f.drain_moved = 0
+    while True:
+        if NMB_UNLIKELY(NMB_PEEK_U64(f.want) != f.pub.gen):
+            publish(f)                  # snapshots are answered while draining too
+        f.epoch += 1
+        moved = 0
+        for i in range(2):
+            if f.d[i].enabled:
+                moved += move_dir(&f.d[i])
+        for i in range(2):
+            if f.d[i].enabled:
+                rc = f.d[i].dst.txsync(f.d[i].dst)
+                if rc < 0:
+                    f.drain_us = now_us() - start
+                    return port_failed(f, f.d[i].dst, b"txsync", rc)
+        f.drain_moved += moved
+        left = False
+        for i in range(2):
+            if f.d[i].enabled and (rx_pending(f.d[i].src) or not tx_idle(f.d[i].dst)):
+                left = True
+        if not left or now_us() - start >= bound:
+            break
+        if moved == 0:
+            usleep(100)
+    f.drain_us = now_us() - start
+    f.drain_complete = not left
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # the Python face
 
@@ -678,9 +738,11 @@ cdef class Forwarder:
         self.st.stop_fd = -1
 
     def __init__(self, Port a not None, Port b not None, *, int burst=1024, str direction="both",
-                 int poll_timeout_ms=1000, zerocopy=None, int spin_us=0):
+                 int poll_timeout_ms=1000, zerocopy=None, int spin_us=0, int drain_ms=DRAIN_MS):
         """`zerocopy`: None swaps buffers when both ports share a memory region (else copies),
-        False forces copying (benchmarks), True insists on swapping (ValueError if impossible)."""
+        False forces copying (benchmarks), True insists on swapping (ValueError if impossible).
+        `drain_ms`: after stop(), :meth:`run` forwards what is already inside the bridge for at
+        most this long before it returns (0: it returns at once; see ``drain``)."""
         if a.c == NULL or b.c == NULL:
             raise PortError("cannot forward between closed ports")
         if a is b:
@@ -693,6 +755,8 @@ cdef class Forwarder:
             raise ValueError("poll_timeout_ms must be >= 1")
         if not 0 <= spin_us <= MAX_SPIN_US:
             raise ValueError(f"spin_us {spin_us} outside [0, {MAX_SPIN_US}]")
+        if not 0 <= drain_ms <= MAX_DRAIN_MS:
+            raise ValueError(f"drain_ms {drain_ms} outside [0, {MAX_DRAIN_MS}]")
         self.a, self.b = a, b
         self.direction = direction
         self.burst = burst
@@ -714,6 +778,7 @@ cdef class Forwarder:
             self.st.d[i].tap = NULL
         self.st.poll_timeout_ms = poll_timeout_ms
         self.st.spin_us = <uint32_t>spin_us
+        self.st.drain_ms = <uint32_t>drain_ms
         self.st.poll_syncs = a.c.poll_syncs != 0 and b.c.poll_syncs != 0
         cdef size_t addr, nbytes
         for i, port in enumerate((a, b)):
@@ -748,13 +813,17 @@ cdef class Forwarder:
 
     def run(self, *, max_frames: int = 0) -> None:
         """Forward until stop() (or until `max_frames` frames moved). Raises PortError.
-        After stop() -- even one called before run() started -- run() returns at once."""
+        After stop() -- even one called before run() started -- the loop ends at its next batch
+        boundary, drains what is inside the bridge (at most `drain_ms`; :attr:`drained` says
+        how it went) and returns."""
         self._alive()
         if self._running:
             raise RuntimeError("this forwarder is already running")
         self._running = True
         self.st.max_frames = max_frames
         self.st.error[0] = 0           # stop() is sticky: one that came before run() counts
+        self.st.drain_us = self.st.drain_moved = 0
+        self.st.drain_complete = False
         cdef int rc
         NMB_STORE_INT(self.st.active, 1)
         try:
@@ -763,6 +832,8 @@ cdef class Forwarder:
                 rc = sync_all(&self.st)
                 if rc == 0:
                     rc = run_loop(&self.st)
+                if rc == 0 and NMB_LOAD_INT(self.st.stop) and self.st.drain_ms:
+                    rc = drain(&self.st)
                 publish(&self.st)       # the final counters; snapshots read them from now on
                 NMB_STORE_INT(self.st.active, 0)
         finally:
@@ -840,6 +911,13 @@ cdef class Forwarder:
     @property
     def polls(self) -> int:
         return self.st.polls
+
+    @property
+    def drained(self) -> dict:
+        """The last drain at stop: ``us`` it took, RX slots it ``moved``, and whether it was
+        ``complete`` (nothing left inside; else it reached `drain_ms` and what was left is
+        counted as ``stopped``).  Read it after :meth:`run` returned."""
+        return {"us": self.st.drain_us, "moved": self.st.drain_moved, "complete": bool(self.st.drain_complete)}
 
     @property
     def spin_yields(self) -> int:

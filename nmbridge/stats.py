@@ -129,11 +129,12 @@ def counters(s: DirectionStats) -> dict[str, Any]:
             "bytes": s.get("bytes", 0), "tx_stalls": s.get("tx_stalls", 0)}
 
 
-def worker_directions(fwd: Any, a: Any, b: Any) -> list[dict[str, DirectionStats]]:
+def worker_directions(fwd: Any, a: Any, b: Any, *, final: bool = False) -> list[dict[str, DirectionStats]]:
     """Each enabled direction per worker: `fwd` is one forwarder (between ports `a` and `b`)
     or a pair's :class:`nmbridge.workers.Workers` (each worker between its own shares), every
-    worker's counters from one snapshot, all asked at once."""
-    from nmbridge.accounting import pair_directions
+    worker's counters from one snapshot, all asked at once.  `final`: the ports are closed,
+    what was queued is dropped (``accounting.closed``)."""
+    from nmbridge.accounting import closed, pair_directions
 
     if hasattr(fwd, "snapshots"):
         snaps, sides = fwd.snapshots(), list(zip(fwd.a_shares, fwd.b_shares, strict=True))
@@ -143,6 +144,8 @@ def worker_directions(fwd: Any, a: Any, b: Any) -> list[dict[str, DirectionStats
     for snap, (pa, pb) in zip(snaps, sides, strict=True):
         dirs: dict[str, DirectionStats] = {}
         for d, acc in pair_directions(snap, pa, pb).items():
+            if final:
+                acc = closed(acc)
             dirs[d] = DirectionStats(received=acc["received"], forwarded=acc["forwarded"],
                                      queued=acc["queued"], dropped=acc["dropped"], bytes=acc["bytes"],
                                      batches=acc["batches"], tx_stalls=acc["tx_stalls"])
@@ -181,14 +184,30 @@ def final_counters(fwd: Any, a: Any, b: Any) -> dict[str, dict[str, Any]]:
     return final_report(fwd, a, b)[0]
 
 
+def ports_closed(fwd: Any, a: Any, b: Any) -> bool:
+    """Whether every port (every share) of a pair is closed."""
+    ports = [*fwd.a_shares, *fwd.b_shares] if hasattr(fwd, "a_shares") else [a, b]
+    return all(p.closed for p in ports)
+
+
 def final_report(fwd: Any, a: Any, b: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """One pair's final counters per direction and, for a pair of several workers, each
     worker's (``worker``, ``cpu``, ``directions``; else []), from one snapshot per worker: the
-    pair's are the workers' sums, and each worker balances on its own."""
-    per = worker_directions(fwd, a, b)
+    pair's are the workers' sums, and each worker balances on its own.  Once the pair's ports
+    are closed, what its drain at stop left inside is a drop (``stopped``): queued is 0."""
+    per = worker_directions(fwd, a, b, final=ports_closed(fwd, a, b))
     total = {d: counters(s) for d, s in sum_directions(per).items()}
     if len(per) < 2:
         return total, []
     return total, [{"worker": w["worker"], "cpu": w["cpu"],
                     "directions": {d: counters(s) for d, s in dirs.items()}}
                    for w, dirs in zip(fwd.describe(), per, strict=True)]
+
+
+def drain_report(fwd: Any) -> dict[str, Any]:
+    """How a pair's drain at stop went (fastfwd ``Forwarder.drained``, over its workers, which
+    drain at once): the longest ``ms``, the RX slots ``moved`` in all, and whether every
+    worker's was ``complete`` (else what was left is counted ``stopped``)."""
+    ds = [f.drained for f in getattr(fwd, "forwarders", [fwd])]
+    return {"ms": round(max(int(d["us"]) for d in ds) / 1000, 3), "moved": sum(int(d["moved"]) for d in ds),
+            "complete": all(bool(d["complete"]) for d in ds)}

@@ -5,7 +5,8 @@
 rxsync, as a NIC would deliver them (frames larger than a buffer become NS_MOREFRAG chains).
 ``rx="source"``: every free RX slot is refilled with a ``frame_len``-byte frame at each rxsync
 (an endless source).  ``tx="collect"``: frames the user hands to TX are kept for
-:meth:`MemPort.collect`; ``tx="sink"``: they are only counted.  ``strict=True`` checks every
+:meth:`MemPort.collect`; ``tx="sink"``: they are only counted;
+``tx="hold"``: they are never taken (a stuck egress: the TX rings fill and stay full).  ``strict=True`` checks every
 sync the way the kernel would and raises :class:`~nmbridge.errors.RingError` naming the ring
 and slot.
 """
@@ -28,6 +29,7 @@ cdef extern from "nmb_memport.h" nogil:
         NMB_MEM_RX_NONE
         NMB_MEM_TX_COLLECT
         NMB_MEM_TX_SINK
+        NMB_MEM_TX_HOLD
 
     struct nmb_memport_stats:
         uint64_t rx_slots, rx_bytes, tx_slots, tx_bytes, rxsyncs, txsyncs, rx_frames, tx_frames
@@ -51,7 +53,7 @@ cdef extern from "nmb_memport.h" nogil:
 
 
 _RX_MODES = {"queue": NMB_MEM_RX_QUEUE, "source": NMB_MEM_RX_SOURCE, "none": NMB_MEM_RX_NONE}
-_TX_MODES = {"collect": NMB_MEM_TX_COLLECT, "sink": NMB_MEM_TX_SINK}
+_TX_MODES = {"collect": NMB_MEM_TX_COLLECT, "sink": NMB_MEM_TX_SINK, "hold": NMB_MEM_TX_HOLD}
 
 
 @cython.no_gc_clear  # the region must outlive the port, even at interpreter exit

@@ -1,9 +1,9 @@
 """The mem: backend: rings in user memory driven by a test driver or a source/sink.
 
 Port names: ``mem:NAME`` (frames injected by a test, collected from TX) with options after
-``?``: ``rx=queue|source|none``, ``tx=collect|sink``, ``frame_len=N`` (source frames),
-``strict=1`` (check every sync as the kernel would), ``rings=N`` (ring pairs, 1 to 64; default
-the bridge's).  Example: ``mem:gen?rx=source&tx=sink&rings=2``.
+``?``: ``rx=queue|source|none``, ``tx=collect|sink|hold`` (hold: never takes a frame, a stuck
+egress), ``frame_len=N`` (source frames), ``strict=1`` (check every sync as the kernel would),
+``rings=N`` (ring pairs, 1 to 64; default the bridge's).  Example: ``mem:gen?rx=source&tx=sink&rings=2``.
 
 Shares (forwarding workers): a port of R ring pairs opened as N shares is N ports in the same
 region, share w a netmap_if of its own holding ring pairs w, w + N, w + 2N, ... of the port (as
@@ -22,7 +22,7 @@ from nmbridge.port import Port, Region
 
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,15}$")
 MAX_RINGS = 64  # fastfwd keeps a bit per RX ring of a port (broken chains)
-_OPTIONS = {"rx": ("queue", "source", "none"), "tx": ("collect", "sink")}
+_OPTIONS = {"rx": ("queue", "source", "none"), "tx": ("collect", "sink", "hold")}
 
 
 def _parse(name: str) -> tuple[str, dict[str, str]]:

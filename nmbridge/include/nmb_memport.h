@@ -11,7 +11,8 @@
 #include "nmb_umem.h"
 
 enum { NMB_MEM_RX_QUEUE = 0, NMB_MEM_RX_SOURCE = 1, NMB_MEM_RX_NONE = 2 };
-enum { NMB_MEM_TX_COLLECT = 0, NMB_MEM_TX_SINK = 1 };
+/* TX_HOLD: a "NIC" that never takes a frame (a stuck egress, for tests) */
+enum { NMB_MEM_TX_COLLECT = 0, NMB_MEM_TX_SINK = 1, NMB_MEM_TX_HOLD = 2 };
 
 struct nmb_memport_stats {
     uint64_t rx_slots, rx_bytes; /* delivered into the RX rings */
