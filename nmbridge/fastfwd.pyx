@@ -662,22 +662,23 @@ cdef int run_loop(fwd_state *f) noexcept nogil:
     return 0
 
 
-cdef int drain(fwd_state *f) noexcept nogil:
+cdef void drain(fwd_state *f) noexcept nogil:
     """After a stop, before the ports close: forward what is already inside the bridge -- the
     frames in the sources' RX rings, on the destinations' TX slots, in their kernels' TX
     rings -- for at most `drain_ms`.  The rounds are the loop's own (move_dir, then a txsync
     of each destination), without the rxsync: nothing new is taken from the kernel, so what
     is inside can only go out.  Ends when no source RX ring holds a frame and every
     destination TX ring is back whole, or at the bound (a full or dead egress, a chain whose
-    rest never came): what is left then is the pair's ``stopped`` drops
+    rest never came) or at a failing txsync (the stop goes on: the pair does not fail at its
+    end, and the port keeps its error): what is left then is the pair's ``stopped`` drops
     (nmbridge.accounting).  A round that moved nothing waits 100 µs, not poll(): some fds are
-    always writable.  0, or -1 with the pair failed."""
+    always writable."""
     cdef uint64_t start = now_us(), bound = <uint64_t>f.drain_ms * 1000
     cdef uint32_t moved
-    cdef int i, rc
-    cdef bint left = True
+    cdef int i
+    cdef bint left = True, failed = False
     f.drain_moved = 0
-    while True:
+    while not failed:
         if NMB_UNLIKELY(NMB_PEEK_U64(f.want) != f.pub.gen):
             publish(f)                  # snapshots are answered while draining too
         f.epoch += 1
@@ -686,11 +687,8 @@ cdef int drain(fwd_state *f) noexcept nogil:
             if f.d[i].enabled:
                 moved += move_dir(&f.d[i])
         for i in range(2):
-            if f.d[i].enabled:
-                rc = f.d[i].dst.txsync(f.d[i].dst)
-                if rc < 0:
-                    f.drain_us = now_us() - start
-                    return port_failed(f, f.d[i].dst, b"txsync", rc)
+            if f.d[i].enabled and f.d[i].dst.txsync(f.d[i].dst) < 0:
+                failed = True
         f.drain_moved += moved
         left = False
         for i in range(2):
@@ -702,7 +700,6 @@ cdef int drain(fwd_state *f) noexcept nogil:
             usleep(100)
     f.drain_us = now_us() - start
     f.drain_complete = not left
-    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -833,7 +830,7 @@ cdef class Forwarder:
                 if rc == 0:
                     rc = run_loop(&self.st)
                 if rc == 0 and NMB_LOAD_INT(self.st.stop) and self.st.drain_ms:
-                    rc = drain(&self.st)
+                    drain(&self.st)
                 publish(&self.st)       # the final counters; snapshots read them from now on
                 NMB_STORE_INT(self.st.active, 0)
         finally:

@@ -4,6 +4,8 @@ the ports are closed, so the final counters show queued = 0."""
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -11,7 +13,9 @@ from collections.abc import Callable
 import pytest
 from fwdutil import frame
 
+from nmbridge import config
 from nmbridge.accounting import STOPPED, Direction, closed
+from nmbridge.app import Bridge
 from nmbridge.backends.mem import MemPort
 from nmbridge.fastfwd import Forwarder
 from nmbridge.port import Region
@@ -127,3 +131,31 @@ def test_drain_ms_is_checked(bad: int) -> None:
     a, b = ports()
     with pytest.raises(ValueError, match="drain_ms"):
         Forwarder(a, b, drain_ms=bad)
+
+
+def test_the_stopped_event_counts_what_a_stuck_egress_kept_as_stopped(log_lines: io.StringIO) -> None:
+    """A whole bridge: an endless source into an egress that takes nothing.  At the stop the
+    drain gives up at its bound; the `stopped` event (read after the ports closed) shows
+    queued 0, every frame received as `stopped`, and the drain as incomplete."""
+    cfg = config.loads('[bridge]\nstats_interval = 0\n[[pair]]\nname = "p"\n'
+                       'ports = ["mem:src?rx=source&tx=sink", "mem:dst?rx=none&tx=hold"]\n'
+                       'direction = "a-to-b"\n', "test.toml")
+    bridge = Bridge(cfg)
+
+    def stop_once_stuck() -> None:
+        def stuck() -> bool:
+            return bool(bridge.pairs) and any(
+                s["a_to_b"]["frames"] > 0 for s in (f.snapshot() for f in bridge.pairs[0].fwd.forwarders))
+        wait_until(stuck, "the egress ring to take frames", timeout=30)
+        bridge.events.put(("signal", "TEST"))
+
+    t = threading.Thread(target=stop_once_stuck, daemon=True)
+    t.start()
+    bridge.run()
+    t.join(timeout=30)
+    stopped = [json.loads(line) for line in log_lines.getvalue().splitlines()][-1]
+    assert stopped["event"] == "stopped"
+    c = stopped["counters"]["p"]["a_to_b"]
+    assert c["received"] > 0 and c["forwarded"] == 0 and c["queued"] == 0, c
+    assert c["drops"][STOPPED] == c["received"] == c["dropped"], c
+    assert stopped["drain"]["p"]["complete"] is False and stopped["drain"]["p"]["moved"] == 0, stopped
