@@ -146,7 +146,8 @@ def pair_stats(sock: str) -> dict[str, Any]:
 
 def check_final(ev: dict[str, Any], workers: int | None = None) -> None:
     """A `stopped` or `pair_stopped` event's counters balance (its own shape), and so do its
-    workers' (`workers`: how many it must list), whose sums are the pair's."""
+    workers' (`workers`: how many it must list), whose sums are the pair's; its ports are
+    closed, so nothing is queued (what the drain at stop left is a `stopped` drop)."""
     stopped = ev["event"] == "stopped"
     counters = ev["counters"]["lab"] if stopped else ev["counters"]
     ws = (ev.get("workers", {}).get("lab", []) if stopped else ev.get("workers", []))
@@ -155,7 +156,7 @@ def check_final(ev: dict[str, Any], workers: int | None = None) -> None:
     for d, c in counters.items():
         for x in [c, *(w["directions"][d] for w in ws)]:
             assert x["dropped"] == sum(x["drops"].values()), (d, x)
-            assert balance(x) == 0, (d, x)
+            assert balance(x) == 0 and x["queued"] == 0 and "stopped" in x["drops"], (d, x)
         for k in ("received", "forwarded", "queued", "dropped") if ws else ():
             assert sum(w["directions"][d][k] for w in ws) == c[k], (d, k, ws, c)
 
