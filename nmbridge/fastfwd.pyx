@@ -11,7 +11,8 @@ syncs every ring and sleeps only when nothing can progress (POLLIN on a source w
 left to read, POLLOUT on a destination that is full), as netmap's bridge.c does; otherwise
 (user memory) the loop txsyncs the destination and rxsyncs the source after a batch, and
 poll()s the same way, then syncs, only when nothing could move.  The loop runs without the
-GIL and checks its stop flag (and an eventfd that wakes poll) once per batch.
+GIL and checks its stop flag (and an eventfd that wakes poll) once per batch; once stopped,
+it drains what is inside the bridge for a bounded time (``drain``) before run() returns.
 
 Counters are written by the forwarding thread only.  A snapshot (``snapshot()``, from any
 thread) asks the loop for a copy: at the next batch boundary -- after a sync, when no frame is
