@@ -47,6 +47,7 @@ from nmbridge.logs import get_logger
 
 # why a connection is closed by the limiter; the protocol's `message` turns each into its words
 REASONS = ("busy", "evicted", "request_timeout", "idle_timeout", "busy_timeout")
+BACKSTOP = 10.0  # seconds a socket's own timeout exceeds the longest deadline
 
 
 class _Place:
@@ -105,8 +106,9 @@ class ConnectionLimit:
 
         def accepted() -> tuple[Any, Any]:
             conn, addr = get_request()
-            # a backstop for every blocking read and write; the places' deadlines come first
-            conn.settimeout(self.idle_timeout)
+            # a backstop for every blocking read and write, should the watchdog fail; the
+            # places' deadlines come first (and tell the client why)
+            conn.settimeout(self.idle_timeout + self.request_timeout + BACKSTOP)
             return conn, addr
 
         def dispatch(request: Any, client_address: Any) -> None:
