@@ -48,6 +48,7 @@ from nmbridge.logs import get_logger
 # why a connection is closed by the limiter; the protocol's `message` turns each into its words
 REASONS = ("busy", "evicted", "request_timeout", "idle_timeout", "busy_timeout")
 BACKSTOP = 10.0  # seconds a socket's own timeout exceeds the longest deadline
+LOG_EVERY = 60.0  # seconds between two log lines saying the table is full
 
 
 class _Place:
@@ -85,7 +86,7 @@ class ConnectionLimit:
         self._open: dict[int, _Place] = {}  # id(socket) -> place, until its socket is closed
         self._cond = threading.Condition()
         self._local = threading.local()
-        self._full = False  # logged once per stretch of a full table
+        self._logged: float | None = None  # when the table was last logged full
         self._stopped = False
         self._watchdog = threading.Thread(target=self._watch, name=f"nmbridge-{what}-timeouts", daemon=True)
 
@@ -202,37 +203,38 @@ class ConnectionLimit:
     # --- admission, eviction, deadlines --------------------------------------------------------
 
     def _admit(self, request: socket.socket) -> bool:
+        admitted, log = self._place(request)
+        if log:  # never with the lock held (stdout may block)
+            get_logger().warning(f"{self.what}_full", connections=self.max_connections, evicted=self.evicted,
+                                 refused=self.refused,
+                                 note=("a new client closes the connection that has waited the longest"
+                                       if admitted else "every connection is busy: a new client is refused"))
+        return admitted
+
+    def _place(self, request: socket.socket) -> tuple[bool, bool]:
+        """(admitted, whether to log that the table is full: at most once per LOG_EVERY s)."""
         with self._cond:
             if self._stopped:
-                return False
+                return False, False
             now = time.monotonic()
-            full = len(self._places) >= self.max_connections
-            if full:
+            log = False
+            if len(self._places) >= self.max_connections:
+                log = self._logged is None or now - self._logged >= LOG_EVERY
+                if log:
+                    self._logged = now
                 waiting = [p for p in self._places if not p.busy]
                 # evicted threads are ending; never more than twice the places in all
                 if not waiting or self.active >= 2 * self.max_connections:
                     self.refused += 1
-                    self._log_full(busy=True)
-                    return False
+                    return False, log
                 self._cut(min(waiting, key=lambda p: p.since), "evicted")
                 self.evicted += 1
-                self._log_full(busy=False)
-            else:
-                self._full = False
             place = _Place(request, now, self.request_timeout)
             self._places.append(place)
             self._open[id(request)] = place
             self.active += 1
             self._cond.notify_all()
-            return True
-
-    def _log_full(self, busy: bool) -> None:
-        if self._full:
-            return
-        self._full = True
-        get_logger().warning(f"{self.what}_full", connections=self.max_connections,
-                             note=("every connection is busy: new clients are refused" if busy else
-                                   "new clients close the connection that has waited the longest"))
+            return True, log
 
     def _cut(self, place: _Place, reason: str | None) -> None:
         """Close `place`'s connection from another thread (lock held): its message, written
