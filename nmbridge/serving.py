@@ -68,8 +68,8 @@ class _Place:
 
 class ConnectionLimit:
     """Installed on one server by :meth:`install`.  ``active``: connections whose thread runs
-    (evicted ones included until their thread ends); ``evicted``, ``timed_out``, ``refused``:
-    counts since the start."""
+    (evicted ones included until their thread ends); ``evicted``, ``timed_out``, ``refused``
+    and ``cuts`` (by reason): counts since the start."""
 
     def __init__(self, what: str, max_connections: int, *, request_timeout: float, idle_timeout: float,
                  message: Callable[[str], bytes]) -> None:
@@ -82,6 +82,7 @@ class ConnectionLimit:
         self.evicted = 0
         self.timed_out = 0
         self.refused = 0
+        self.cuts = dict.fromkeys(REASONS[1:], 0)  # connections closed by the limiter, by reason
         self._places: list[_Place] = []  # the connections holding a place (not yet cut)
         self._open: dict[int, _Place] = {}  # id(socket) -> place, until its socket is closed
         self._cond = threading.Condition()
@@ -240,6 +241,8 @@ class ConnectionLimit:
         """Close `place`'s connection from another thread (lock held): its message, written
         without blocking, then shutdown(), which wakes its thread; the thread closes it."""
         place.cut = reason or "closed"
+        if reason is not None:
+            self.cuts[reason] += 1
         if place in self._places:
             self._places.remove(place)
         if reason is not None:
