@@ -431,13 +431,15 @@ def run_client(path: str, req: dict[str, Any], out: Any, *, connect_timeout: flo
     connection and waits (5 s at most) for the bridge's clean end.  Raises ControlError."""
     import json
 
-    from nmbridge.control import ControlError
+    from nmbridge.control import ControlError, _connect
 
     count = _Counter()
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(connect_timeout)
-        sock.connect(path)
+        _connect(sock, path, time.monotonic() + connect_timeout)  # waits while the backlog is full
+    except TimeoutError:
+        raise ControlError(f"{path}: no answer within {connect_timeout:g} s") from None
     except FileNotFoundError:
         raise ControlError(f"no control socket at {path}: is nmbridge running?") from None
     except PermissionError:

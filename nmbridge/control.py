@@ -8,10 +8,15 @@ connection quietly.  A streaming command (``capture``) answers with one JSON lin
 connection until the server closes it; the client ends the stream early by half-closing its
 side (``shutdown(SHUT_WR)``: the server finishes cleanly) or by closing the connection.
 The socket is mode 0660 (owner and group: the service's user and the operators' group); a
-world-writable directory is refused, since anyone could replace the socket there. At most
-``MAX_CONNECTIONS`` clients are served at once (one thread each); more are answered with an
-error line and closed, and a connection idle for ``IDLE_TIMEOUT`` seconds is closed (a
-running capture's stream is not idle).
+world-writable directory is refused, since anyone could replace the socket there.
+
+No client can lock the operators out (see nmbridge.serving): at most ``MAX_CONNECTIONS`` hold
+a place (one thread each); a request line must be complete within ``REQUEST_TIMEOUT`` seconds
+of the connection (or of its first byte, between requests), a reply read within that time,
+and a connection may wait ``IDLE_TIMEOUT`` seconds between requests.  A new client that finds
+every place taken evicts the connection that has waited the longest; it is refused only when
+every connection has a request in progress (a running capture's stream is one, never
+evicted).  Each closed connection gets one error line saying why.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from nmbridge.serving import ConnectionLimit
 
 DEFAULT_PATH = "/run/nmbridge/control.sock"
 MAX_LINE = 64 * 1024
-MAX_CONNECTIONS = 32  # clients served at once (each holds a thread)
-IDLE_TIMEOUT = 60.0  # seconds a client may keep a connection without sending or reading
+MAX_CONNECTIONS = 32  # connections holding a place at once (each holds a thread)
+REQUEST_TIMEOUT = 5.0  # seconds to send a complete request line, and to read a reply
+IDLE_TIMEOUT = 60.0  # seconds a connection may wait between two requests
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -127,28 +133,44 @@ def _reply(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply, default=str).encode() + b"\n"
 
 
+def _closing(reason: str, places: int, request_timeout: float, idle_timeout: float) -> bytes:
+    """The error line a connection gets when the limiter closes it (nmbridge.serving)."""
+    error = {
+        "busy": f"the bridge has {places} control connections with a request in progress: try again later",
+        "evicted": f"closed to make room for a new client (the bridge keeps {places} control connections, "
+                   "and this one had waited the longest)",
+        "request_timeout": f"closed: no complete request line within {request_timeout:g} s",
+        "idle_timeout": f"closed: no request for {idle_timeout:g} s",
+    }.get(reason)
+    return _reply({"ok": False, "error": error}) if error else b""  # busy_timeout: mid-reply
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     request_queue_size = 64  # listen() backlog: a burst of clients waits instead of failing
     handlers: dict[str, Handler]
+    limit: ConnectionLimit
 
 
 class _Connection(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
+        limit = self.server.limit
+        buf = b""
         while True:
-            try:
-                line = self.rfile.readline(MAX_LINE + 1)
-            except OSError:  # reset by a killed client, or idle past the timeout
+            got = self.read_line(buf)
+            if got is None:
                 return
-            if not line:
+            line, buf = got
+            if not limit.busy():  # evicted or timed out while the line came: not answered
                 return
             too_long = len(line) > MAX_LINE and not line.endswith(b"\n")
             reply = self.answer(line)
             stream = reply.pop("stream", None)
             if isinstance(stream, Stream):
                 reply["result"], reply["stream"] = stream.header, stream.kind
+            limit.busy(limit.request_timeout)  # a client that does not read its reply is cut
             try:
                 self.wfile.write(_reply(reply))
                 self.wfile.flush()
@@ -156,10 +178,32 @@ class _Connection(socketserver.StreamRequestHandler):
                 if not isinstance(stream, Stream):
                     return
             if isinstance(stream, Stream):
+                limit.busy()  # streaming: never evicted; the stream bounds its own writes
                 stream.run(self.connection)  # a client already gone ends it at once
                 return
             if too_long:  # the rest of that line would be read as garbage requests
                 return
+            limit.waiting()
+
+    def read_line(self, buf: bytes) -> tuple[bytes, bytes] | None:
+        """The next request line (with its newline; a last one without it; the first
+        MAX_LINE + 1 bytes of a longer one) and what follows it; None at the end.  The
+        limiter's deadlines cut a client that is too slow (the read then ends)."""
+        while True:
+            end = buf.find(b"\n", 0, MAX_LINE + 1)
+            if end >= 0:
+                return buf[:end + 1], buf[end + 1:]
+            if len(buf) > MAX_LINE:
+                return buf[:MAX_LINE + 1], b""
+            if buf:
+                self.server.limit.receiving()
+            try:
+                chunk = self.connection.recv(65536)
+            except OSError:  # reset by a killed client, or timed out
+                return None
+            if not chunk:
+                return (buf, b"") if buf else None
+            buf += chunk
 
     def finish(self) -> None:
         try:
@@ -199,7 +243,8 @@ class ControlServer:
     """Serve `handlers` (command name -> function of the request dict) on `path`."""
 
     def __init__(self, path: str, handlers: dict[str, Handler], *, mode: int = 0o660,
-                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float | None = IDLE_TIMEOUT) -> None:
+                 max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         check_path(path)  # all that can be refused, before anything is created
         check_directory(path)
         if os.path.lexists(path):  # a stale socket: nobody listens on it (check_path)
@@ -211,9 +256,11 @@ class ControlServer:
             os.umask(old)
         os.chmod(path, mode)
         self.server.handlers = dict(handlers)
-        refusal = _reply({"ok": False, "error": f"the bridge serves {max_connections} control connections "
-                          "already: try again later"})
-        self.limit = ConnectionLimit("control", max_connections, idle_timeout, refusal)
+        self.limit = ConnectionLimit("control", max_connections, request_timeout=request_timeout,
+                                     idle_timeout=idle_timeout,
+                                     message=lambda reason: _closing(reason, max_connections, request_timeout,
+                                                                     idle_timeout))
+        self.server.limit = self.limit
         self.limit.install(self.server)
         self.path = path
         self.thread = threading.Thread(target=self.server.serve_forever, name="nmbridge-control",

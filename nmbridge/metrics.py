@@ -19,9 +19,18 @@ from nmbridge.serving import ConnectionLimit
 from nmbridge.stats import Snapshot
 from nmbridge.stats import drops as drop_counts
 
-MAX_SCRAPES = 16  # connections served at once
-SCRAPE_TIMEOUT = 30.0  # seconds a connection may stay silent
+MAX_SCRAPES = 16  # connections holding a place at once
+REQUEST_TIMEOUT = 5.0  # seconds to send the request (line and headers) after connecting
+SCRAPE_TIMEOUT = 10.0  # seconds to answer it (Prometheus' default scrape_timeout: later is no use)
 BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+TIMEOUT = b"HTTP/1.0 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def _closing(reason: str) -> bytes:
+    """What a connection the limiter closes is sent (nmbridge.serving): 503 when every place
+    is busy, 408 to one that sent no complete request in time (or made room for a newcomer),
+    nothing in the middle of a response."""
+    return BUSY if reason == "busy" else b"" if reason == "busy_timeout" else TIMEOUT
 
 
 class BridgeCollector(Collector):
@@ -145,9 +154,24 @@ class MetricsServer:
             self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
             raise NmbridgeError(f"metrics.listen = {listen!r}: cannot listen: {e.strerror or e}") from None
-        # scrapers that reset, stall or multiply: bounded threads, no traceback (nmbridge.serving)
-        self.limit = ConnectionLimit("metrics", MAX_SCRAPES, SCRAPE_TIMEOUT, BUSY)
+        # scrapers that reset, stall or multiply: bounded threads, no traceback, and idle
+        # connections make room for new ones (nmbridge.serving); wsgiref answers one request
+        # per connection, so there is no wait between requests (idle_timeout: a backstop)
+        self.limit = ConnectionLimit("metrics", MAX_SCRAPES, request_timeout=REQUEST_TIMEOUT,
+                                     idle_timeout=SCRAPE_TIMEOUT, message=_closing)
         self.limit.install(self.server)
+        app = self.server.get_app()
+        assert app is not None  # start_http_server set it
+        limit = self.limit
+
+        def scrape(environ: dict[str, Any], start_response: Any) -> Any:
+            """The request was read: the connection is busy (not evicted) while answered."""
+            if not limit.busy(SCRAPE_TIMEOUT):  # cut while the request came: answer nothing
+                start_response("408 Request Timeout", [("Content-Length", "0")])
+                return [b""]
+            return app(environ, start_response)
+
+        self.server.set_app(scrape)
 
     @property
     def port(self) -> int:

@@ -580,7 +580,8 @@ def test_garbage_on_the_control_socket_while_two_workers_forward(lab2: Lab, tmp_
                 c.close()
             answer = json.loads(reply)
             assert answer["ok"] is False or may, (junk[:40], reply)
-            assert "connections already" not in answer.get("error", ""), (junk[:40], reply)
+            # neither refused nor evicted: the idle clients above leave places free
+            assert "control connections" not in answer.get("error", ""), (junk[:40], reply)
         at_right.wait(sent, DEADLINE)
         pair = settle(sock)
         assert pair["directions"]["a_to_b"]["forwarded"] >= sent

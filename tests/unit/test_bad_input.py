@@ -392,39 +392,46 @@ def test_an_overlong_line_is_answered_once_and_the_connection_closed(server: Con
 
 
 def test_connections_are_bounded_and_idle_ones_closed(tmp_path: Path) -> None:
-    """3,000 idle connections made 3,003 threads: now MAX_CONNECTIONS are served, the rest
-    get one error line and are closed; an idle connection is closed after the timeout."""
+    """3,000 idle connections made 3,003 threads: now MAX_CONNECTIONS hold a place and each
+    newcomer evicts the one that has waited the longest (one error line, then closed), so
+    threads stay bounded and a request always gets through; a silent connection is closed
+    after the timeout, with the reason (the lockout itself: tests/unit/test_control_limits.py)."""
     server = ControlServer(str(tmp_path / "c.sock"), {"echo": lambda req: req.get("x")},
-                           idle_timeout=DEADLINE).start()
+                           request_timeout=DEADLINE * 4, idle_timeout=DEADLINE * 4).start()
     threads = threading.active_count()
     held: list[socket.socket] = []
     try:
         held = [connect(server.path) for _ in range(MAX_CONNECTIONS)]
         wait_for(lambda: server.limit.active == MAX_CONNECTIONS,
                  "every connection to be served")
-        for _ in range(100):
-            with connect(server.path) as s:
-                f = s.makefile("rb")
-                assert json.loads(f.readline()) == {
-                    "ok": False, "error": f"the bridge serves {MAX_CONNECTIONS} control connections "
-                                          "already: try again later"}
-                assert f.readline() == b""
-        assert threading.active_count() <= threads + MAX_CONNECTIONS
-        with pytest.raises(ControlError, match=f"serves {MAX_CONNECTIONS} control connections already"):
-            request(server.path, "echo", x=1)
-        assert ask(held[0], b'{"cmd": "echo", "x": 5}\n')["result"] == 5  # the held ones still work
-        held.pop().close()
-        wait_for(lambda: server.limit.active < MAX_CONNECTIONS,
-                 "a closed connection to free its place")
-        assert request(server.path, "echo", x=3) == 3
+        for i in range(100):
+            held.append(connect(server.path))
+            f = held[i].makefile("rb")  # the oldest waiting one made room
+            assert json.loads(f.readline())["error"].startswith("closed to make room for a new client")
+            assert f.readline() == b""
+            held[i].close()
+            assert threading.active_count() <= threads + 2 * MAX_CONNECTIONS
+        wait_for(lambda: server.limit.active == MAX_CONNECTIONS, "the evicted connections' threads to end")
+        assert server.limit.places == MAX_CONNECTIONS and server.limit.evicted == 100
+        assert request(server.path, "echo", x=1) == 1
+        newest = held[-1]
+        assert ask(newest, b'{"cmd": "echo", "x": 5}\n')["result"] == 5  # the newest still work
     finally:
         for s in held:
             s.close()
         server.close()
-    idle = ControlServer(str(tmp_path / "i.sock"), {}, idle_timeout=0.2).start()
+    idle = ControlServer(str(tmp_path / "i.sock"), {"echo": lambda req: req.get("x")},
+                         request_timeout=2.0, idle_timeout=0.2).start()
     try:
+        with connect(idle.path) as s:  # our own timeout is DEADLINE
+            f = s.makefile("rb")
+            assert json.loads(f.readline())["error"] == "closed: no complete request line within 2 s"
+            assert f.readline() == b""
         with connect(idle.path) as s:
-            assert s.recv(1) == b""  # the server closed it (our own timeout is DEADLINE)
+            assert ask(s, b'{"cmd": "echo", "x": 5}\n')["result"] == 5
+            f = s.makefile("rb")
+            assert json.loads(f.readline())["error"] == "closed: no request for 0.2 s"
+            assert f.readline() == b""
     finally:
         idle.close()
 
@@ -466,8 +473,9 @@ def test_metrics_endpoint_resets_and_idle_scrapers(capfd: pytest.CaptureFixture[
         held = [socket.create_connection(("127.0.0.1", m.port), timeout=DEADLINE)
                 for _ in range(MAX_SCRAPES)]
         wait_for(lambda: m.limit.active == MAX_SCRAPES, "every idle connection to be served")
-        with socket.create_connection(("127.0.0.1", m.port), timeout=DEADLINE) as s:
-            assert s.recv(100).startswith(b"HTTP/1.0 503 ")
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=DEADLINE) as r:
+            assert r.status == 200  # the oldest idle connection made room
+        assert held[0].recv(100).startswith(b"HTTP/1.0 408 ")
         for s in held:
             s.close()
         wait_for(lambda: m.limit.active == 0, "the idle connections to end")
