@@ -63,6 +63,15 @@ cdef extern from "<sys/resource.h>" nogil:
         RUSAGE_THREAD
     int getrusage(int who, rusage *usage)
 
+cdef extern from "<sched.h>" nogil:
+    ctypedef struct cpu_set_t:
+        pass
+    int sched_getcpu()
+    int sched_getaffinity(int pid, size_t size, cpu_set_t *mask)
+    int sched_setaffinity(int pid, size_t size, const cpu_set_t *mask)
+    int CPU_COUNT(cpu_set_t *s)
+    void CPU_CLR(int cpu, cpu_set_t *s)
+
 cdef extern from "<unistd.h>" nogil:
     int usleep(unsigned int usec)
     long read(int fd, void *buf, size_t n)
@@ -155,7 +164,12 @@ cdef struct fwd_state:
     int stop_fd
     int poll_timeout_ms
     uint32_t spin_us       # the pair's idle polling before poll() (README "Latency"); ports may ask more
-    uint64_t spin_yields   # polling spells cut short because another task took the thread's CPU
+    uint64_t spin_yields   # polling spells cut short because another task shares the thread's CPU
+    uint64_t cpu_moves     # ... of which the thread moved to another CPU and went on polling
+    long preempts_seen     # the thread's involuntary context switches when last looked at
+    uint32_t preempts_run  # preemptions within SHARED_WINDOW_US of each other, up to now
+    uint64_t preempt_last_us
+    uint64_t moved_us      # when the thread last moved to another CPU
     bint poll_syncs        # both ports' poll() syncs their rings (the kernel's netmap)
     uint64_t epoch         # loop iterations; a filter swap waits for it to move
     uint64_t polls
@@ -506,24 +520,74 @@ cdef long preempted() noexcept nogil:
     return ru.ru_nivcsw
 
 
+# A polling thread shares its CPU when it is preempted SHARED_PREEMPTS times, each within
+# SHARED_WINDOW_US of the one before.  A lone preemption (a kworker, RCU: a few a second on a
+# quiet CPU) is not sharing: sleeping for it would cost the next frame a wake-up.  A task that
+# does share the CPU preempts the poller at each of its wake-ups or scheduler slices (ms apart).
+# A thread that moved less than MOVE_INTERVAL_US ago and still shares its CPU sleeps instead
+# of moving on: every CPU it may use is busy.
+cdef enum:
+    SHARED_PREEMPTS = 3
+    SHARED_WINDOW_US = 50000
+    MOVE_INTERVAL_US = 100000
+
+
+cdef bint shares_cpu(fwd_state *f) noexcept nogil:
+    """Whether another task keeps taking this thread's CPU (see SHARED_PREEMPTS)."""
+    cdef long p = preempted()
+    cdef uint64_t t
+    if p == f.preempts_seen or p < 0:
+        return False
+    t = now_us()
+    if t - f.preempt_last_us > SHARED_WINDOW_US:
+        f.preempts_run = 0
+    f.preempts_run += <uint32_t>(p - f.preempts_seen)
+    f.preempts_seen = p
+    f.preempt_last_us = t
+    if f.preempts_run < SHARED_PREEMPTS:
+        return False
+    f.preempts_run = 0
+    return True
+
+
+cdef bint move_cpu(fwd_state *f) noexcept nogil:
+    """Move the calling thread off its CPU onto another it may run on (its affinity is left
+    as it was); False when it has no other, or moved within MOVE_INTERVAL_US."""
+    cdef cpu_set_t allowed, others
+    cdef uint64_t t = now_us()
+    if f.moved_us and t - f.moved_us < MOVE_INTERVAL_US:
+        return False
+    if sched_getaffinity(0, sizeof(allowed), &allowed) != 0 or CPU_COUNT(&allowed) < 2:
+        return False
+    others = allowed
+    CPU_CLR(sched_getcpu(), &others)
+    if sched_setaffinity(0, sizeof(others), &others) != 0:  # migrates the thread at once
+        return False
+    sched_setaffinity(0, sizeof(allowed), &allowed)  # allowed again; it stays where it is
+    f.moved_us = t
+    f.cpu_moves += 1
+    return True
+
+
 cdef int spin(fwd_state *f, nmb_port *a, nmb_port *b) noexcept nogil:
     """Both sources idle: keep syncing for the longest of the pair's spin_us and its ports'
     (their busy_poll) before the loop sleeps in poll(), so a frame that comes meanwhile is
-    taken without a wake-up.  Once another task has taken the thread's CPU (it was
-    preempted), polling stops: a polling thread gets its CPU back only in scheduler turns,
-    while a sleeping one is woken by the next frame -- on a free CPU if there is one (the
-    scheduler places a thread when it wakes, never while it runs).  1: a frame came; 0: the
-    time is up, the thread was preempted, or a stop is asked; -1: a sync failed."""
+    taken without a wake-up.  A polling thread that shares its CPU with another task (see
+    shares_cpu) moves to another CPU it may use and polls on there; the scheduler would not
+    move it (it places a thread when it wakes, never while it runs, and the wake-up of a
+    frame's receiver tends to pull it next to the sender).  Where it cannot (one CPU allowed,
+    or it moved moments ago: every CPU is busy), it stops polling and sleeps, since a polling
+    thread gets its CPU back only in scheduler turns while a sleeping one is woken by the next
+    frame.  1: a frame came; 0: the time is up, the CPU is shared, or a stop is asked; -1: a
+    sync failed."""
     cdef uint32_t us = a.spin_us if a.spin_us > b.spin_us else b.spin_us
     cdef uint64_t end
-    cdef long before
     cdef uint32_t n = 0
     if f.spin_us > us:
         us = f.spin_us
     if us == 0 or (f.d[0].enabled and rx_pending(a)) or (f.d[1].enabled and rx_pending(b)):
         return 0
     end = now_us() + us
-    before = preempted()
     while not NMB_LOAD_INT(f.stop):
         if sync_all(f) < 0:
             return -1
@@ -532,8 +596,8 @@ cdef int spin(fwd_state *f, nmb_port *a, nmb_port *b) noexcept nogil:
         if now_us() >= end:
             break
         n += 1
-        if n % 64 == 0 and preempted() != before:
-            f.spin_yields += 1  # another task took this CPU: sleep, and let the next wake-up place us
+        if n % 64 == 0 and shares_cpu(f) and not move_cpu(f):
+            f.spin_yields += 1  # sleep; the next frame's wake-up places the thread
             break
     return 0
 
@@ -641,6 +705,8 @@ cdef void await_published(fwd_state *f, uint64_t req, uint32_t timeout_us) noexc
 
 cdef int run_loop(fwd_state *f) noexcept nogil:
     cdef uint32_t moved
+    f.preempts_seen = preempted()   # this thread's, from here on
+    f.preempts_run = 0
     while not NMB_LOAD_INT(f.stop):
         if NMB_UNLIKELY(NMB_PEEK_U64(f.want) != f.pub.gen):
             publish(f)                  # a snapshot was asked for: here no frame is half-way
@@ -918,9 +984,14 @@ cdef class Forwarder:
         return {"us": self.st.drain_us, "moved": self.st.drain_moved, "complete": bool(self.st.drain_complete)}
 
     @property
+    def cpu_moves(self) -> int:
+        """Times the polling thread, sharing its CPU, moved to another and went on polling."""
+        return self.st.cpu_moves
+
+    @property
     def spin_yields(self) -> int:
-        """Polling spells the loop cut short because another task took its CPU (it sleeps
-        then: the next frame's wake-up preempts that task, or finds the thread a free CPU)."""
+        """Polling spells the loop cut short because another task shares its CPU and it could
+        not move to another (it sleeps then: the next frame's wake-up places it)."""
         return self.st.spin_yields
 
     @property

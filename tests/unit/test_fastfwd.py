@@ -233,8 +233,9 @@ def test_spin_us_takes_the_next_frame_without_sleeping() -> None:
 
 
 def test_a_polling_loop_that_loses_its_cpu_stops_polling_and_sleeps() -> None:
-    """A busy task on the forwarding thread's CPU: the loop, polling for a second, notices it
-    was preempted and sleeps in poll() instead (no frame comes: only that can end the spell)."""
+    """A busy task on the forwarding thread's CPU, the thread pinned there: the loop, polling
+    for a second, notices it shares its CPU, cannot move, and sleeps in poll() instead (no
+    frame comes: only that can end the spell)."""
     a, b = pair(slots=64, strict=False)
     fwd = Forwarder(a, b, poll_timeout_ms=60_000, spin_us=1_000_000)
     cpu = min(os.sched_getaffinity(0))
@@ -250,6 +251,9 @@ def test_a_polling_loop_that_loses_its_cpu_stops_polling_and_sleeps() -> None:
         while not stop.is_set():
             x += 1
 
+    mine = os.sched_getaffinity(0)
+    if len(mine) > 1:  # this thread elsewhere: only the hog shares the loop's CPU
+        os.sched_setaffinity(0, mine - {cpu})
     t = threading.Thread(target=run)
     t.start()
     a.inject(frame(1))  # a frame, so the loop polls afterwards
@@ -257,18 +261,81 @@ def test_a_polling_loop_that_loses_its_cpu_stops_polling_and_sleeps() -> None:
         if b.collect():
             break
         threading.Event().wait(0.0005)
-    polls = fwd.polls
+    polls, yields = fwd.polls, fwd.spin_yields
     h = threading.Thread(target=hog)
     h.start()
     try:
         for _ in range(2_000):  # well inside the second of polling
-            if fwd.spin_yields and fwd.polls > polls:
+            if fwd.spin_yields > yields and fwd.polls > polls:
                 break
             threading.Event().wait(0.0005)
-        assert fwd.spin_yields >= 1 and fwd.polls > polls
+        assert fwd.spin_yields > yields and fwd.polls > polls
+        assert fwd.cpu_moves == 0  # it may use one CPU only
     finally:
         stop.set()
         h.join()
+        os.sched_setaffinity(0, mine)
+        fwd.stop()
+        t.join(timeout=5)
+    assert not t.is_alive()
+
+
+def _cpu_of(tid: int) -> int:
+    """The CPU a thread last ran on (/proc: field 39 of its stat)."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[36])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_polling_loop_that_shares_its_cpu_moves_to_another_and_polls_on() -> None:
+    """A busy task pinned where the polling thread runs, the thread free to use two CPUs: it
+    notices it shares its CPU and moves to the other one, with its affinity as it was.  (Where
+    it runs next is the scheduler's: this machine's packs tasks onto fewer vCPUs and may bring
+    it back, so the test does not follow it further.)"""
+    a, b = pair(slots=64, strict=False)
+    fwd = Forwarder(a, b, poll_timeout_ms=60_000, spin_us=1_000_000)
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    stop = threading.Event()
+    tid: list[int] = []
+
+    def run() -> None:
+        os.sched_setaffinity(0, {first})  # starts on `first`, alone there
+        tid.append(threading.get_native_id())
+        fwd.run()
+
+    def hog() -> None:  # a CPU-bound task on the polling thread's CPU
+        os.sched_setaffinity(0, {first})
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {second})
+    t = threading.Thread(target=run)
+    t.start()
+    h = threading.Thread(target=hog)
+    try:
+        a.inject(frame(1))  # a frame, so the loop polls afterwards
+        for _ in range(10_000):
+            if b.collect():
+                break
+            threading.Event().wait(0.0005)
+        os.sched_setaffinity(tid[0], {first, second})  # free to move; it stays where it runs
+        assert _cpu_of(tid[0]) == first
+        moves = fwd.cpu_moves
+        os.sched_setaffinity(0, {first})  # this thread too: `second` stays free for the loop
+        h.start()
+        for _ in range(4_000):  # well inside the second of polling
+            if fwd.cpu_moves > moves:
+                break
+            threading.Event().wait(0.0005)
+        assert fwd.cpu_moves > moves
+        assert os.sched_getaffinity(tid[0]) == {first, second}  # moved, not pinned
+    finally:
+        stop.set()
+        if h.is_alive():
+            h.join()
+        os.sched_setaffinity(0, mine)
         fwd.stop()
         t.join(timeout=5)
     assert not t.is_alive()
