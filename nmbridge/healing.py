@@ -25,7 +25,8 @@ restored resumes its backoff where it stopped (a forwarder that fails at once, e
 is retried every 30 s, not every 0.5 s).
 
 What the operator sees: ``pair_down`` (warning: reason, ``retry_in``) when it goes down,
-``pair_retry_failed`` (warning: attempt, error, ``retry_in``) per failed attempt,
+``pair_retry_failed`` (warning: attempt, error, ``retry_in``) for an attempt that fails for a
+new reason (debug when the reason is the same as before),
 ``pair_restored`` (info: how long it was down, the attempts, the reason it was down) when it
 forwards again; ``down`` in ``nmbridge stats``/``ports`` and in the snapshot,
 ``nmbridge_pair_up`` 0 in the metrics, the pairs down in systemd's STATUS line.
@@ -217,9 +218,11 @@ class Healer:
                 d.watcher = self._watch(d.config)
         now = time.monotonic()
         attempt_failed(d, now)
-        d.reason = err
-        b.log.warning("pair_retry_failed", pair=name, attempt=d.attempts, error=err,
-                      retry_in=round(d.next_at - now, 3))
+        same, d.reason = err == d.reason, err
+        # a new reason is a warning; the same one again only says when the next attempt is
+        # (debug: `nmbridge stats` shows the attempts and the next one at any time)
+        (b.log.debug if same else b.log.warning)("pair_retry_failed", pair=name, attempt=d.attempts,
+                                                 error=err, retry_in=round(d.next_at - now, 3))
 
     def _reopen(self, d: Down) -> str | None:
         """Open a lost pair afresh; None when it forwards, else why not."""
@@ -323,7 +326,7 @@ class Healer:
             events.put(("heal", (name, ev)))
 
         try:
-            return LinkWatcher(ports, on_event, every=True).start()
+            return LinkWatcher(ports, on_event).start()
         except OSError as e:
             self.bridge.log.warning("link_watch_failed", pair=pc.name, reason=str(e),
                                     note="retried on its backoff only")

@@ -84,15 +84,11 @@ class LinkWatcher:
     """A thread that follows RTMGRP_LINK events for some interfaces (see the module doc)."""
 
     def __init__(self, ports: Mapping[str, str], callback: Callable[[LinkEvent], None] | None = None,
-                 netns: str | None = None, indexes: Mapping[str, int] | None = None,
-                 every: bool = False) -> None:
+                 netns: str | None = None, indexes: Mapping[str, int] | None = None) -> None:
         """``ports`` maps interface name -> port label (``afpacket:eth1``); ``indexes`` maps
-        interface name -> the ifindex its port is bound to (default: the one found at start);
-        ``every``: tell ``callback`` every change of an interface's state (an interface that
-        appears down, too), not only up/down and stale."""
+        interface name -> the ifindex its port is bound to (default: the one found at start)."""
         self.ports = dict(ports)
         self.callback = callback
-        self.every = every
         self.netns = netns
         self.indexes: dict[str, int] = dict(indexes or {})
         self.gone: set[str] = set()  # interfaces whose bound ifindex was deleted
@@ -221,7 +217,7 @@ class LinkWatcher:
                         "REPLACED": "interface re-created: re-opening the port"}.get(operstate)
                 log.warning("link_down", port=event.port, ifname=name, operstate=operstate,
                             **({"note": note} if note and stale else {}))
-        elif not (always or self.every):
+        elif not always:
             return
         if self.callback is not None:
             try:
