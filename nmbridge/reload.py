@@ -304,7 +304,7 @@ def relink(bridge: Bridge, name: str) -> str | None:
     bridge.links.forget(stale)
     bridge.locks.release(stale)
     try:
-        compiled = bridge.compile(p.config, bridge.config)
+        compiled = {name: bridge.compile(p.config, bridge.config)}  # by pair, as swap_pairs takes it
         swap_pairs(bridge, [p.config], compiled, {name: p}, [], list(bridge.config.pairs))
     except (NmbridgeError, OSError) as e:
         log.error("relink_failed", pair=name, error=str(e),

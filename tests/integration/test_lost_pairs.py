@@ -71,7 +71,10 @@ def test_a_recreated_veth_locked_by_another_bridge_comes_back_once_released(
     need(kind)
     lb = lab2
     sock, state = str(tmp_path / "c.sock"), tmp_path / "state"
-    run = NmbridgeRun(lb, write_config(lb, tmp_path / "b.toml", kind), control=sock, state=state)
+    cfg = write_config(lb, tmp_path / "b.toml", kind)
+    cfg.write_text(cfg.read_text() + 'filter = "noarp"\n[filter.noarp]\n[[filter.noarp.rule]]\nname = "arp"\n'
+                   'action = "drop"\nethertype = "arp"\n')
+    run = NmbridgeRun(lb, cfg, control=sock, state=state)
     left = RawPort(lb.ns_left, lb.left_if)
     fd = -1
     try:
@@ -113,6 +116,9 @@ def test_a_recreated_veth_locked_by_another_bridge_comes_back_once_released(
         assert restored["attempts"] >= 3 and "in use by another nmbridge" in restored["was"], restored
         assert len(run.events("pair_restored")) == 1
         assert "down" not in request(sock, "stats")["snapshot"]
+        # its filter came back with it (a re-open used to start the new ports with none)
+        assert {d: s["filter"] for d, s in pair_stats(sock)["directions"].items()} == {
+            "a_to_b": "noarp", "b_to_a": "noarp"}
         check_final(run.events("pair_stopped")[-1], workers=2)  # the old pair's final counters
         stale = run.events("pair_stopped")[-1]["counters"]
         for d in ("a_to_b", "b_to_a"):  # what it counted while down is in its final counters
