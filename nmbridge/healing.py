@@ -232,7 +232,7 @@ class Healer:
         pc = d.config
         try:
             self._forget_replaced(pc)
-            compiled = b.compile(pc, b.config)
+            compiled = {pc.name: b.compile(pc, b.config)}
             reload.swap_pairs(b, [pc], compiled, {}, [], list(b.config.pairs))
         except (NmbridgeError, OSError, ValueError) as e:
             return str(e) or type(e).__name__

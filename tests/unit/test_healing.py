@@ -8,12 +8,15 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from test_ops import frame, running
 
 from nmbridge import app, cli, config, healing
 from nmbridge.app import Bridge
+from nmbridge.control import ControlError, request
 from nmbridge.errors import PortError
 from nmbridge.fastfwd import Forwarder
 from nmbridge.healing import Down, attempt_failed, due, link_changed, next_due, retry_delay, went_down
@@ -21,6 +24,7 @@ from nmbridge.metrics import BridgeCollector
 from nmbridge.stats import Snapshot
 
 DEADLINE = 30.0  # seconds any awaited condition may take; never slept
+__all__ = ["running"]  # the fixture, imported for pytest
 
 
 def wait_for(cond: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
@@ -191,3 +195,53 @@ def test_metrics_show_a_down_pair_at_0() -> None:
            for m in BridgeCollector(lambda: snap).collect() for s in m.samples}
     assert got[("nmbridge_pair_up", (("pair", "p0"),))] == 0.0
     assert got[("nmbridge_link_up", (("port", "afpacket:x"),))] == 0.0
+
+
+# --- a pair lost by a reload: retried, reloaded while down, back ---------------------------------
+
+def test_a_pair_lost_by_a_reload_stays_wanted_takes_the_next_reload_and_comes_back(
+        running: tuple[Bridge, str, Path], log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart on rings that cannot be opened twice, whose retry fails and whose old ports
+    do not open again either: the pair is lost.  It used to vanish from the config for good;
+    now it is down (closed), a reload meanwhile gives it its new config without failing, and
+    once its port opens again it forwards, with that config."""
+    bridge, sock, path = running
+    monkeypatch.setattr(healing, "FIRST_DELAY", 0.05)
+    monkeypatch.setattr(healing, "MIN_GAP", 0.05)
+    real_open = bridge.portset.open_shares
+    refusing = threading.Event()
+    refusing.set()
+
+    def open_(specs: Any, shares: Any) -> Any:
+        busy = {p.spec for p in bridge.portset.ports if not p.closed}
+        for s in specs:
+            if str(s) in busy or (refusing.is_set() and str(s) in ("mem:a", "mem:z")):
+                bridge.portset.failed = s
+                raise PortError(f"{s}: busy")
+        return real_open(specs, shares)
+
+    monkeypatch.setattr(bridge.portset, "open_shares", open_)
+    original = path.read_text()
+    path.write_text(original.replace('ports = ["mem:a", "mem:b"]', 'ports = ["mem:a", "mem:z"]'))
+    with pytest.raises(ControlError, match=r"; pair lan is down: pair lan: port mem:a: busy\)$"):
+        request(sock, "reload")
+    wait_for(lambda: events(log_lines, "pair_down"), "the lost pair to be down")
+    assert [p.config.name for p in bridge.pairs] == ["idle"]
+    assert [p.name for p in bridge.config.pairs] == ["lan", "idle"]  # still wanted
+    (down,) = request(sock, "stats")["snapshot"]["down"]
+    assert down["pair"] == "lan" and down["state"] == "closed" and "busy" in down["reason"]
+    assert bridge.status() == "forwarding 1 pair: idle; down, retrying: lan"
+
+    # a reload while it is down: its filter changes; the reload does not fail for it
+    path.write_text(original.replace('action = "drop"', 'action = "pass"'))
+    r = request(sock, "reload")
+    assert r["down"] == ["lan"] and r["restarted"] == [] and r["removed"] == [], r
+    refusing.clear()  # its port opens again
+    wait_for(lambda: events(log_lines, "pair_restored"), "the pair to come back")
+    (back,) = events(log_lines, "pair_restored")
+    assert back["pair"] == "lan" and back["attempts"] >= 1 and "busy" in back["was"]
+    lan = bridge.pairs[0]
+    assert lan.config.name == "lan" and "down" not in bridge.snapshot()
+    assert bridge.config.filters["noarp"].rules[0].action == "pass" and lan.filters["a_to_b"].name == "noarp"
+    lan.a.inject_many(frame(i, 0x0806) for i in range(10))  # type: ignore[attr-defined]
+    wait_for(lambda: lan.fwd.stats()["a_to_b"]["frames"] == 10, "ARP to pass, as the reload said")
