@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from nmbridge.errors import PortError
 from nmbridge.fastfwd import Forwarder
 from nmbridge.healing import Down, attempt_failed, due, link_changed, next_due, retry_delay, went_down
 from nmbridge.metrics import BridgeCollector
+from nmbridge.sdnotify import Notifier
 from nmbridge.stats import Snapshot
 
 DEADLINE = 30.0  # seconds any awaited condition may take; never slept
@@ -111,13 +113,13 @@ CFG = ('[bridge]\nstats_interval = 0\n[control]\nsocket = ""\n'
        'direction = "a-to-b"\n')
 
 
-def start(monkeypatch: pytest.MonkeyPatch, fails: int,
-          first: float) -> tuple[Bridge, threading.Thread, list[Any]]:
+def start(monkeypatch: pytest.MonkeyPatch, fails: int, first: float,
+          notifier: Notifier | None = None) -> tuple[Bridge, threading.Thread, list[Any]]:
     monkeypatch.setattr(healing, "FIRST_DELAY", first)
     monkeypatch.setattr(healing, "MIN_GAP", min(first, healing.MIN_GAP))
     monkeypatch.setattr(FlakyForwarder, "fails", fails)
     monkeypatch.setattr(app, "Forwarder", FlakyForwarder)
-    bridge = Bridge(config.loads(CFG, "t.toml"))
+    bridge = Bridge(config.loads(CFG, "t.toml"), notifier=notifier)
     errors: list[Any] = []
 
     def run() -> None:
@@ -164,13 +166,21 @@ def test_a_failing_pair_is_closed_retried_with_a_backoff_and_comes_back(
 
 
 def test_every_pair_down_then_sigterm_logs_stopped_and_returns(
-        log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+        log_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The only pair keeps failing: the bridge keeps running (a NIC briefly gone must not kill
-    an appliance) and says so; a stop logs `stopped` (no counters: nothing runs; the pair
-    down, with its reason) and run() returns: `nmbridge run` exits 0."""
-    bridge, t, errors = start(monkeypatch, fails=10**9, first=10.0)
+    an appliance) and says so, to systemd too; a stop logs `stopped` (no counters: nothing
+    runs; the pair down, with its reason) and run() returns: `nmbridge run` exits 0."""
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify"))
+    systemd.settimeout(DEADLINE)
+    notifier = Notifier(str(tmp_path / "notify"))
+    bridge, t, errors = start(monkeypatch, fails=10**9, first=10.0, notifier=notifier)
     try:
         wait_for(lambda: events(log_lines, "pair_down"), "the pair to go down")
+        said: list[str] = []
+        while "STATUS=forwarding 0 pairs; down, retrying: p0" not in said:
+            said = systemd.recv(4096).decode().splitlines()
+            assert "STOPPING=1" not in said
         assert bridge.pairs == [] and t.is_alive()
         assert bridge.status() == "forwarding 0 pairs; down, retrying: p0"
         (down,) = bridge.snapshot()["down"]
@@ -181,6 +191,7 @@ def test_every_pair_down_then_sigterm_logs_stopped_and_returns(
         assert "next in " in text and text.endswith("txsync: link went away")
     finally:
         stop(bridge, t)
+        systemd.close()
     assert errors == []
     stopped = events(log_lines, "stopped")
     assert len(stopped) == 1 and stopped[0]["counters"] == {}
