@@ -202,11 +202,15 @@ class Healer:
             return
         d.last_try = now
         d.attempts += 1
-        if d.kept is not None and any(x is d.kept for x in b.pairs):
-            err = reload.relink(b, name)
-        else:
-            d.kept = None
-            err = self._reopen(d)
+        try:
+            if d.kept is not None and any(x is d.kept for x in b.pairs):
+                err = reload.relink(b, name)
+            else:
+                d.kept = None
+                err = self._reopen(d)
+        except Exception as e:  # a retry must never end the bridge: it is one more failure
+            err = f"{type(e).__name__}: {e}"
+            b.log.error("pair_retry_crashed", pair=name, error=err)
         if err is None:
             self.restored(name)
             return
