@@ -26,7 +26,8 @@ is retried every 30 s, not every 0.5 s).
 
 What the operator sees: ``pair_down`` (warning: reason, ``retry_in``) when it goes down,
 ``pair_retry_failed`` (warning: attempt, error, ``retry_in``) for an attempt that fails for a
-new reason (debug when the reason is the same as before),
+new reason (debug when the reason is the same as before), ``pair_still_down`` (warning) with
+each round of ``stats`` events,
 ``pair_restored`` (info: how long it was down, the attempts, the reason it was down) when it
 forwards again; ``down`` in ``nmbridge stats``/``ports`` and in the snapshot,
 ``nmbridge_pair_up`` 0 in the metrics, the pairs down in systemd's STATUS line.

@@ -219,6 +219,8 @@ class Ops:
         self._last_stats = cur
         for p in cur["pairs"]:
             self.bridge.log.info("stats", **event_fields(p, r.get(p["pair"], {})))
+        for d in cur.get("down", []):  # pairs down, retried (nmbridge.healing): why, and since when
+            self.bridge.log.warning("pair_still_down", **d)
         for c in cur.get("captures", []):  # running `nmbridge capture`s: one event each
             self.bridge.log.info("capture_stats", **c)
 

@@ -186,6 +186,10 @@ def test_every_pair_down_then_sigterm_logs_stopped_and_returns(
         (down,) = bridge.snapshot()["down"]
         assert down["pair"] == "p0" and down["state"] == "closed" and 9 < down["retry_in"] <= 10
         assert "txsync: link went away" in down["reason"]
+        bridge.events.put(("usr1", "SIGUSR1"))  # the stats events name it, each time
+        wait_for(lambda: events(log_lines, "pair_still_down"), "a pair_still_down event")
+        (still,) = events(log_lines, "pair_still_down")
+        assert still["pair"] == "p0" and still["level"] == "warning" and still["attempts"] == 0
         text = cli.stats_table({"snapshot": bridge.snapshot(), "rates": {}})
         assert text.startswith("no pairs are forwarding\npair p0 is DOWN for ")
         assert "next in " in text and text.endswith("txsync: link went away")
