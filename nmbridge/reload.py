@@ -249,8 +249,9 @@ def _open(bridge: Bridge, start: list[PairConfig], paused: list[_Pair]) -> list[
         except (NmbridgeError, OSError) as e:
             lost.append(f"pair {p.config.name} is down: {e}")
             bridge.pairs = [x for x in bridge.pairs if x is not p]
-            bridge.log.error("pair_lost", pair=p.config.name, error=str(e))
             bridge.heal.lost(p, str(e))  # its config stays: the healer opens it again
+            bridge.log.error("pair_lost", pair=p.config.name, error=str(e),
+                             note="down: retried with a backoff, and at once when its links change")
             continue
         bridge.set_filters(again, dict(p.filters))
         bridge.pairs = [again if x is p else x for x in bridge.pairs]

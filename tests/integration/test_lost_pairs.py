@@ -23,6 +23,7 @@ from test_adversarial import DEADLINE, KINDS, check_final, lab2, need, pair_stat
 from test_afpacket_fanout import udp_frame
 
 from nmbridge import netns
+from nmbridge.backends import OpenOptions, PortSet, parse_spec
 from nmbridge.control import request
 from nmbridge.netns import Lab
 
@@ -164,4 +165,47 @@ def test_every_pair_down_then_sigterm_logs_stopped_and_exits_0(lab2: Lab, tmp_pa
         check_final(stopped, workers=2)
         assert run.events("stopping")[-1]["signal"] == "SIGTERM"
     finally:
+        run.kill()
+
+
+@pytest.mark.parametrize("then", ["released", "sigterm"])
+def test_a_recreated_veth_whose_queues_another_afxdp_user_holds_is_lost_then_restored(
+        lab2: Lab, tmp_path: Path, then: str) -> None:
+    """afxdp: the re-created veth's queues are held by another AF_XDP user when it appears.
+    The re-open fails, so do the retry with the old ports closed and the re-open of those:
+    the pair is lost — no ports, no counters, no pair running at all (it used to be dropped
+    from the config for good, and a SIGTERM then exited without `stopped`).  Now it is down
+    (closed) and retried: once the other user lets go, it forwards again; or a SIGTERM while
+    it is down logs `stopped` (no counters, the pair down and why) and exits 0."""
+    need("afxdp")
+    lb = lab2
+    sock = str(tmp_path / "c.sock")
+    cfg = write_config(lb, tmp_path / "b.toml", "afxdp")
+    run = NmbridgeRun(lb, cfg, control=sock, state=tmp_path / "state")
+    other = PortSet(OpenOptions(slots=256, buf_size=2048))
+    try:
+        run.wait_event("ready")
+        lb.ip(lb.ns_bridge, "link", "del", lb.bridge_right_if)
+        run.wait_event("pair_down", pair="lab")
+        tmp_name = lb.bridge_right_if[:-2] + "tm"
+        create_right_renamed(lb, tmp_name)
+        netns.in_netns(lb.ns_bridge, other.open_shares, [parse_spec(f"afxdp:{tmp_name}")], [2])
+        lb.ip(lb.ns_bridge, "link", "set", "dev", tmp_name, "down")
+        lb.ip(lb.ns_bridge, "link", "set", "dev", tmp_name, "name", lb.bridge_right_if)
+        lost = run.wait_event("pair_lost", pair="lab")
+        assert "already bound by another AF_XDP socket" in lost["error"], lost
+        snap = request(sock, "stats")["snapshot"]  # down before pair_lost is logged
+        assert snap["pairs"] == [] and [d["state"] for d in snap["down"]] == ["closed"], (lost, snap)
+        check_final(run.events("pair_stopped")[-1], workers=2)  # the old ports' final counters
+        if then == "sigterm":
+            stopped = run.stop()  # exit 0 asserted
+            assert stopped["counters"] == {} and list(stopped["down"]) == ["lab"], stopped
+            return
+        other.close()  # the other user lets go
+        restored = run.wait_event("pair_restored", pair="lab")
+        assert restored["attempts"] >= 1, restored
+        assert len(pair_stats(sock)["workers"]) == 2 and "down" not in request(sock, "stats")["snapshot"]
+        check_final(run.stop(), workers=2)
+    finally:
+        other.close()
         run.kill()
