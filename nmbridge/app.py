@@ -40,6 +40,7 @@ from nmbridge.backends import OpenOptions, PortSet, PortSpec, backend, ring_pair
 from nmbridge.config import Config, PairConfig, workers_for
 from nmbridge.errors import NmbridgeError, PortError
 from nmbridge.fastfwd import Forwarder
+from nmbridge.healing import Healer
 from nmbridge.links import LinkManager, pair_links
 from nmbridge.linkwatch import LinkEvent, LinkWatcher
 from nmbridge.logs import get_logger
@@ -104,10 +105,12 @@ class Bridge:
         self.links = LinkManager(b.buf_size, store=self.locks.save)
         # replaced, never changed in place, by the main thread: other threads may iterate it
         self.pairs: list[_Pair] = []
-        # ("signal", name), ("failed", pair), ("hup", ""), ("usr1", ""), ("reload", _Request),
-        # ("relink", pair)
+        # ("signal", name), ("failed", _Pair), ("hup", ""), ("usr1", ""), ("reload", _Request),
+        # ("relink", pair name), ("heal", (pair name, LinkEvent))
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.ops = Ops(self)
+        self.heal = Healer(self)  # the pairs that are down, and their retries
+        self._opened = False  # the ports opened at start: a stop logs `stopped`
         self._compiled: dict[str, dict[str, Any]] | None = None  # by preflight, for install_filters
         self._fail_lock = threading.Lock()  # the first failing worker of a pair names the error
 
@@ -220,7 +223,7 @@ class Bridge:
         name = p.config.name
 
         def on_event(ev: LinkEvent) -> None:  # the watcher's thread: only queue
-            if ev.stale and ev.operstate == "REPLACED":
+            if ev.stale:  # deleted (the pair is down) or re-created (re-open it)
                 self.events.put(("relink", name))
 
         p.watcher = LinkWatcher(ports, on_event, indexes=indexes).start()
@@ -304,7 +307,7 @@ class Bridge:
             if first:
                 p.fwd.stop()  # the pair stops as a whole
                 self.log.error("pair_failed", pair=p.config.name, error=p.error)
-                self.events.put(("failed", p.config.name))
+                self.events.put(("failed", p))  # the main thread closes it and retries it
 
     def serve_ops(self) -> None:
         """The control socket and the metrics endpoint, then READY=1 to systemd."""
@@ -373,8 +376,14 @@ class Bridge:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def status(self) -> str:
-        n = len(self.pairs)
-        return f"forwarding {n} pair{'s' if n != 1 else ''}: {', '.join(p.config.name for p in self.pairs)}"
+        """systemd's STATUS line: the pairs forwarding, and those down (retried)."""
+        down = self.heal.down
+        up = [p.config.name for p in self.pairs if p.config.name not in down]
+        n = len(up)
+        text = f"forwarding {n} pair{'s' if n != 1 else ''}" + (f": {', '.join(up)}" if up else "")
+        if down:
+            text += f"; down, retrying: {', '.join(down)}"
+        return text
 
     def reload(self, source: str) -> dict[str, Any]:
         """Re-read the config file and apply what changed, all or nothing (main thread only):
@@ -384,10 +393,9 @@ class Bridge:
         return reload.reload(self, source)
 
     def relink(self, pair: str) -> None:
-        """Re-open the ports of a pair whose interface was re-created (main thread only)."""
-        from nmbridge import reload
-
-        reload.relink(self, pair)
+        """A port of `pair` is stale (its interface deleted or re-created): re-open it, or
+        keep the pair down and retry it (main thread only; see :mod:`nmbridge.healing`)."""
+        self.heal.relink(pair)
 
     def stop(self) -> None:
         """Stop every forwarder at a batch boundary and join its thread."""
@@ -397,6 +405,7 @@ class Bridge:
     def close(self) -> None:
         """Close the ports (unless a thread still runs on them) and restore the links."""
         self.close_ops()
+        self.heal.close()
         stuck = [p.config.name for p in self.pairs if _alive(p)]
         for p in self.pairs:
             _stop_watcher(p)
@@ -409,7 +418,9 @@ class Bridge:
     # --- all of it ----------------------------------------------------------------------
 
     def run(self) -> None:
-        """Forward until SIGINT/SIGTERM; raise PortError if a pair failed (after stopping)."""
+        """Forward until SIGINT/SIGTERM (a pair that fails or is lost meanwhile is retried:
+        :mod:`nmbridge.healing`); raise if the start fails.  Once the ports opened, every
+        stop logs ``stopped``: the counters of the pairs running, and the pairs down."""
         c = self.config
         self.log.info("starting", config=c.path, pairs={p.name: [str(s) for s in p.ports] for p in c.pairs},
                       backends=sorted({s.backend for p in c.pairs for s in p.ports}))
@@ -418,22 +429,23 @@ class Bridge:
                 self.preflight()
                 self.set_up_links()
                 self.open_ports()
+                self._opened = True
                 self.install_filters()
                 self.start()
                 self.serve_ops()
                 self.wait()
             finally:
+                down = self.heal.describe()
                 self.stop()
                 self.close()
-                if self.pairs:
+                if self._opened:
                     reports = {p.config.name: final_report(p.fwd, p.a, p.b) for p in self.pairs}
                     workers = {name: w for name, (_, w) in reports.items() if w}
+                    failed = {p.config.name: p.error for p in self.pairs if p.error}  # while stopping
                     self.log.info("stopped", counters={name: c for name, (c, _) in reports.items()},
                                   drain={p.config.name: drain_report(p.fwd) for p in self.pairs},
-                                  **({"workers": workers} if workers else {}))
-        failed = [p for p in self.pairs if p.error]
-        if failed:
-            raise PortError(f"pair {failed[0].config.name}: {failed[0].error}")
+                                  **({"workers": workers} if workers else {}),
+                                  **({"down": {**down, **failed}} if down or failed else {}))
 
     # --- stats --------------------------------------------------------------------------
 
@@ -462,8 +474,16 @@ class Bridge:
                                    zerocopy=bool(p.fwd.zerocopy), directions=dirs, workers=workers))
             if p.watcher is not None:
                 links.update({ev.port: ev.up for ev in dict(p.watcher.state).values()})
-        return Snapshot(time=time.monotonic(), pairs=pairs, links=links, modes=modes,
+        for gone in list(self.heal.down.values()):  # down, its ports closed: none carries frames
+            if gone.kept is None:
+                links.update({str(s): False for s in gone.config.ports
+                              if backend(s.backend).interface(s.name)})
+        snap = Snapshot(time=time.monotonic(), pairs=pairs, links=links, modes=modes,
                         captures=[c.info() for c in list(self.ops.captures.values())])
+        down = self.heal.snapshot()
+        if down:
+            snap["down"] = down
+        return snap
 
 
 def required_capabilities(config: Config, link_setup: bool) -> list[tuple[int, str]]:

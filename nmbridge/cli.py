@@ -160,9 +160,10 @@ def stats_table(result: dict[str, Any]) -> str:
                          _si(r.get("frames_per_s", 0.0)), _si(r.get("bits_per_s", 0.0), "b/s"),
                          str(s.get("tx_stalls", 0)),
                          ", ".join(f"{k} {n}" for k, n in why.items() if n) or "-"])
+    down = down_lines(result["snapshot"].get("down", []))
     if len(rows) == 1:
-        return "no pairs are forwarding"
-    text = table(rows, {2, 3, 4, 5, 6, 7, 8})
+        return "\n".join(["no pairs are forwarding", *down])
+    text = "\n".join([table(rows, {2, 3, 4, 5, 6, 7, 8}), *down])
     for c in result["snapshot"].get("captures", []):  # running `nmbridge capture`s
         n = {k: sum(d[k] for d in c["directions"].values())
              for k in ("seen", "captured", "capture_dropped", "rate_limited")}
@@ -171,6 +172,13 @@ def stats_table(result: dict[str, Any]) -> str:
                  f"{n['seen']} seen, {n['capture_dropped']} capture_dropped, "
                  f"{n['rate_limited']} rate_limited")
     return text
+
+
+def down_lines(down: list[dict[str, Any]]) -> list[str]:
+    """One line per pair that is down (nmbridge.healing): why, since when, the next retry."""
+    return [f"pair {d['pair']} is DOWN for {d['down_seconds']:.0f} s ({d['attempts']} attempt"
+            f"{'s' if d['attempts'] != 1 else ''}, next in {d['retry_in']:.1f} s): {d['reason']}"
+            for d in down]
 
 
 def stats_command(args: argparse.Namespace) -> int:
@@ -229,6 +237,8 @@ def ports_command(args: argparse.Namespace) -> int:
                      "yes" if p["zerocopy"] else "no",
                      "-" if link is None else f"{'up' if link['up'] else 'down'} ({link['operstate']})"])
     print(table(rows, {3, 4, 6, 7, 8}) if len(rows) > 1 else "no ports are open")
+    for line in down_lines(result.get("down", [])):
+        print(line)
     return EX_OK
 
 
@@ -288,6 +298,8 @@ def reload_command(args: argparse.Namespace) -> int:
     print(f"reloaded: {'; '.join(changes) if changes else 'nothing changed'}")
     if r["needs_restart"]:
         print(f"needs a restart to change: {', '.join(r['needs_restart'])} (running values kept)")
+    for pair in r.get("down", []):
+        print(f"pair {pair} is down: the bridge keeps retrying it (nmbridge stats says why)")
     for pair, error in r["failed"].items():
         fail(f"pair {pair} did not start: {error}")
     return EX_ERROR if r["failed"] else EX_OK

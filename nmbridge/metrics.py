@@ -79,9 +79,15 @@ class BridgeCollector(Collector):
                         hits.add_metric([*labels, filt, rule], float(n))
         for port, up in snap["links"].items():
             link.add_metric([port], 1.0 if up else 0.0)
+        pair_up = GaugeMetricFamily("nmbridge_pair_up", "1 when the pair forwards, 0 while it is down "
+                                    "(retried; nmbridge stats says why)", labels=["pair"])
+        down = {d["pair"] for d in snap.get("down", [])}
+        for name in dict.fromkeys([*(p["pair"] for p in snap["pairs"]), *sorted(down)]):
+            pair_up.add_metric([name], 0.0 if name in down else 1.0)
         for port, m in snap.get("modes", {}).items():
             mode.add_metric([port, m], 1.0)
-        yield from (received, forwarded, drops, queued, nbytes, batches, stalls, hits, zc, link, mode)
+        yield from (received, forwarded, drops, queued, nbytes, batches, stalls, hits, zc, link, mode,
+                    pair_up)
         yield from worker_metrics(snap)
         yield from capture_metrics(snap)
 

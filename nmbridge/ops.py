@@ -3,8 +3,10 @@ periodic stats events, the main thread's event loop and the signals.
 
 :class:`Ops` belongs to one :class:`nmbridge.app.Bridge` and only reads it (``snapshot()``,
 ``pairs``, ``config``) — except in the main thread, where :meth:`Ops.wait` is the loop that
-turns events into actions: a signal or a failed pair ends it, SIGHUP and ``nmbridge reload``
-call ``Bridge.reload``, a re-created interface calls ``Bridge.relink``, SIGUSR1 logs stats.
+turns events into actions: a signal ends it, SIGHUP and ``nmbridge reload`` call
+``Bridge.reload``, a deleted or re-created interface calls ``Bridge.relink``, a failed pair
+and the retries of pairs that are down go to ``Bridge.heal`` (:mod:`nmbridge.healing`),
+SIGUSR1 logs stats.
 Signal handlers, control threads and link watchers only queue events (``Bridge.events``).
 """
 
@@ -123,9 +125,9 @@ class Ops:
     # --- the main loop ----------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Until a signal or a failed pair; logs a ``stats`` event every stats_interval,
-        reloads on SIGHUP and control requests, re-opens ports of re-created interfaces, pets
-        the systemd watchdog."""
+        """Until a signal; logs a ``stats`` event every stats_interval, reloads on SIGHUP and
+        control requests, re-opens ports of re-created interfaces, retries pairs that are down
+        when due, pets the systemd watchdog."""
         b = self.bridge
         now = time.monotonic()
         next_stats = now + b.config.bridge.stats_interval
@@ -144,15 +146,22 @@ class Ops:
             if dog is not None and now >= next_dog:
                 b.notifier.watchdog()
                 next_dog = now + dog
-            due = [next_sample] + ([next_stats] if interval else []) + ([next_dog] if dog else [])
+            b.heal.run_due()
+            heal = b.heal.next_due()
+            due = ([next_sample] + ([next_stats] if interval else []) + ([next_dog] if dog else [])
+                   + ([heal] if heal is not None else []))
             try:
                 kind, what = b.events.get(timeout=max(0.0, min(due) - time.monotonic()))
             except queue.Empty:
                 continue
             if kind == "signal":
                 b.log.info("stopping", signal=what)
-            elif kind == "failed":
-                b.log.info("stopping", failed_pair=what)
+            elif kind == "failed":  # closed, then retried: the bridge goes on
+                b.heal.failed(what)
+                continue
+            elif kind == "heal":  # a link event of a pair down with its ports closed
+                b.heal.link_event(*what)
+                continue
             elif kind == "usr1":
                 self.log_stats()
                 continue
@@ -210,6 +219,8 @@ class Ops:
         self._last_stats = cur
         for p in cur["pairs"]:
             self.bridge.log.info("stats", **event_fields(p, r.get(p["pair"], {})))
+        for d in cur.get("down", []):  # pairs down, retried (nmbridge.healing): why, and since when
+            self.bridge.log.warning("pair_still_down", **d)
         for c in cur.get("captures", []):  # running `nmbridge capture`s: one event each
             self.bridge.log.info("capture_stats", **c)
 
@@ -244,7 +255,8 @@ class Ops:
                                 **info, "zerocopy": bool(p.fwd.zerocopy),
                                 "worker": w["worker"], "cpu": w["cpu"], "ring_pairs": w["rings"][side],
                                 "link": None if ev is None else {"up": ev.up, "operstate": ev.operstate}})
-        return {"bridge": self.bridge.config.bridge.name, "ports": out}
+        down = self.bridge.heal.snapshot()
+        return {"bridge": self.bridge.config.bridge.name, "ports": out, **({"down": down} if down else {})}
 
     def _cmd_capture(self, req: dict[str, Any]) -> Any:
         """Start a capture and stream it (see nmbridge.capture and control.Stream)."""

@@ -115,6 +115,7 @@ def reload(bridge: Bridge, source: str) -> dict[str, Any]:
         bridge.log.error("reload_failed", source=source, error=str(e), note="the running config stays")
         raise
     finally:
+        bridge.heal.sync()
         bridge.notifier.ready(bridge.status())
     bridge.log.info("reloaded", source=source, **result)
     return result
@@ -127,6 +128,13 @@ def _reload(bridge: Bridge) -> dict[str, Any]:
     if needs_restart:
         bridge.log.warning("reload_needs_restart", keys=needs_restart,
                            note="these keep their running values until nmbridge restarts")
+    # pairs that are down with their ports closed are not started here (one that cannot start
+    # would fail the whole reload): the healer keeps retrying them, with their new config
+    lost = bridge.heal.lost_names() & {pc.name for pc in old.pairs}
+    gone = [n for n in plan.removed if n in lost]
+    plan.removed = [n for n in plan.removed if n not in lost]
+    plan.restarted = [pc for pc in plan.restarted if pc.name not in lost]
+    plan.refilter = [pc for pc in plan.refilter if pc.name not in lost]
     # 1. everything that can be checked without touching anything
     compiled: dict[str, dict[str, Any]] = {}
     running = {p.config.name: p for p in bridge.pairs}
@@ -135,6 +143,9 @@ def _reload(bridge: Bridge) -> dict[str, Any]:
             compiled[pc.name] = bridge.compile(pc, new)
         for pc in plan.refilter:  # one program per running worker
             compiled[pc.name] = bridge.compile(pc, new, len(running[pc.name].fwd))
+        for pc in new.pairs:  # the healer compiles them at each attempt: they must compile now
+            if pc.name in lost:
+                bridge.compile(pc, new)
     except (ValueError, NmbridgeError) as e:
         raise ConfigError(f"{new.path}: {e}") from None
 
@@ -148,17 +159,24 @@ def _reload(bridge: Bridge) -> dict[str, Any]:
         p = running[pc.name]
         bridge.set_filters(p, compiled[pc.name])
         filters_changed[pc.name] = {d: pc.filters.get(d) for d in DIRECTIONS if d in p.fwd.stats()}
+    for name in gone:
+        bridge.heal.forget(name)
     by_name = {p.config.name: p for p in bridge.pairs}
     for pc in new.pairs:  # unchanged pairs take the new config too (key paths may move)
-        by_name[pc.name].config = pc
-    bridge.pairs = [by_name[pc.name] for pc in new.pairs]
+        if pc.name in lost:
+            bridge.heal.update(pc)
+        else:
+            by_name[pc.name].config = pc
+    bridge.pairs = [by_name[pc.name] for pc in new.pairs if pc.name in by_name]
 
     changes = _apply_settings(bridge, old, new)
-    bridge.config = dataclasses.replace(new, pairs=tuple(p.config for p in bridge.pairs))
-    return {"added": [pc.name for pc in plan.added], "removed": plan.removed,
+    bridge.config = new  # with the pairs that are down: they are still wanted
+    down = [pc.name for pc in new.pairs if pc.name in lost]
+    return {"added": [pc.name for pc in plan.added], "removed": [*plan.removed, *gone],
             "restarted": [pc.name for pc in plan.restarted],
             "filters": filters_changed, "settings": changes, "needs_restart": needs_restart,
-            "failed": {}, "pairs": [p.config.name for p in bridge.pairs]}
+            "failed": {}, "pairs": [p.config.name for p in bridge.pairs],
+            **({"down": down} if down else {})}
 
 
 def swap_pairs(bridge: Bridge, start: list[PairConfig], compiled: dict[str, dict[str, Any]],
@@ -231,8 +249,9 @@ def _open(bridge: Bridge, start: list[PairConfig], paused: list[_Pair]) -> list[
         except (NmbridgeError, OSError) as e:
             lost.append(f"pair {p.config.name} is down: {e}")
             bridge.pairs = [x for x in bridge.pairs if x is not p]
-            bridge.config = dataclasses.replace(bridge.config, pairs=tuple(x.config for x in bridge.pairs))
-            bridge.log.error("pair_lost", pair=p.config.name, error=str(e))
+            bridge.heal.lost(p, str(e))  # its config stays: the healer opens it again
+            bridge.log.error("pair_lost", pair=p.config.name, error=str(e),
+                             note="down: retried with a backoff, and at once when its links change")
             continue
         bridge.set_filters(again, dict(p.filters))
         bridge.pairs = [again if x is p else x for x in bridge.pairs]
@@ -246,26 +265,28 @@ def _open(bridge: Bridge, start: list[PairConfig], paused: list[_Pair]) -> list[
     raise PortError(f"{second} (the old ports of {names} were closed to retry and opened again{tail})")
 
 
-def relink(bridge: Bridge, name: str) -> None:
+def relink(bridge: Bridge, name: str) -> str | None:
     """Re-open the ports of pair `name` whose interface was deleted and created again (its
     ports are bound to the deleted one and carry nothing).  The deleted interface's restore
     record goes with it (the interface it described is gone); the new interface is locked
-    and set up afresh, and its own original state is what a stop restores.  On failure the
-    pair stays down (``nmbridge ports`` says so) and the next event of that interface tries
-    again."""
+    and set up afresh, and its own original state is what a stop restores.  Returns None
+    when the pair forwards on live interfaces (re-opened, or nothing was stale), else why it
+    is still down: the caller (:class:`nmbridge.healing.Healer`) keeps it down and retries
+    (``nmbridge ports`` shows the stale port down meanwhile)."""
     p = next((x for x in bridge.pairs if x.config.name == name), None)
     if p is None or p.watcher is None:
-        return
+        return None
     stale = [ev.ifname for ev in dict(p.watcher.state).values() if ev.stale]
     if not stale:
-        return
+        return None
     try:
         present = lookup_links(stale)
     except NmbridgeError as e:
         bridge.log.error("relink_failed", pair=name, error=str(e))
-        return
-    if any(st is None for st in present.values()):
-        return  # not back yet: wait for its next event
+        return str(e)
+    missing = [n for n, st in present.items() if st is None]
+    if missing:  # not back yet: its next event (or the healer's next attempt) tries again
+        return f"interface {', '.join(missing)} is gone (deleted; waiting for it to come back)"
     log = get_logger(bridge=bridge.config.bridge.name)
     # re-created with fewer ring pairs than the pair has workers: the re-open cannot work, and
     # trying it would close the pair's other (healthy) ports and lose the pair; keep it as it is
@@ -274,22 +295,24 @@ def relink(bridge: Bridge, name: str) -> None:
     short = [(s, r) for s, r in zip(p.config.ports, rings, strict=True) if r < n and _interface(s) in stale]
     if n > 1 and short:
         spec, r = short[0]
-        log.error("relink_failed", pair=name, error=f"port {spec}: re-created with {r} ring pair"
-                  f"{'s' if r != 1 else ''}, and the pair runs {n} workers (one ring pair has one owner)",
-                  note="the pair stays down; the next event of the interface tries again")
-        return
+        err = (f"port {spec}: re-created with {r} ring pair{'s' if r != 1 else ''}, and the pair runs "
+               f"{n} workers (one ring pair has one owner)")
+        log.error("relink_failed", pair=name, error=err,
+                  note="the pair stays down; retried, and at once on the next event of the interface")
+        return err
     log.warning("relinking", pair=name, interfaces=stale,
                 note="re-created under the same name: re-opening the pair's ports")
     bridge.links.forget(stale)
     bridge.locks.release(stale)
     try:
-        compiled = bridge.compile(p.config, bridge.config)
+        compiled = {name: bridge.compile(p.config, bridge.config)}  # by pair, as swap_pairs takes it
         swap_pairs(bridge, [p.config], compiled, {name: p}, [], list(bridge.config.pairs))
     except (NmbridgeError, OSError) as e:
         log.error("relink_failed", pair=name, error=str(e),
-                  note="the pair stays down; the next event of the interface tries again")
-        return
+                  note="the pair stays down; retried, and at once on the next event of the interface")
+        return str(e)
     log.info("relinked", pair=name, interfaces=stale)
+    return None
 
 
 def _apply_settings(bridge: Bridge, old: Config, new: Config) -> dict[str, Any]:

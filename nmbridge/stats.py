@@ -52,6 +52,17 @@ class Snapshot(TypedDict):
     links: dict[str, bool]
     modes: NotRequired[dict[str, str]]  # port -> mode, for backends that have one (afxdp: zc/native/skb)
     captures: NotRequired[list[CaptureStats]]  # running captures (see below)
+    down: NotRequired[list[DownStats]]  # pairs down, retried (nmbridge.healing)
+
+
+class DownStats(TypedDict):
+    pair: str
+    ports: list[str]
+    reason: str
+    state: str  # "stale" (ports bound to a deleted interface) or "closed" (no ports open)
+    down_seconds: float
+    attempts: int  # attempts made since it went down
+    retry_in: float  # seconds to the next attempt (sooner if a link event comes)
 
 
 # --- running captures (nmbridge capture) -----------------------------------------------------

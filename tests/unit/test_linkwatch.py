@@ -49,3 +49,17 @@ def test_a_renamed_interface_deleted_under_its_new_name_counts_for_the_port() ->
     w, _ = watcher()
     assert w._name_of("other0", 7, RTM_DELLINK) == "eth1"
     assert w._name_of("other0", 9, RTM_DELLINK) == "other0"
+
+
+
+def test_an_interface_missing_at_start_is_told_when_it_appears_even_down() -> None:
+    """What a lost pair's watcher (nmbridge.healing) needs: an interface not there at start
+    that appears — down, before link set-up — is told (a reason to retry at once)."""
+    got: list[LinkEvent] = []
+    w = LinkWatcher({"eth1": "afpacket:eth1"}, got.append)
+    w.state["eth1"] = LinkEvent("afpacket:eth1", "eth1", False, "NOTPRESENT")  # as _seed does
+    w._observe("eth1", RTM_DELLINK, 0, "NOTPRESENT", 0, initial=True)
+    got.clear()
+    w._observe("eth1", RTM_NEWLINK, 0, "DOWN", 12)  # appears, down
+    w._observe("eth1", RTM_NEWLINK, UP, "UP", 12)  # comes up
+    assert [(e.operstate, e.ifindex) for e in got] == [("DOWN", 12), ("UP", 12)]

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_ops import DEADLINE, events, wait_for
 
-from nmbridge import app, config
+from nmbridge import app, config, healing
 from nmbridge.app import Bridge
 from nmbridge.backends.mem import MemPort
 from nmbridge.capture import block_comments, read_blocks, run_client
@@ -278,7 +278,10 @@ class FailingWorker(Forwarder):
 
 def test_a_failing_worker_stops_the_pair_with_one_error(log_lines: io.StringIO,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 1 fails: worker 0 is stopped too, the pair fails once, as a whole, and is closed
+    and retried (nmbridge.healing); the bridge goes on until stopped."""
     monkeypatch.setattr(app, "Forwarder", FailingWorker)
+    monkeypatch.setattr(healing, "FIRST_DELAY", 60.0)  # no retry during the test
     cfg = config.loads('[bridge]\nstats_interval = 0\n[control]\nsocket = ""\n'
                        '[[pair]]\nname = "p"\nports = ["mem:s?rx=source&tx=sink&rings=3", '
                        '"mem:d?rx=none&tx=sink&rings=2"]\nworkers = 2\n', "t")
@@ -293,15 +296,20 @@ def test_a_failing_worker_stops_the_pair_with_one_error(log_lines: io.StringIO,
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    t.join(DEADLINE)
-    if t.is_alive():  # the failure did not stop the bridge: stop it, then fail
+    try:
+        wait_for(lambda: events(log_lines, "pair_down"), "the pair to go down")
+        assert t.is_alive() and bridge.pairs == []
+    finally:
         bridge.events.put(("signal", "TEST"))
         t.join(DEADLINE)
-        pytest.fail("a failing worker did not stop the bridge")
-    assert len(errors) == 1 and isinstance(errors[0], PortError)
-    assert str(errors[0]) == "pair p: worker 1: mem:s: txsync: link went away"
-    assert len(events(log_lines, "pair_failed")) == 1
-    assert all(not t.is_alive() for t in bridge.pairs[0].threads)  # worker 0 was stopped too
+    assert not t.is_alive() and errors == []
+    (failed,) = events(log_lines, "pair_failed")
+    assert failed["error"] == "worker 1: mem:s: txsync: link went away"
+    assert events(log_lines, "pair_down")[0]["reason"] == failed["error"]
+    assert not events(log_lines, "threads_stuck")  # worker 0 was stopped too: the ports closed
+    (stopped,) = events(log_lines, "pair_stopped")
+    assert len(stopped["workers"]) == 2
+    assert events(log_lines, "stopped")[0]["down"] == {"p": failed["error"]}
 
 
 # --- doctor --------------------------------------------------------------------------------------
