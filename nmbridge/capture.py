@@ -20,12 +20,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import select
+import signal
 import socket
 import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -424,6 +426,64 @@ class _Counter:
         self.buf = self.buf[off:]
 
 
+@dataclass
+class _Asked:
+    """SIGINTs received since :func:`_interrupts` began."""
+
+    count: int = 0
+
+
+@contextmanager
+def _interrupts() -> Iterator[_Asked]:
+    """SIGINT counted instead of raised for the block (in the main thread; elsewhere nothing
+    changes): a KeyboardInterrupt could land anywhere in the copy loop -- between a recv and
+    its write, halfway through a write -- and end the client with status 130 and a torn
+    file, where an interrupt is the operator's clean end."""
+    asked = _Asked()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def count(_sig: int, _frame: Any) -> None:
+        asked.count += 1
+
+    before = signal.signal(signal.SIGINT, count)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+POLL_S = 0.2  # how soon the copy loop sees an interrupt while the stream is quiet
+CLOSE_S = 5.0  # after an interrupt: how long the bridge has to end the capture cleanly
+
+
+def _copy_stream(sock: socket.socket, out: Any, count: _Counter, asked: _Asked) -> None:
+    """Copy the pcapng stream to `out` until the bridge ends it.  The first interrupt
+    half-closes the connection (the bridge then ends the capture cleanly: what the taps hold,
+    the statistics); a second one, or CLOSE_S without the end, stops at once."""
+    sock.settimeout(POLL_S)
+    closing_until = None
+    while True:
+        if asked.count and closing_until is None:
+            sock.shutdown(socket.SHUT_WR)  # the bridge ends the capture cleanly
+            closing_until = time.monotonic() + CLOSE_S
+        if closing_until is not None and (asked.count > 1 or time.monotonic() > closing_until):
+            return
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            continue
+        if not data:
+            return
+        count.feed(data)
+        try:
+            out.write(data)
+            out.flush()
+        except BrokenPipeError:  # `| tcpdump -c 5` went away: so do we
+            return
+
+
 def run_client(path: str, req: dict[str, Any], out: Any, *, connect_timeout: float = 5.0,
                on_start: Any = None) -> _Counter:
     """Send a capture request to the control socket at `path`, copy the pcapng stream to the
@@ -459,26 +519,6 @@ def run_client(path: str, req: dict[str, Any], out: Any, *, connect_timeout: flo
             raise ControlError(str(reply.get("error", "unknown error")))
         if on_start is not None:
             on_start(reply.get("result") or {})
-        sock.settimeout(None)
-        closing = False
-        while True:
-            try:
-                data = sock.recv(1 << 16)
-            except KeyboardInterrupt:
-                if closing:
-                    break
-                closing = True
-                sock.shutdown(socket.SHUT_WR)  # the bridge ends the capture cleanly
-                sock.settimeout(5.0)
-                continue
-            except TimeoutError:
-                break
-            if not data:
-                break
-            count.feed(data)
-            try:
-                out.write(data)
-                out.flush()
-            except BrokenPipeError:  # `| tcpdump -c 5` went away: so do we
-                break
+        with _interrupts() as asked:
+            _copy_stream(sock, out, count, asked)
     return count

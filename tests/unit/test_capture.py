@@ -6,6 +6,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fwdutil import drain, frame
@@ -439,3 +440,62 @@ def test_two_forwarding_workers_each_write_their_own_tap() -> None:
     assert [w["directions"]["a_to_b"]["captured"] for w in cap.info()["workers"]] == [4, 4]
     with pytest.raises(ValueError, match="1 capture taps for 2 workers"):
         workers.set_tap("a_to_b", Tap(0, ["forwarded"]))
+
+
+def _stream_until_half_closed(srv: Any, chunk: bytes, end: bytes, sent: list[int]) -> None:
+    """A capture's bridge side: answer the request, send `chunk` after `chunk` until the
+    client half-closes, then `end` and close; `sent[0]`: the bytes sent."""
+    import json
+    import select
+
+    conn, _ = srv.accept()
+    with conn:
+        json.loads(conn.makefile("rb").readline())
+        conn.sendall(json.dumps({"ok": True, "result": {}}).encode() + b"\n")
+        while not select.select([conn], [], [], 0)[0]:
+            conn.sendall(chunk)
+            sent[0] += len(chunk)
+        assert conn.recv(1) == b""
+        conn.sendall(end)
+        sent[0] += len(end)
+
+
+def test_capture_client_ends_cleanly_on_sigint_while_the_stream_flows(tmp_path: Path) -> None:
+    """`nmbridge capture` interrupted while blocks keep coming (so the signal lands anywhere
+    in its copy loop, mostly while it parses and writes a chunk): it half-closes, the bridge
+    ends the stream, and it exits 0 with every byte the bridge sent in the file -- not 130
+    with a torn file, as when the interrupt was a KeyboardInterrupt caught only around recv."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    block = struct.pack("<II", 6, 32) + bytes(20) + struct.pack("<I", 32)  # an empty EPB
+    chunk = block * 2048
+    for attempt in range(3):
+        path = str(tmp_path / f"c{attempt}.sock")
+        out = tmp_path / f"cap{attempt}.pcapng"
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        sent = [0]
+        t = threading.Thread(target=_stream_until_half_closed, args=(srv, chunk, block, sent))
+        t.start()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
+                                                                           os.environ.get("PYTHONPATH")])))
+        cli = subprocess.Popen([sys.executable, "-m", "nmbridge", "capture", "--control", path, "-p", "x",
+                                "-w", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not out.exists() or out.stat().st_size < 4 << 20:  # well into the copy loop
+                assert time.monotonic() < deadline and cli.poll() is None, cli.stderr
+                time.sleep(0.01)
+            cli.send_signal(signal.SIGINT)
+            assert cli.wait(30) == 0, cli.stderr.read() if cli.stderr else ""
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+            t.join(30)
+            srv.close()
+        assert out.stat().st_size == sent[0]
