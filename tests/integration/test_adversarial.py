@@ -171,6 +171,20 @@ def flowing(sock: str, frames: int = 2000) -> None:
     wait_for(more, DEADLINE, f"{frames} more frames forwarded both ways")
 
 
+def crosses(lb: Lab, left: RawPort, n: int = 64) -> None:
+    """`n` UDP frames sent from `left` all arrive at right (within DEADLINE)."""
+    right = RawPort(lb.ns_right, lb.right_if)
+    try:
+        token = secrets.token_bytes(8)
+        at_right = Collector(right, token)
+        lmac, rmac = lb.mac(lb.ns_left, lb.left_if), lb.mac(lb.ns_right, lb.right_if)
+        for seq in range(n):
+            left.send(udp_frame(rmac, lmac, lb.left_ip, "10.77.0.200", 20000 + seq, token, seq, seq))
+        at_right.wait(n, DEADLINE)
+    finally:
+        right.close()
+
+
 def settle(sock: str) -> dict[str, Any]:
     """Once traffic stopped: nothing stays queued, in any worker (queued is what the identity
     leaves over: a frame lost without a count would stay there), and two reads agree."""
@@ -429,16 +443,7 @@ def test_a_veth_recreated_with_too_few_queues_keeps_the_pair(lab2: Lab, tmp_path
                 assert len(pair_stats(sock)["workers"]) == 2 and request(sock, "ports")["ports"]
         run.wait_event("relinked", pair="lab")
         assert not run.events("pair_lost")
-        right = RawPort(lb.ns_right, lb.right_if)
-        try:
-            token = secrets.token_bytes(8)
-            at_right = Collector(right, token)
-            lmac, rmac = lb.mac(lb.ns_left, lb.left_if), lb.mac(lb.ns_right, lb.right_if)
-            for seq in range(64):
-                left.send(udp_frame(rmac, lmac, lb.left_ip, "10.77.0.200", 20000 + seq, token, seq, seq))
-            at_right.wait(64, DEADLINE)
-        finally:
-            right.close()
+        crosses(lb, left)
         settle(sock)
         check_final(run.stop(), workers=2)
     finally:

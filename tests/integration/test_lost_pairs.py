@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 from pathlib import Path
 
 import pytest
-from rawio import Collector, NmbridgeRun, RawPort, wait_for
-from test_adversarial import DEADLINE, KINDS, check_final, lab2, need, pair_stats, settle, write_config
-from test_afpacket_fanout import udp_frame
+from rawio import NmbridgeRun, RawPort, wait_for
+from test_adversarial import (
+    DEADLINE,
+    KINDS,
+    check_final,
+    crosses,
+    lab2,
+    need,
+    pair_stats,
+    settle,
+    write_config,
+)
 
 from nmbridge import netns
 from nmbridge.backends import OpenOptions, PortSet, parse_spec
@@ -127,16 +135,7 @@ def test_a_recreated_veth_locked_by_another_bridge_comes_back_once_released(
 
         # frames flow through the new interface; the new pair's counters start at 0 and balance
         lb.set_up(lb.ns_bridge, lb.bridge_right_if)
-        right = RawPort(lb.ns_right, lb.right_if)
-        try:
-            token = secrets.token_bytes(8)
-            at_right = Collector(right, token)
-            lmac, rmac = lb.mac(lb.ns_left, lb.left_if), lb.mac(lb.ns_right, lb.right_if)
-            for seq in range(64):
-                left.send(udp_frame(rmac, lmac, lb.left_ip, "10.77.0.200", 20000 + seq, token, seq, seq))
-            at_right.wait(64, DEADLINE)
-        finally:
-            right.close()
+        crosses(lb, left)
         c = settle(sock)["directions"]["a_to_b"]
         assert c["forwarded"] >= 64 and c["queued"] == 0, c
         check_final(run.stop(), workers=2)
