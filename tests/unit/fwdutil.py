@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from nmbridge.backends.mem import MemPort
 from nmbridge.fastfwd import Forwarder
 from nmbridge.port import Region
@@ -39,3 +42,18 @@ def frame(i: int, size: int = 60) -> bytes:
     head = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x88\xb5" + i.to_bytes(4, "big")
     body = bytes((i + k) & 0xFF for k in range(max(0, size - len(head))))
     return (head + body)[:size]
+
+
+def run_in_thread(bridge: Any) -> tuple[threading.Thread, list[BaseException]]:
+    """`bridge.run()` in a daemon thread, started; what it raised lands in the list."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            bridge.run()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fwdutil import run_in_thread
 from test_ops import frame, running
 
 from nmbridge import app, cli, config, healing
@@ -120,16 +121,7 @@ def start(monkeypatch: pytest.MonkeyPatch, fails: int, first: float,
     monkeypatch.setattr(FlakyForwarder, "fails", fails)
     monkeypatch.setattr(app, "Forwarder", FlakyForwarder)
     bridge = Bridge(config.loads(CFG, "t.toml"), notifier=notifier)
-    errors: list[Any] = []
-
-    def run() -> None:
-        try:
-            bridge.run()
-        except BaseException as e:
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, errors = run_in_thread(bridge)
     return bridge, t, errors
 
 

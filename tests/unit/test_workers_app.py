@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fwdutil import run_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 from test_ops import DEADLINE, events, wait_for
 
@@ -286,16 +287,7 @@ def test_a_failing_worker_stops_the_pair_with_one_error(log_lines: io.StringIO,
                        '[[pair]]\nname = "p"\nports = ["mem:s?rx=source&tx=sink&rings=3", '
                        '"mem:d?rx=none&tx=sink&rings=2"]\nworkers = 2\n', "t")
     bridge = Bridge(cfg)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            bridge.run()
-        except BaseException as e:
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, errors = run_in_thread(bridge)
     try:
         wait_for(lambda: events(log_lines, "pair_down"), "the pair to go down")
         assert t.is_alive() and bridge.pairs == []
