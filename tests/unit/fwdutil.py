@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from nmbridge.backends.mem import MemPort
 from nmbridge.fastfwd import Forwarder
@@ -57,3 +61,13 @@ def run_in_thread(bridge: Any) -> tuple[threading.Thread, list[BaseException]]:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, errors
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll `cond` until it holds; fail the test naming `what` after `timeout` seconds (a
+    deadline for a loaded machine, never slept out)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)

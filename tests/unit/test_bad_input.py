@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fwdutil import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -40,14 +41,6 @@ from nmbridge.metrics import MAX_SCRAPES, MetricsServer
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0  # seconds; generous for a loaded machine, never slept
 PAIR = '[[pair]]\nports = ["mem:a", "mem:b"]\n'
-
-
-def wait_for(cond: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def nmbridge(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:

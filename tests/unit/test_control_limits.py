@@ -17,11 +17,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fwdutil import wait_for
 
 from nmbridge import metrics
 from nmbridge.control import MAX_CONNECTIONS, ControlError, ControlServer, Stream, _connect, request
@@ -29,14 +30,6 @@ from nmbridge.control import MAX_CONNECTIONS, ControlError, ControlServer, Strea
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0  # seconds; generous for a loaded machine, never slept
 SNAPSHOT: dict[str, Any] = {"time": 0.0, "pairs": [], "links": {}}
-
-
-def wait_for(cond: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def connect(path: str) -> socket.socket:

@@ -7,13 +7,11 @@ import io
 import json
 import socket
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fwdutil import run_in_thread
+from fwdutil import run_in_thread, wait_for
 from test_ops import frame, running
 
 from nmbridge import app, cli, config, healing
@@ -28,14 +26,6 @@ from nmbridge.stats import Snapshot
 
 DEADLINE = 30.0  # seconds any awaited condition may take; never slept
 __all__ = ["running"]  # the fixture, imported for pytest
-
-
-def wait_for(cond: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def events(out: io.StringIO, name: str | None = None) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fwdutil import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from nmbridge import caps, cli, config, logs
@@ -30,14 +31,6 @@ from nmbridge.errors import ConfigError, PortError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0  # seconds; generous for a loaded machine, never slept
-
-
-def wait_for(cond: Any, what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def events(out: io.StringIO, name: str | None = None) -> list[dict[str, Any]]:

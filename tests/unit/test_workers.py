@@ -5,11 +5,11 @@ flow, and the pair's counters are the sum of the workers'."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from fwdutil import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,13 +35,6 @@ def shares(region: Region, name: str, rings: int, n: int, slots: int) -> list[Me
     got = MEM.open_shares(f"{name}?rings={rings}", OpenOptions(slots=slots), region, n)
     assert all(isinstance(p, MemPort) for p in got)
     return [p for p in got if isinstance(p, MemPort)]
-
-
-def wait_for(cond: object, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.002)
 
 
 def test_a_share_owns_ring_i_mod_n() -> None:
